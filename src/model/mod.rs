@@ -1,0 +1,11 @@
+//! The ViT encoder and how its weights are found and read.
+
+pub mod config;
+pub mod interpolate;
+pub mod vit;
+pub mod weights;
+
+pub use config::VitConfig;
+pub use interpolate::PosInterpolation;
+pub use vit::{Capture, EncoderOutput, PatchGrid, Qkv, Vit};
+pub use weights::ModelFiles;

@@ -1,0 +1,407 @@
+//! The ViT encoder: patch embedding, class/register tokens, interpolated
+//! position embeddings, pre-norm blocks, final LayerNorm.
+//!
+//! One struct per layer, each built from a [`TensorStore`] and run with
+//! `forward`. Attention probabilities and q/k/v are only kept for the layers
+//! a [`Capture`] asks for.
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use candle_core::{Device, Tensor};
+
+use super::config::{Activation, HfConfig, VitConfig};
+use super::interpolate::resample_grid;
+use super::weights::{Layout, ModelFiles, QkvNames, TensorStore};
+
+/// `x · Wᵀ + b` with Wᵀ stored contiguous, so each call is one GEMM.
+struct Linear {
+    weight_t: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn new(store: &TensorStore, name: &str, inputs: usize, outputs: usize) -> Result<Self> {
+        let weight = store.tensor(&format!("{name}.weight"), &[outputs, inputs])?;
+        let bias = store.tensor(&format!("{name}.bias"), &[outputs])?;
+        Self::from_parts(&weight, bias)
+    }
+
+    fn from_parts(weight: &Tensor, bias: Tensor) -> Result<Self> {
+        Ok(Self { weight_t: weight.t()?.contiguous()?, bias })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, tokens, inputs) = x.dims3()?;
+        let y = x.reshape((batch * tokens, inputs))?.matmul(&self.weight_t)?.broadcast_add(&self.bias)?;
+        Ok(y.reshape((batch, tokens, ()))?)
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn new(store: &TensorStore, name: &str, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: store.tensor(&format!("{name}.weight"), &[size])?,
+            bias: store.tensor(&format!("{name}.bias"), &[size])?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)?)
+    }
+}
+
+/// Non-overlapping patches, so the stride-p convolution is a reshape and one GEMM.
+struct PatchEmbed {
+    projection: Linear,
+    patch_size: usize,
+}
+
+impl PatchEmbed {
+    fn new(store: &TensorStore, layout: &Layout, config: &VitConfig) -> Result<Self> {
+        let (d, p) = (config.hidden_size, config.patch_size);
+        let weight = store.tensor(&format!("{}.weight", layout.patch_embed), &[d, 3, p, p])?;
+        let bias = store.tensor(&format!("{}.bias", layout.patch_embed), &[d])?;
+        let projection = Linear::from_parts(&weight.reshape((d, 3 * p * p))?, bias)?;
+        Ok(Self { projection, patch_size: p })
+    }
+
+    /// (B, 3, H, W) -> (B, rows·cols, D). Trailing pixels that do not fill a
+    /// patch are dropped, as the convolution does.
+    fn forward(&self, pixels: &Tensor) -> Result<(Tensor, PatchGrid)> {
+        let (batch, channels, height, width) = pixels.dims4()?;
+        let p = self.patch_size;
+        let grid = PatchGrid { rows: height / p, cols: width / p };
+        if channels != 3 {
+            bail!("expected 3 colour channels, got {channels}");
+        }
+        if grid.rows == 0 || grid.cols == 0 {
+            bail!("image {width}x{height} is smaller than one {p}x{p} patch");
+        }
+        let patches = pixels
+            .narrow(2, 0, grid.rows * p)?
+            .narrow(3, 0, grid.cols * p)?
+            .reshape((batch, 3, grid.rows, p, grid.cols, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((batch, grid.len(), 3 * p * p))?;
+        Ok((self.projection.forward(&patches)?, grid))
+    }
+}
+
+/// The patch grid an image was cut into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PatchGrid {
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl PatchGrid {
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+struct PositionEmbedding {
+    cls: Tensor,
+    /// (D, G, G): channels first, ready for separable resampling.
+    grid: Tensor,
+    config: VitConfig,
+}
+
+impl PositionEmbedding {
+    fn new(store: &TensorStore, layout: &Layout, config: &VitConfig) -> Result<Self> {
+        let (d, g) = (config.hidden_size, config.pos_grid);
+        let table = store.tensor(layout.pos_embed, &[1, 1 + g * g, d])?;
+        let cls = table.narrow(1, 0, 1)?;
+        let grid = table.narrow(1, 1, g * g)?.reshape((g, g, d))?.permute((2, 0, 1))?.contiguous()?;
+        Ok(Self { cls, grid, config: config.clone() })
+    }
+
+    /// Position embeddings for the class token and a `grid` of patches: (1, 1 + rows·cols, D).
+    fn forward(&self, grid: PatchGrid) -> Result<Tensor> {
+        let g = self.config.pos_grid;
+        // Every reference skips interpolation for the trained square grid.
+        let patches = if grid.rows == g && grid.cols == g {
+            self.grid.clone()
+        } else {
+            resample_grid(&self.grid, grid.rows, grid.cols, self.config.pos_interpolation)?
+        };
+        let patches = patches.permute((1, 2, 0))?.reshape((1, grid.len(), self.config.hidden_size))?;
+        Ok(Tensor::cat(&[&self.cls, &patches], 1)?)
+    }
+}
+
+/// Queries, keys and values of one layer, each (B, heads, tokens, head_dim).
+#[derive(Debug, Clone)]
+pub struct Qkv {
+    pub layer: usize,
+    pub queries: Tensor,
+    pub keys: Tensor,
+    pub values: Tensor,
+}
+
+struct AttentionOutput {
+    tokens: Tensor,
+    probabilities: Option<Tensor>,
+    qkv: Option<(Tensor, Tensor, Tensor)>,
+}
+
+struct Attention {
+    qkv: Linear,
+    out: Linear,
+    num_heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(store: &TensorStore, layout: &Layout, layer: usize, config: &VitConfig) -> Result<Self> {
+        let d = config.hidden_size;
+        let qkv = match layout.qkv {
+            QkvNames::Fused(name) => Linear::new(store, &layout.block(layer, name), d, 3 * d)?,
+            QkvNames::Separate(names) => {
+                let mut weights = Vec::with_capacity(3);
+                let mut biases = Vec::with_capacity(3);
+                for name in names {
+                    let name = layout.block(layer, name);
+                    weights.push(store.tensor(&format!("{name}.weight"), &[d, d])?);
+                    biases.push(store.tensor(&format!("{name}.bias"), &[d])?);
+                }
+                Linear::from_parts(&Tensor::cat(&weights, 0)?, Tensor::cat(&biases, 0)?)?
+            }
+        };
+        let out = Linear::new(store, &layout.block(layer, layout.attn_out), d, d)?;
+        let scale = 1.0 / (config.head_dim() as f64).sqrt();
+        Ok(Self { qkv, out, num_heads: config.num_heads, scale })
+    }
+
+    fn forward(&self, x: &Tensor, keep_probabilities: bool, keep_qkv: bool) -> Result<AttentionOutput> {
+        let (batch, tokens, d) = x.dims3()?;
+        let head_dim = d / self.num_heads;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((batch, tokens, 3, self.num_heads, head_dim))?
+            .permute((2, 0, 3, 1, 4))?;
+        let queries = qkv.get(0)?.contiguous()?;
+        let keys = qkv.get(1)?.contiguous()?;
+        let values = qkv.get(2)?.contiguous()?;
+        let scores = (&queries * self.scale)?.matmul(&keys.t()?)?;
+        let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
+        let mixed = probabilities.matmul(&values)?.transpose(1, 2)?.reshape((batch, tokens, d))?;
+        Ok(AttentionOutput {
+            tokens: self.out.forward(&mixed)?,
+            probabilities: keep_probabilities.then_some(probabilities),
+            qkv: keep_qkv.then_some((queries, keys, values)),
+        })
+    }
+}
+
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+    activation: Activation,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let hidden = self.fc1.forward(x)?;
+        let hidden = match self.activation {
+            Activation::Gelu => hidden.gelu_erf()?,
+            Activation::GeluTanh => hidden.gelu()?,
+        };
+        self.fc2.forward(&hidden)
+    }
+}
+
+struct Block {
+    norm1: LayerNorm,
+    attention: Attention,
+    layer_scale1: Option<Tensor>,
+    norm2: LayerNorm,
+    mlp: Mlp,
+    layer_scale2: Option<Tensor>,
+}
+
+impl Block {
+    fn new(store: &TensorStore, layout: &Layout, layer: usize, config: &VitConfig) -> Result<Self> {
+        let (d, eps) = (config.hidden_size, config.layer_norm_eps);
+        let name = |role: &str| layout.block(layer, role);
+        let layer_scale = |role: &str| -> Result<Option<Tensor>> {
+            config.layer_scale.then(|| store.tensor(&name(role), &[d])).transpose()
+        };
+        Ok(Self {
+            norm1: LayerNorm::new(store, &name(layout.norm1), d, eps)?,
+            attention: Attention::new(store, layout, layer, config)?,
+            layer_scale1: layer_scale(layout.layer_scale[0])?,
+            norm2: LayerNorm::new(store, &name(layout.norm2), d, eps)?,
+            mlp: Mlp {
+                fc1: Linear::new(store, &name(layout.fc1), d, config.mlp_hidden_size)?,
+                fc2: Linear::new(store, &name(layout.fc2), config.mlp_hidden_size, d)?,
+                activation: config.activation,
+            },
+            layer_scale2: layer_scale(layout.layer_scale[1])?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, keep_probabilities: bool, keep_qkv: bool) -> Result<AttentionOutput> {
+        let scaled = |h: Tensor, scale: &Option<Tensor>| -> Result<Tensor> {
+            Ok(match scale {
+                Some(gamma) => h.broadcast_mul(gamma)?,
+                None => h,
+            })
+        };
+        let attended = self.attention.forward(&self.norm1.forward(x)?, keep_probabilities, keep_qkv)?;
+        let x = (x + scaled(attended.tokens, &self.layer_scale1)?)?;
+        let x = (&x + scaled(self.mlp.forward(&self.norm2.forward(&x)?)?, &self.layer_scale2)?)?;
+        Ok(AttentionOutput { tokens: x, ..attended })
+    }
+}
+
+/// What a forward pass should keep besides the final tokens.
+#[derive(Debug, Clone, Default)]
+pub struct Capture {
+    /// Layers (0-based) whose attention probabilities to return.
+    pub attention_layers: Vec<usize>,
+    /// The layer whose queries, keys and values to return.
+    pub qkv_layer: Option<usize>,
+}
+
+pub struct EncoderOutput {
+    /// (B, prefix + patches, D) after the final LayerNorm.
+    pub tokens: Tensor,
+    /// (layer, (B, heads, tokens, tokens)) for each requested layer, in layer order.
+    pub attentions: Vec<(usize, Tensor)>,
+    pub qkv: Option<Qkv>,
+    pub grid: PatchGrid,
+    /// Class token plus registers: patch tokens start at this index.
+    pub num_prefix_tokens: usize,
+}
+
+impl EncoderOutput {
+    pub fn attention(&self, layer: usize) -> Option<&Tensor> {
+        self.attentions.iter().find(|(l, _)| *l == layer).map(|(_, t)| t)
+    }
+}
+
+pub struct Vit {
+    config: VitConfig,
+    files: ModelFiles,
+    patch_embed: PatchEmbed,
+    cls_token: Tensor,
+    register_tokens: Option<Tensor>,
+    position: PositionEmbedding,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    num_parameters: usize,
+}
+
+impl Vit {
+    /// Loads a checkpoint from a `.safetensors` file or a Hugging Face snapshot directory.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let files = ModelFiles::locate(path)?;
+        let hf = match &files.config {
+            Some(config_path) => HfConfig::read(config_path)?,
+            None => HfConfig::default(),
+        };
+        let store = TensorStore::open(&files.weights, device)?;
+        let layout = store.layout();
+        let config = VitConfig::infer(&store, &layout, &hf, files.config.as_deref())?;
+        let d = config.hidden_size;
+        let register_tokens = match config.num_registers {
+            0 => None,
+            r => Some(store.tensor(layout.register_tokens, &[1, r, d])?),
+        };
+        let blocks = (0..config.num_layers)
+            .map(|layer| Block::new(&store, &layout, layer, &config))
+            .collect::<Result<Vec<_>>>()?;
+        let num_parameters = store.names().filter_map(|n| store.shape(n)).map(|s| s.iter().product::<usize>()).sum();
+        Ok(Self {
+            patch_embed: PatchEmbed::new(&store, &layout, &config)?,
+            cls_token: store.tensor(layout.cls_token, &[1, 1, d])?,
+            register_tokens,
+            position: PositionEmbedding::new(&store, &layout, &config)?,
+            blocks,
+            norm: LayerNorm::new(&store, layout.final_norm, d, config.layer_norm_eps)?,
+            num_parameters,
+            config,
+            files,
+        })
+    }
+
+    pub fn config(&self) -> &VitConfig {
+        &self.config
+    }
+
+    pub fn files(&self) -> &ModelFiles {
+        &self.files
+    }
+
+    /// Parameters stored in the checkpoint (all of its tensors).
+    pub fn num_parameters(&self) -> usize {
+        self.num_parameters
+    }
+
+    /// A layer index that may count from the end (-1 is the last layer).
+    pub fn resolve_layer(&self, layer: i64) -> Result<usize> {
+        let depth = self.config.num_layers as i64;
+        let resolved = if layer < 0 { depth + layer } else { layer };
+        if !(0..depth).contains(&resolved) {
+            bail!("layer {layer} out of range: the model has {depth} layers (0..{} or -{depth}..-1)", depth - 1);
+        }
+        Ok(resolved as usize)
+    }
+
+    /// Runs the encoder on normalized pixels (B, 3, H, W).
+    pub fn forward(&self, pixels: &Tensor, capture: &Capture) -> Result<EncoderOutput> {
+        for &layer in capture.attention_layers.iter().chain(capture.qkv_layer.iter()) {
+            self.resolve_layer(layer as i64)?;
+        }
+        let (patches, grid) = self.patch_embed.forward(pixels)?;
+        let batch = patches.dim(0)?;
+        let d = self.config.hidden_size;
+        let cls = self.cls_token.broadcast_as((batch, 1, d))?;
+        let x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position.forward(grid)?)?;
+        // Registers are inserted after the position embeddings: they have none.
+        let mut x = match &self.register_tokens {
+            Some(registers) => {
+                let registers = registers.broadcast_as((batch, self.config.num_registers, d))?;
+                Tensor::cat(&[&x.narrow(1, 0, 1)?, &registers, &x.narrow(1, 1, grid.len())?], 1)?
+            }
+            None => x,
+        };
+        let mut attentions = Vec::with_capacity(capture.attention_layers.len());
+        let mut qkv = None;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let keep_probabilities = capture.attention_layers.contains(&layer);
+            let keep_qkv = capture.qkv_layer == Some(layer);
+            let out = block.forward(&x, keep_probabilities, keep_qkv)?;
+            x = out.tokens;
+            if let Some(p) = out.probabilities {
+                attentions.push((layer, p));
+            }
+            if let Some((queries, keys, values)) = out.qkv {
+                qkv = Some(Qkv { layer, queries, keys, values });
+            }
+        }
+        let tokens = self.norm.forward(&x)?;
+        Ok(EncoderOutput { tokens, attentions, qkv, grid, num_prefix_tokens: self.config.num_prefix_tokens() })
+    }
+}
+
+impl std::fmt::Debug for Vit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vit").field("config", &self.config).field("weights", &self.files.weights).finish()
+    }
+}

@@ -1,0 +1,287 @@
+//! Finding a checkpoint on disk and reading its tensors under whichever of
+//! the published naming schemes it uses.
+//!
+//! Four schemes are in circulation for the same architecture:
+//! Hugging Face `ViTModel` / `Dinov2Model` as published (transformers 4.x),
+//! the names transformers >= 5 writes (`q_proj`, `layers.N`, ...), and the
+//! torch-hub names of the original DINO / DINOv2 repositories (fused `qkv`).
+//! [`Layout`] resolves each role of a block to the name this file uses.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::{DType, Device, Tensor};
+
+/// Where the weights (and optionally their `config.json`) live.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub weights: PathBuf,
+    pub config: Option<PathBuf>,
+}
+
+impl ModelFiles {
+    /// `path` is a `.safetensors` file or a directory holding `model.safetensors`,
+    /// as a Hugging Face snapshot does.
+    pub fn locate(path: &Path) -> Result<Self> {
+        let (weights, dir) = if path.is_dir() {
+            let weights = path.join("model.safetensors");
+            if !weights.is_file() {
+                if path.join("pytorch_model.bin").is_file() {
+                    bail!(
+                        "{}: has only pytorch_model.bin; convert it to model.safetensors \
+                         (safetensors.torch.save_file) and point --weights at that",
+                        path.display()
+                    );
+                }
+                bail!("{}: no model.safetensors in this directory", path.display());
+            }
+            (weights, path.to_path_buf())
+        } else if path.is_file() {
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            (path.to_path_buf(), dir)
+        } else {
+            bail!("{}: no such file or directory", path.display());
+        };
+        let config = Some(dir.join("config.json")).filter(|p| p.is_file());
+        Ok(Self { weights, config })
+    }
+}
+
+const PREFIXES: [&str; 5] = ["", "model.", "vit.", "dinov2.", "backbone."];
+const HF_PATCH: &str = "embeddings.patch_embeddings.projection";
+const HUB_PATCH: &str = "patch_embed.proj";
+
+/// Names of a checkpoint that no encoder tensor maps to, and that are fine to carry.
+fn is_ignorable(name: &str) -> bool {
+    name.starts_with("pooler.") || name.ends_with("mask_token") || name.starts_with("head.")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    /// Hugging Face `embeddings.*` / `encoder.layer.N.*` (4.x) or `layers.N.*` (5.x).
+    HuggingFace,
+    /// The original repositories: `pos_embed`, `blocks.N.attn.qkv`, ...
+    TorchHub,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkvNames {
+    Separate([&'static str; 3]),
+    Fused(&'static str),
+}
+
+/// The name each tensor role has in one checkpoint (without its prefix).
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub naming: Naming,
+    pub cls_token: &'static str,
+    pub pos_embed: &'static str,
+    pub register_tokens: &'static str,
+    pub patch_embed: &'static str,
+    pub final_norm: &'static str,
+    pub block_prefix: &'static str,
+    pub norm1: &'static str,
+    pub norm2: &'static str,
+    pub qkv: QkvNames,
+    pub attn_out: &'static str,
+    pub fc1: &'static str,
+    pub fc2: &'static str,
+    pub layer_scale: [&'static str; 2],
+}
+
+impl Layout {
+    pub fn block(&self, index: usize, role: &str) -> String {
+        format!("{}{index}.{role}", self.block_prefix)
+    }
+}
+
+/// A memory-mapped safetensors file, read through the prefix its names carry.
+pub struct TensorStore {
+    path: PathBuf,
+    tensors: MmapedSafetensors,
+    names: BTreeSet<String>,
+    prefix: &'static str,
+    device: Device,
+}
+
+impl TensorStore {
+    pub fn open(path: &Path, device: &Device) -> Result<Self> {
+        // SAFETY: the file is mapped read-only; like every mmap reader we rely
+        // on nobody truncating the checkpoint while it is in use.
+        let tensors = unsafe { MmapedSafetensors::new(path) }
+            .map_err(|e| anyhow!("{}: not a readable safetensors file: {}", path.display(), root_cause(&e)))?;
+        let names: BTreeSet<String> = tensors.tensors().into_iter().map(|(name, _)| name).collect();
+        let prefix = PREFIXES
+            .iter()
+            .find(|p| [HF_PATCH, HUB_PATCH].iter().any(|n| names.contains(&format!("{p}{n}.weight"))))
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: not a ViT checkpoint: no `{HF_PATCH}.weight` or `{HUB_PATCH}.weight` \
+                     (optionally under model./vit./dinov2./backbone.); it holds {}",
+                    path.display(),
+                    list_some(names.iter())
+                )
+            })?;
+        Ok(Self { path: path.to_path_buf(), tensors, names, prefix, device: device.clone() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.names.contains(&format!("{}{name}", self.prefix))
+    }
+
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(&format!("{}{name}", self.prefix)).ok().map(|v| v.shape().to_vec())
+    }
+
+    /// Names under this checkpoint's prefix, with the prefix removed.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().filter_map(|n| n.strip_prefix(self.prefix))
+    }
+
+    /// Loads `name` as f32, checking its shape and that it holds floats.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let full = format!("{}{name}", self.prefix);
+        let view = self
+            .tensors
+            .get(&full)
+            .map_err(|_| anyhow!("{}: missing tensor `{full}`", self.path.display()))?;
+        if view.shape() != shape {
+            bail!("{}: tensor `{full}` has shape {:?}, expected {:?}", self.path.display(), view.shape(), shape);
+        }
+        use safetensors::Dtype;
+        if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
+            bail!(
+                "{}: tensor `{full}` has dtype {:?}, expected a float type (F32, F16, BF16)",
+                self.path.display(),
+                view.dtype()
+            );
+        }
+        let tensor = view
+            .load(&self.device)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .with_context(|| format!("{}: cannot read tensor `{full}`", self.path.display()))?;
+        Ok(tensor)
+    }
+
+    /// Works out which naming scheme the file uses, role by role.
+    pub fn layout(&self) -> Layout {
+        let naming = if self.has(&format!("{HF_PATCH}.weight")) { Naming::HuggingFace } else { Naming::TorchHub };
+        match naming {
+            Naming::HuggingFace => {
+                let block_prefix = if self.has("layers.0.layernorm_before.weight") || self.has("layers.0.norm1.weight")
+                {
+                    "layers."
+                } else {
+                    "encoder.layer."
+                };
+                let pick = |alternatives: &[&'static str]| {
+                    *alternatives
+                        .iter()
+                        .find(|role| self.has(&format!("{block_prefix}0.{role}.weight")))
+                        .unwrap_or(&alternatives[0])
+                };
+                let qkv = if self.has(&format!("{block_prefix}0.attention.q_proj.weight")) {
+                    QkvNames::Separate(["attention.q_proj", "attention.k_proj", "attention.v_proj"])
+                } else {
+                    QkvNames::Separate([
+                        "attention.attention.query",
+                        "attention.attention.key",
+                        "attention.attention.value",
+                    ])
+                };
+                Layout {
+                    naming,
+                    cls_token: "embeddings.cls_token",
+                    pos_embed: "embeddings.position_embeddings",
+                    register_tokens: "embeddings.register_tokens",
+                    patch_embed: HF_PATCH,
+                    final_norm: "layernorm",
+                    block_prefix,
+                    norm1: pick(&["layernorm_before", "norm1"]),
+                    norm2: pick(&["layernorm_after", "norm2"]),
+                    qkv,
+                    attn_out: pick(&["attention.output.dense", "attention.o_proj"]),
+                    fc1: pick(&["intermediate.dense", "mlp.fc1"]),
+                    fc2: pick(&["output.dense", "mlp.fc2"]),
+                    layer_scale: ["layer_scale1.lambda1", "layer_scale2.lambda1"],
+                }
+            }
+            Naming::TorchHub => Layout {
+                naming,
+                cls_token: "cls_token",
+                pos_embed: "pos_embed",
+                register_tokens: "register_tokens",
+                patch_embed: HUB_PATCH,
+                final_norm: "norm",
+                block_prefix: "blocks.",
+                norm1: "norm1",
+                norm2: "norm2",
+                qkv: QkvNames::Fused("attn.qkv"),
+                attn_out: "attn.proj",
+                fc1: "mlp.fc1",
+                fc2: "mlp.fc2",
+                layer_scale: ["ls1.gamma", "ls2.gamma"],
+            },
+        }
+    }
+
+    /// Number of blocks present: one more than the highest block index.
+    pub fn count_blocks(&self, layout: &Layout) -> usize {
+        self.names()
+            .filter_map(|n| n.strip_prefix(layout.block_prefix)?.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |last| last + 1)
+    }
+
+    /// Fails with the missing names (and the names nothing asked for, which
+    /// usually explain why) when `required` is not all present.
+    pub fn check_complete(&self, required: &[String]) -> Result<()> {
+        let missing: Vec<String> =
+            required.iter().filter(|n| !self.has(n)).map(|n| format!("{}{n}", self.prefix)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let wanted: BTreeSet<&str> = required.iter().map(String::as_str).collect();
+        let unexpected: Vec<String> = self
+            .names()
+            .filter(|n| !wanted.contains(n) && !is_ignorable(n))
+            .map(|n| format!("{}{n}", self.prefix))
+            .collect();
+        let mut message = format!(
+            "{}: {} tensor(s) missing: {}",
+            self.path.display(),
+            missing.len(),
+            list_some(missing.iter())
+        );
+        if !unexpected.is_empty() {
+            message += &format!("; unexpected: {}", list_some(unexpected.iter()));
+        }
+        Err(anyhow!(message))
+    }
+}
+
+/// Up to ten names, then how many more.
+fn list_some<S: AsRef<str>>(names: impl ExactSizeIterator<Item = S>) -> String {
+    let total = names.len();
+    let shown: Vec<String> = names.take(10).map(|n| n.as_ref().to_string()).collect();
+    let mut text = shown.join(", ");
+    if total > 10 {
+        text += &format!(" (and {} more)", total - 10);
+    }
+    text
+}
+
+/// candle wraps I/O and parse errors with path context we already give.
+fn root_cause(error: &candle_core::Error) -> String {
+    match error {
+        candle_core::Error::WithPath { inner, .. } => root_cause(inner),
+        candle_core::Error::WithBacktrace { inner, .. } => root_cause(inner),
+        other => other.to_string(),
+    }
+}
