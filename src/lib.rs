@@ -1,6 +1,14 @@
 //! segattn: find the main object in a photo with a vision transformer and
 //! show where the transformer looks.
 //!
-//! The data path reads top to bottom: `model` (encoder and weights).
+//! The data path reads top to bottom, each module using only those above it:
+//! [`image_io`] -> [`preprocess`] -> [`model`] -> [`attention`] -> [`head`]
+//! -> [`render`] -> [`cli`].
 
+pub mod image_io;
+pub mod preprocess;
 pub mod model;
+pub mod attention;
+pub mod head;
+pub mod render;
+pub mod cli;

@@ -1,0 +1,56 @@
+//! Running jobs in parallel with a progress bar, reporting each failure and
+//! finishing the rest.
+
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+
+use super::jobs::{Job, Rejected};
+use super::{EXIT_OK, EXIT_SOME_FAILED};
+
+/// Runs `work` on every job on `threads` threads (default: all cores). Each
+/// success may yield a JSON record, printed as one line when `json` is set.
+/// Returns the exit code: 0 if everything succeeded, 1 otherwise.
+pub fn run<F>(jobs: Vec<Job>, rejected: Vec<Rejected>, threads: Option<usize>, json: bool, work: F) -> Result<u8>
+where
+    F: Fn(&Job) -> Result<serde_json::Value> + Sync,
+{
+    for r in &rejected {
+        eprintln!("segattn: {}: {}", r.name, r.reason);
+    }
+    let progress = if std::io::stderr().is_terminal() && jobs.len() > 1 {
+        ProgressBar::with_draw_target(Some(jobs.len() as u64), ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} images, {elapsed} elapsed, {eta} left")
+            .expect("valid template"),
+    );
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.unwrap_or(0))
+        .build()
+        .context("cannot start worker threads")?;
+    let failed = AtomicUsize::new(rejected.len());
+    pool.install(|| {
+        jobs.par_iter().for_each(|job| {
+            match work(job) {
+                Ok(record) if json => {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{record}");
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    progress.suspend(|| eprintln!("segattn: {}: {err:#}", job.source.display_name()));
+                }
+            }
+            progress.inc(1);
+        })
+    });
+    progress.finish_and_clear();
+    Ok(if failed.into_inner() == 0 { EXIT_OK } else { EXIT_SOME_FAILED })
+}

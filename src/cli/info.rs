@@ -1,0 +1,47 @@
+//! `segattn info`: what the checkpoint is.
+
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+
+use super::{EXIT_OK, ModelArgs};
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: InfoArgs) -> Result<u8> {
+    let model = args.model.load()?;
+    let c = model.config();
+    let files = model.files();
+    let info = json!({
+        "weights": files.weights.display().to_string(),
+        "config_json": files.config.as_ref().map(|p| p.display().to_string()),
+        "parameters": model.num_parameters(),
+        "patch_size": c.patch_size,
+        "hidden_size": c.hidden_size,
+        "layers": c.num_layers,
+        "heads": c.num_heads,
+        "mlp_hidden_size": c.mlp_hidden_size,
+        "registers": c.num_registers,
+        "layer_scale": c.layer_scale,
+        "layer_norm_eps": c.layer_norm_eps,
+        "activation": format!("{:?}", c.activation),
+        "train_resolution": c.train_resolution(),
+        "position_interpolation": format!("{:?}", c.pos_interpolation),
+        "input_short_side": crate::preprocess::input_size(1, 1, args.model.size, c.patch_size).0,
+    });
+    if args.json {
+        println!("{info}");
+    } else {
+        for (key, value) in info.as_object().expect("built as an object") {
+            println!("{key:<24}{}", value.to_string().trim_matches('"'));
+        }
+    }
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,104 @@
+//! `segattn run`: masks, overlays and cut-outs.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use clap::{Args, ValueEnum};
+use image::DynamicImage;
+use serde_json::json;
+
+use super::jobs::{ExtraOutput, Job};
+use super::{BatchArgs, ModelArgs, batch, jobs};
+use crate::head::{self, AttentionMass, SegmentationHead};
+use crate::image_io::{self, Sink};
+use crate::model::Vit;
+use crate::{preprocess, render};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum HeadName {
+    /// DINO's attention mass: the patches holding --mass of each head's attention.
+    Attn,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    batch: BatchArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Segmentation head.
+    #[arg(long, value_enum, default_value_t = HeadName::Attn)]
+    head: HeadName,
+    /// Foreground where the head's probability is at least this.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
+    /// attn head: share of each head's attention mass kept.
+    #[arg(long, default_value_t = 0.6)]
+    mass: f32,
+    /// attn head: heads that must agree on a patch (default: half).
+    #[arg(long, value_name = "N")]
+    min_heads: Option<usize>,
+    /// Write the probability (0..255) instead of a 0/255 mask.
+    #[arg(long)]
+    soft: bool,
+    /// Also write the photo with the mask tinted and outlined (a directory with --out-dir).
+    #[arg(long, value_name = "PATH")]
+    overlay: Option<PathBuf>,
+    /// Also write an RGBA cut-out with a transparent background (a directory with --out-dir).
+    #[arg(long, value_name = "PATH")]
+    cutout: Option<PathBuf>,
+}
+
+pub fn run(args: RunArgs) -> Result<u8> {
+    if !(0.0..=1.0).contains(&args.threshold) {
+        bail!("--threshold must be between 0 and 1, got {}", args.threshold);
+    }
+    if args.batch.json && args.batch.out.as_deref() == Some(std::path::Path::new("-")) {
+        bail!("--json and --out - both write to standard output; choose one");
+    }
+    let extras: Vec<ExtraOutput> = [("overlay", &args.overlay), ("cutout", &args.cutout)]
+        .into_iter()
+        .filter_map(|(kind, path)| Some(ExtraOutput { kind, path: path.as_deref()? }))
+        .collect();
+    let (jobs, rejected) = jobs::plan(&args.batch, &extras)?;
+    let model = args.model.load()?;
+    let head: Box<dyn SegmentationHead> = match args.head {
+        HeadName::Attn => Box::new(AttentionMass { mass: args.mass, min_heads: args.min_heads }),
+    };
+    batch::run(jobs, rejected, args.batch.jobs, args.batch.json, |job| {
+        segment_one(&model, head.as_ref(), &args, job)
+    })
+}
+
+fn segment_one(model: &Vit, head: &dyn SegmentationHead, args: &RunArgs, job: &Job) -> Result<serde_json::Value> {
+    let start = Instant::now();
+    let photo = image_io::read_image(&job.source, args.batch.max_pixels)?;
+    let (width, height) = (photo.width(), photo.height());
+    let soft = head::segment(model, head, &photo, args.model.size)?.upsample(width, height);
+    let binary = render::mask(&soft, args.threshold, false);
+    let written = if args.soft { render::mask(&soft, args.threshold, true) } else { binary.clone() };
+    image_io::write_png(&DynamicImage::ImageLuma8(written.clone()), &job.out)?;
+
+    let mut outputs = serde_json::Map::new();
+    outputs.insert("mask".into(), json!(job.out.display_name()));
+    let rgb = preprocess::to_rgb(&photo);
+    for (kind, path) in &job.extra {
+        let picture = match *kind {
+            "overlay" => DynamicImage::ImageRgb8(render::overlay(&rgb, &binary)),
+            _ => DynamicImage::ImageRgba8(render::cutout(&rgb, &written)),
+        };
+        image_io::write_png(&picture, &Sink::File(path.clone()))?;
+        outputs.insert((*kind).into(), json!(path.display().to_string()));
+    }
+    let (area, bbox) = render::mask_stats(&binary);
+    Ok(json!({
+        "input": job.source.display_name(),
+        "outputs": outputs,
+        "width": width,
+        "height": height,
+        "mask_area": area,
+        "bbox": bbox,
+        "ms": start.elapsed().as_secs_f64() * 1000.0,
+    }))
+}
