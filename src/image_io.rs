@@ -54,7 +54,7 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage> {
     if probe.format().is_none() {
         bail!("not a supported image (jpeg, png, webp, bmp, tiff, gif)");
     }
-    let (width, height) = probe.into_dimensions().context("cannot read image header")?;
+    let (width, height) = probe.into_dimensions().context("cannot decode image")?;
     let pixels = u64::from(width) * u64::from(height);
     if pixels > max_pixels {
         bail!("image is {width}x{height} ({pixels} pixels), over the limit of {max_pixels} (see --max-pixels)");

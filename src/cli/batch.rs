@@ -19,7 +19,7 @@ where
     F: Fn(&Job) -> Result<serde_json::Value> + Sync,
 {
     for r in &rejected {
-        eprintln!("segattn: {}: {}", r.name, r.reason);
+        eprintln!("segattn: {}: {}", r.name, r.reason.replace('\n', " "));
     }
     let progress = if std::io::stderr().is_terminal() && jobs.len() > 1 {
         ProgressBar::with_draw_target(Some(jobs.len() as u64), ProgressDrawTarget::stderr())
@@ -45,7 +45,7 @@ where
                 Ok(_) => {}
                 Err(err) => {
                     failed.fetch_add(1, Ordering::Relaxed);
-                    progress.suspend(|| eprintln!("segattn: {}: {err:#}", job.source.display_name()));
+                    progress.suspend(|| eprintln!("segattn: {}: {}", job.source.display_name(), one_line(&err)));
                 }
             }
             progress.inc(1);
@@ -53,4 +53,18 @@ where
     });
     progress.finish_and_clear();
     Ok(if failed.into_inner() == 0 { EXIT_OK } else { EXIT_SOME_FAILED })
+}
+
+/// An error and its causes on one line: decoders put line breaks in their
+/// messages, and a script reads one failure per line.
+/// A cause that its parent's message already quotes is left out.
+pub fn one_line(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = cause.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        if !parts.last().is_some_and(|previous| previous.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }

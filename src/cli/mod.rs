@@ -97,7 +97,7 @@ pub fn main() -> ExitCode {
         Command::Info(args) => info::run(args),
     };
     ExitCode::from(code.unwrap_or_else(|err| {
-        eprintln!("segattn: {err:#}");
+        eprintln!("segattn: {}", batch::one_line(&err));
         EXIT_USAGE
     }))
 }
