@@ -23,7 +23,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 /// hidden states and on attentions.
 fn compare(model: &Vit, reference: &Path) -> (f32, f32) {
     let expected = candle_core::safetensors::load(reference, &Device::Cpu).unwrap();
-    let all_layers = Capture { attention_layers: (0..model.config().num_layers).collect(), qkv_layer: None };
+    let all_layers = Capture { attention_layers: (0..model.config().num_layers).collect(), ..Capture::default() };
     let (mut hidden_err, mut attn_err) = (0f32, 0f32);
     let mut cases = 0;
     while let Some(input) = expected.get(&format!("input_{cases}")) {
@@ -167,8 +167,12 @@ fn capture_keeps_only_what_was_asked() {
     assert!(plain.attentions.is_empty() && plain.qkv.is_none());
 
     let last = model.resolve_layer(-1).unwrap();
-    let out = model.forward(input, &Capture { attention_layers: vec![1], qkv_layer: Some(last) }).unwrap();
-    assert_eq!(out.attentions.len(), 1);
+    let out = model.forward(input, &Capture { attention_layers: vec![1], cls_attention_layers: vec![0], qkv_layer: Some(last) }).unwrap();
+    assert_eq!(out.attentions.len(), 2);
+    let cls_row = out.attention(0).unwrap();
+    assert_eq!(cls_row.dims()[2], 1, "only the class token's row");
+    let expected_cls = reference["attentions_0"].get(0).unwrap().narrow(1, 0, 1).unwrap();
+    assert!(max_abs_diff(&cls_row.squeeze(0).unwrap(), &expected_cls) <= TOLERANCE);
     let expected_layer1 = reference["attentions_0"].get(1).unwrap();
     assert!(max_abs_diff(&out.attention(1).unwrap().squeeze(0).unwrap(), &expected_layer1) <= TOLERANCE);
     let qkv = out.qkv.unwrap();
@@ -178,4 +182,18 @@ fn capture_keeps_only_what_was_asked() {
     // The captured run and the plain one compute the same tokens.
     assert_eq!(max_abs_diff(&plain.tokens, &out.tokens), 0.0);
     assert!(model.resolve_layer(3).is_err() && model.resolve_layer(-4).is_err());
+}
+
+#[test]
+fn sliced_attention_for_many_tokens_equals_the_full_matrix() {
+    // 36 x 40 patches = 1440 tokens: past the slice size, so layers whose
+    // matrix is not kept take the sliced path.
+    let model = Vit::load(&fixture("dino_vit"), &Device::Cpu).unwrap();
+    let pixels = Tensor::randn(0f32, 1.0, (1, 3, 288, 320), &Device::Cpu).unwrap();
+    let last = model.resolve_layer(-1).unwrap();
+    let full = model.forward(&pixels, &Capture { attention_layers: vec![0, 1, 2], ..Capture::default() }).unwrap();
+    let sliced = model.forward(&pixels, &Capture { cls_attention_layers: vec![last], ..Capture::default() }).unwrap();
+    assert!(max_abs_diff(&full.tokens, &sliced.tokens) < 1e-5);
+    let full_cls = full.attention(last).unwrap().narrow(2, 0, 1).unwrap();
+    assert!(max_abs_diff(&full_cls, sliced.attention(last).unwrap()) < 1e-6);
 }

@@ -85,8 +85,12 @@ pub fn run(args: AttnMapArgs) -> Result<u8> {
 /// The maps to draw, each with its tile label.
 fn attention_maps(model: &Vit, args: &AttnMapArgs, layer: usize, photo: &DynamicImage) -> Result<Vec<(String, PatchMap)>> {
     let pixels = preprocess::model_input(photo, args.model.size, model.config().patch_size, &Device::Cpu)?;
-    let layers = if args.rollout { (0..model.config().num_layers).collect() } else { vec![layer] };
-    let out = model.forward(&pixels, &Capture { attention_layers: layers, qkv_layer: None })?;
+    let capture = if args.rollout {
+        Capture { attention_layers: (0..model.config().num_layers).collect(), ..Capture::default() }
+    } else {
+        Capture { cls_attention_layers: vec![layer], ..Capture::default() }
+    };
+    let out = model.forward(&pixels, &capture)?;
     if args.rollout {
         return Ok(vec![("rollout".into(), attention::rollout(&out, model.config().num_layers)?)]);
     }

@@ -39,7 +39,7 @@ pub fn mass_keep(attention: &[f32], mass: f32) -> Vec<bool> {
 
 impl SegmentationHead for AttentionMass {
     fn capture(&self, model: &Vit) -> Capture {
-        Capture { attention_layers: vec![model.config().num_layers - 1], qkv_layer: None }
+        Capture { cls_attention_layers: vec![model.config().num_layers - 1], ..Capture::default() }
     }
 
     fn soft_map(&self, model: &Vit, out: &EncoderOutput) -> Result<PatchMap> {

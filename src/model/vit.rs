@@ -152,11 +152,30 @@ pub struct Qkv {
     pub values: Tensor,
 }
 
+/// How much of a layer's attention matrix to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Nothing,
+    /// The class token's row only: all that attention maps and the DINO head read.
+    ClsRow,
+    Full,
+}
+
+/// What one block should keep besides its output tokens.
+#[derive(Debug, Clone, Copy)]
+struct BlockCapture {
+    probabilities: Keep,
+    qkv: bool,
+}
+
 struct AttentionOutput {
     tokens: Tensor,
     probabilities: Option<Tensor>,
     qkv: Option<(Tensor, Tensor, Tensor)>,
 }
+
+/// Queries per slice when the attention matrix is not kept.
+const QUERY_CHUNK: usize = 1024;
 
 struct Attention {
     qkv: Linear,
@@ -186,7 +205,7 @@ impl Attention {
         Ok(Self { qkv, out, num_heads: config.num_heads, scale })
     }
 
-    fn forward(&self, x: &Tensor, keep_probabilities: bool, keep_qkv: bool) -> Result<AttentionOutput> {
+    fn forward(&self, x: &Tensor, capture: BlockCapture) -> Result<AttentionOutput> {
         let (batch, tokens, d) = x.dims3()?;
         let head_dim = d / self.num_heads;
         let qkv = self
@@ -197,13 +216,39 @@ impl Attention {
         let queries = qkv.get(0)?.contiguous()?;
         let keys = qkv.get(1)?.contiguous()?;
         let values = qkv.get(2)?.contiguous()?;
-        let scores = (&queries * self.scale)?.matmul(&keys.t()?)?;
-        let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
-        let mixed = probabilities.matmul(&values)?.transpose(1, 2)?.reshape((batch, tokens, d))?;
+        let keys_t = keys.t()?;
+        let probabilities_of = |queries: &Tensor| -> Result<Tensor> {
+            Ok(candle_nn::ops::softmax_last_dim(&(queries * self.scale)?.matmul(&keys_t)?)?)
+        };
+        let (mixed, probabilities) = if capture.probabilities == Keep::Full || tokens <= QUERY_CHUNK {
+            let probabilities = probabilities_of(&queries)?;
+            let kept = match capture.probabilities {
+                Keep::Full => Some(probabilities.clone()),
+                Keep::ClsRow => Some(probabilities.narrow(2, 0, 1)?),
+                Keep::Nothing => None,
+            };
+            (probabilities.matmul(&values)?, kept)
+        } else {
+            // Nobody needs the tokens x tokens matrix: build it a slice of
+            // queries at a time, so memory stays linear in the token count.
+            let chunks = (0..tokens)
+                .step_by(QUERY_CHUNK)
+                .map(|start| {
+                    let rows = queries.narrow(2, start, QUERY_CHUNK.min(tokens - start))?;
+                    Ok(probabilities_of(&rows)?.matmul(&values)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let kept = match capture.probabilities {
+                Keep::ClsRow => Some(probabilities_of(&queries.narrow(2, 0, 1)?)?),
+                _ => None,
+            };
+            (Tensor::cat(&chunks, 2)?, kept)
+        };
+        let mixed = mixed.transpose(1, 2)?.reshape((batch, tokens, d))?;
         Ok(AttentionOutput {
             tokens: self.out.forward(&mixed)?,
-            probabilities: keep_probabilities.then_some(probabilities),
-            qkv: keep_qkv.then_some((queries, keys, values)),
+            probabilities,
+            qkv: capture.qkv.then_some((queries, keys, values)),
         })
     }
 }
@@ -255,14 +300,14 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, keep_probabilities: bool, keep_qkv: bool) -> Result<AttentionOutput> {
+    fn forward(&self, x: &Tensor, capture: BlockCapture) -> Result<AttentionOutput> {
         let scaled = |h: Tensor, scale: &Option<Tensor>| -> Result<Tensor> {
             Ok(match scale {
                 Some(gamma) => h.broadcast_mul(gamma)?,
                 None => h,
             })
         };
-        let attended = self.attention.forward(&self.norm1.forward(x)?, keep_probabilities, keep_qkv)?;
+        let attended = self.attention.forward(&self.norm1.forward(x)?, capture)?;
         let x = (x + scaled(attended.tokens, &self.layer_scale1)?)?;
         let x = (&x + scaled(self.mlp.forward(&self.norm2.forward(&x)?)?, &self.layer_scale2)?)?;
         Ok(AttentionOutput { tokens: x, ..attended })
@@ -272,8 +317,10 @@ impl Block {
 /// What a forward pass should keep besides the final tokens.
 #[derive(Debug, Clone, Default)]
 pub struct Capture {
-    /// Layers (0-based) whose attention probabilities to return.
+    /// Layers (0-based) whose full attention probabilities to return.
     pub attention_layers: Vec<usize>,
+    /// Layers whose class-token row of attention to return (much smaller).
+    pub cls_attention_layers: Vec<usize>,
     /// The layer whose queries, keys and values to return.
     pub qkv_layer: Option<usize>,
 }
@@ -281,7 +328,8 @@ pub struct Capture {
 pub struct EncoderOutput {
     /// (B, prefix + patches, D) after the final LayerNorm.
     pub tokens: Tensor,
-    /// (layer, (B, heads, tokens, tokens)) for each requested layer, in layer order.
+    /// (layer, (B, heads, rows, tokens)) for each requested layer, in layer
+    /// order; rows is 1 (the class token) for `cls_attention_layers`.
     pub attentions: Vec<(usize, Tensor)>,
     pub qkv: Option<Qkv>,
     pub grid: PatchGrid,
@@ -365,7 +413,8 @@ impl Vit {
 
     /// Runs the encoder on normalized pixels (B, 3, H, W).
     pub fn forward(&self, pixels: &Tensor, capture: &Capture) -> Result<EncoderOutput> {
-        for &layer in capture.attention_layers.iter().chain(capture.qkv_layer.iter()) {
+        let requested = capture.attention_layers.iter().chain(&capture.cls_attention_layers).chain(&capture.qkv_layer);
+        for &layer in requested {
             self.resolve_layer(layer as i64)?;
         }
         let (patches, grid) = self.patch_embed.forward(pixels)?;
@@ -384,9 +433,15 @@ impl Vit {
         let mut attentions = Vec::with_capacity(capture.attention_layers.len());
         let mut qkv = None;
         for (layer, block) in self.blocks.iter().enumerate() {
-            let keep_probabilities = capture.attention_layers.contains(&layer);
-            let keep_qkv = capture.qkv_layer == Some(layer);
-            let out = block.forward(&x, keep_probabilities, keep_qkv)?;
+            let probabilities = if capture.attention_layers.contains(&layer) {
+                Keep::Full
+            } else if capture.cls_attention_layers.contains(&layer) {
+                Keep::ClsRow
+            } else {
+                Keep::Nothing
+            };
+            let block_capture = BlockCapture { probabilities, qkv: capture.qkv_layer == Some(layer) };
+            let out = block.forward(&x, block_capture)?;
             x = out.tokens;
             if let Some(p) = out.probabilities {
                 attentions.push((layer, p));
