@@ -5,10 +5,10 @@
 //! [`image_io`] -> [`preprocess`] -> [`model`] -> [`attention`] -> [`head`]
 //! -> [`render`] -> [`cli`].
 
-pub mod image_io;
-pub mod preprocess;
-pub mod model;
 pub mod attention;
-pub mod head;
-pub mod render;
 pub mod cli;
+pub mod head;
+pub mod image_io;
+pub mod model;
+pub mod preprocess;
+pub mod render;

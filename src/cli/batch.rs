@@ -14,7 +14,13 @@ use super::{EXIT_OK, EXIT_SOME_FAILED};
 /// Runs `work` on every job on `threads` threads (default: all cores). Each
 /// success may yield a JSON record, printed as one line when `json` is set.
 /// Returns the exit code: 0 if everything succeeded, 1 otherwise.
-pub fn run<F>(jobs: Vec<Job>, rejected: Vec<Rejected>, threads: Option<usize>, json: bool, work: F) -> Result<u8>
+pub fn run<F>(
+    jobs: Vec<Job>,
+    rejected: Vec<Rejected>,
+    threads: Option<usize>,
+    json: bool,
+    work: F,
+) -> Result<u8>
 where
     F: Fn(&Job) -> Result<serde_json::Value> + Sync,
 {
@@ -45,14 +51,20 @@ where
                 Ok(_) => {}
                 Err(err) => {
                     failed.fetch_add(1, Ordering::Relaxed);
-                    progress.suspend(|| eprintln!("segattn: {}: {}", job.source.display_name(), one_line(&err)));
+                    progress.suspend(|| {
+                        eprintln!("segattn: {}: {}", job.source.display_name(), one_line(&err))
+                    });
                 }
             }
             progress.inc(1);
         })
     });
     progress.finish_and_clear();
-    Ok(if failed.into_inner() == 0 { EXIT_OK } else { EXIT_SOME_FAILED })
+    Ok(if failed.into_inner() == 0 {
+        EXIT_OK
+    } else {
+        EXIT_SOME_FAILED
+    })
 }
 
 /// An error and its causes on one line: decoders put line breaks in their
@@ -61,8 +73,15 @@ where
 pub fn one_line(err: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in err.chain() {
-        let text = cause.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
-        if !parts.last().is_some_and(|previous| previous.contains(&text)) {
+        let text = cause
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !parts
+            .last()
+            .is_some_and(|previous| previous.contains(&text))
+        {
             parts.push(text);
         }
     }

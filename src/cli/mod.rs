@@ -23,7 +23,11 @@ pub const EXIT_SOME_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "segattn", version, about = "Find the main object in a photo with a vision transformer, and show where it looks.")]
+#[command(
+    name = "segattn",
+    version,
+    about = "Find the main object in a photo with a vision transformer, and show where it looks."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -52,32 +52,52 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs) -> Result<u8> {
     if !(0.0..=1.0).contains(&args.threshold) {
-        bail!("--threshold must be between 0 and 1, got {}", args.threshold);
+        bail!(
+            "--threshold must be between 0 and 1, got {}",
+            args.threshold
+        );
     }
     if args.batch.json && args.batch.out.as_deref() == Some(std::path::Path::new("-")) {
         bail!("--json and --out - both write to standard output; choose one");
     }
     let extras: Vec<ExtraOutput> = [("overlay", &args.overlay), ("cutout", &args.cutout)]
         .into_iter()
-        .filter_map(|(kind, path)| Some(ExtraOutput { kind, path: path.as_deref()? }))
+        .filter_map(|(kind, path)| {
+            Some(ExtraOutput {
+                kind,
+                path: path.as_deref()?,
+            })
+        })
         .collect();
     let (jobs, rejected) = jobs::plan(&args.batch, &extras)?;
     let model = args.model.load()?;
     let head: Box<dyn SegmentationHead> = match args.head {
-        HeadName::Attn => Box::new(AttentionMass { mass: args.mass, min_heads: args.min_heads }),
+        HeadName::Attn => Box::new(AttentionMass {
+            mass: args.mass,
+            min_heads: args.min_heads,
+        }),
     };
     batch::run(jobs, rejected, args.batch.jobs, args.batch.json, |job| {
         segment_one(&model, head.as_ref(), &args, job)
     })
 }
 
-fn segment_one(model: &Vit, head: &dyn SegmentationHead, args: &RunArgs, job: &Job) -> Result<serde_json::Value> {
+fn segment_one(
+    model: &Vit,
+    head: &dyn SegmentationHead,
+    args: &RunArgs,
+    job: &Job,
+) -> Result<serde_json::Value> {
     let start = Instant::now();
     let photo = image_io::read_image(&job.source, args.batch.max_pixels)?;
     let (width, height) = (photo.width(), photo.height());
     let soft = head::segment(model, head, &photo, args.model.size)?.upsample(width, height);
     let binary = render::mask(&soft, args.threshold, false);
-    let written = if args.soft { render::mask(&soft, args.threshold, true) } else { binary.clone() };
+    let written = if args.soft {
+        render::mask(&soft, args.threshold, true)
+    } else {
+        binary.clone()
+    };
     image_io::write_png(&DynamicImage::ImageLuma8(written.clone()), &job.out)?;
 
     let mut outputs = serde_json::Map::new();

@@ -17,7 +17,10 @@ pub struct AttentionMass {
 
 impl Default for AttentionMass {
     fn default() -> Self {
-        Self { mass: 0.6, min_heads: None }
+        Self {
+            mass: 0.6,
+            min_heads: None,
+        }
     }
 }
 
@@ -39,7 +42,10 @@ pub fn mass_keep(attention: &[f32], mass: f32) -> Vec<bool> {
 
 impl SegmentationHead for AttentionMass {
     fn capture(&self, model: &Vit) -> Capture {
-        Capture { cls_attention_layers: vec![model.config().num_layers - 1], ..Capture::default() }
+        Capture {
+            cls_attention_layers: vec![model.config().num_layers - 1],
+            ..Capture::default()
+        }
     }
 
     fn soft_map(&self, model: &Vit, out: &EncoderOutput) -> Result<PatchMap> {
@@ -58,7 +64,13 @@ impl SegmentationHead for AttentionMass {
                 *vote += kept as usize;
             }
         }
-        PatchMap::new(out.grid, votes.into_iter().map(|v| vote_probability(v, min_heads, num_heads)).collect())
+        PatchMap::new(
+            out.grid,
+            votes
+                .into_iter()
+                .map(|v| vote_probability(v, min_heads, num_heads))
+                .collect(),
+        )
     }
 }
 
@@ -87,7 +99,10 @@ mod tests {
         assert_eq!(mass_keep(&attention, 0.45), vec![false, true, false, false]);
         assert_eq!(mass_keep(&attention, 1.0), vec![true; 4]);
         // Unnormalized input gives the same answer.
-        assert_eq!(mass_keep(&[1.0, 5.0, 1.0, 3.0], 0.6), vec![false, true, false, true]);
+        assert_eq!(
+            mass_keep(&[1.0, 5.0, 1.0, 3.0], 0.6),
+            vec![false, true, false, true]
+        );
     }
 
     #[test]

@@ -22,8 +22,14 @@ pub trait SegmentationHead: Send + Sync {
 }
 
 /// Runs `image` through the encoder at `short_side` and returns `head`'s map.
-pub fn segment(model: &Vit, head: &dyn SegmentationHead, image: &DynamicImage, short_side: usize) -> Result<PatchMap> {
-    let pixels = preprocess::model_input(image, short_side, model.config().patch_size, &Device::Cpu)?;
+pub fn segment(
+    model: &Vit,
+    head: &dyn SegmentationHead,
+    image: &DynamicImage,
+    short_side: usize,
+) -> Result<PatchMap> {
+    let pixels =
+        preprocess::model_input(image, short_side, model.config().patch_size, &Device::Cpu)?;
     let out = model.forward(&pixels, &head.capture(model))?;
     head.soft_map(model, &out)
 }
