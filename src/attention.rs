@@ -24,12 +24,7 @@ pub struct PixelMap {
 impl PatchMap {
     pub fn new(grid: PatchGrid, values: Vec<f32>) -> Result<Self> {
         if values.len() != grid.len() {
-            bail!(
-                "{} values for a {}x{} patch grid",
-                values.len(),
-                grid.rows,
-                grid.cols
-            );
+            bail!("{} values for a {}x{} patch grid", values.len(), grid.rows, grid.cols);
         }
         Ok(Self { grid, values })
     }
@@ -41,21 +36,10 @@ impl PatchMap {
     /// Rescaled to [0, 1] (all zeros when the map is flat).
     pub fn min_max_normalized(&self) -> Self {
         let lo = self.values.iter().copied().fold(f32::INFINITY, f32::min);
-        let hi = self
-            .values
-            .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
+        let hi = self.values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let span = hi - lo;
-        let values = self
-            .values
-            .iter()
-            .map(|v| if span > 0.0 { (v - lo) / span } else { 0.0 })
-            .collect();
-        Self {
-            grid: self.grid,
-            values,
-        }
+        let values = self.values.iter().map(|v| if span > 0.0 { (v - lo) / span } else { 0.0 }).collect();
+        Self { grid: self.grid, values }
     }
 
     /// Bilinear upsampling to `width` x `height` with patch centres at pixel
@@ -64,8 +48,7 @@ impl PatchMap {
         let axis = |out: u32, cells: usize| -> Vec<(usize, usize, f32)> {
             (0..out)
                 .map(|o| {
-                    let src = ((o as f32 + 0.5) * cells as f32 / out as f32 - 0.5)
-                        .clamp(0.0, (cells - 1) as f32);
+                    let src = ((o as f32 + 0.5) * cells as f32 / out as f32 - 0.5).clamp(0.0, (cells - 1) as f32);
                     let lo = src.floor() as usize;
                     (lo, (lo + 1).min(cells - 1), src - lo as f32)
                 })
@@ -81,30 +64,17 @@ impl PatchMap {
                 values.push(top * (1.0 - fy) + bottom * fy);
             }
         }
-        PixelMap {
-            width,
-            height,
-            values,
-        }
+        PixelMap { width, height, values }
     }
 }
 
 /// The class token's attention to each patch in `layer`, one map per head.
 /// Register tokens are left out: they are not places in the image.
 pub fn cls_attention(out: &EncoderOutput, layer: usize) -> Result<Vec<PatchMap>> {
-    let probabilities = out
-        .attention(layer)
-        .with_context(|| format!("attention of layer {layer} was not captured"))?;
-    let per_head = probabilities.get(0)?.narrow(1, 0, 1)?.squeeze(1)?.narrow(
-        D::Minus1,
-        out.num_prefix_tokens,
-        out.grid.len(),
-    )?;
-    per_head
-        .to_vec2::<f32>()?
-        .into_iter()
-        .map(|values| PatchMap::new(out.grid, values))
-        .collect()
+    let probabilities = out.attention(layer).with_context(|| format!("attention of layer {layer} was not captured"))?;
+    let per_head =
+        probabilities.get(0)?.narrow(1, 0, 1)?.squeeze(1)?.narrow(D::Minus1, out.num_prefix_tokens, out.grid.len())?;
+    per_head.to_vec2::<f32>()?.into_iter().map(|values| PatchMap::new(out.grid, values)).collect()
 }
 
 /// The average of several maps on the same grid.
@@ -128,9 +98,8 @@ pub fn rollout(out: &EncoderOutput, num_layers: usize) -> Result<PatchMap> {
     // vector through the layers from the last down: O(L·N²), not O(L·N³).
     let mut row: Option<Tensor> = None;
     for layer in (0..num_layers).rev() {
-        let probabilities = out
-            .attention(layer)
-            .with_context(|| format!("attention of layer {layer} was not captured"))?;
+        let probabilities =
+            out.attention(layer).with_context(|| format!("attention of layer {layer} was not captured"))?;
         let mean = probabilities.get(0)?.mean(0)?;
         let tokens = mean.dim(0)?;
         let eye = Tensor::eye(tokens, mean.dtype(), mean.device())?;
@@ -142,9 +111,7 @@ pub fn rollout(out: &EncoderOutput, num_layers: usize) -> Result<PatchMap> {
         });
     }
     let row = row.context("the model has no layers")?;
-    let cls_row = row
-        .squeeze(0)?
-        .narrow(0, out.num_prefix_tokens, out.grid.len())?;
+    let cls_row = row.squeeze(0)?.narrow(0, out.num_prefix_tokens, out.grid.len())?;
     PatchMap::new(out.grid, cls_row.to_vec1()?)
 }
 
@@ -184,31 +151,16 @@ mod tests {
         };
         let attentions = vec![(0, layer(0.1)), (1, layer(0.7))];
         let mixed = |a: &Tensor| {
-            let m = ((a.get(0).unwrap().mean(0).unwrap()
-                + Tensor::eye(4, candle_core::DType::F32, &device).unwrap())
-            .unwrap()
+            let m = ((a.get(0).unwrap().mean(0).unwrap() + Tensor::eye(4, candle_core::DType::F32, &device).unwrap())
+                .unwrap()
                 * 0.5)
                 .unwrap();
             m.broadcast_div(&m.sum_keepdim(1).unwrap()).unwrap()
         };
-        let product = mixed(&attentions[1].1)
-            .matmul(&mixed(&attentions[0].1))
-            .unwrap();
-        let expected: Vec<f32> = product
-            .get(0)
-            .unwrap()
-            .narrow(0, 1, 3)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let product = mixed(&attentions[1].1).matmul(&mixed(&attentions[0].1)).unwrap();
+        let expected: Vec<f32> = product.get(0).unwrap().narrow(0, 1, 3).unwrap().to_vec1().unwrap();
         let tokens = Tensor::zeros((1, 4, 2), candle_core::DType::F32, &device).unwrap();
-        let out = EncoderOutput {
-            tokens,
-            attentions,
-            qkv: None,
-            grid,
-            num_prefix_tokens: 1,
-        };
+        let out = EncoderOutput { tokens, attentions, qkv: None, grid, num_prefix_tokens: 1 };
         let got = rollout(&out, 2).unwrap();
         for (g, e) in got.values.iter().zip(&expected) {
             assert!((g - e).abs() < 1e-6, "{g} vs {e}");
@@ -218,17 +170,8 @@ mod tests {
     #[test]
     fn min_max_normalization() {
         let grid = PatchGrid { rows: 1, cols: 3 };
-        let map = PatchMap::new(grid, vec![2.0, 4.0, 3.0])
-            .unwrap()
-            .min_max_normalized();
+        let map = PatchMap::new(grid, vec![2.0, 4.0, 3.0]).unwrap().min_max_normalized();
         assert_eq!(map.values, vec![0.0, 1.0, 0.5]);
-        assert!(
-            PatchMap::new(grid, vec![1.0; 3])
-                .unwrap()
-                .min_max_normalized()
-                .values
-                .iter()
-                .all(|v| *v == 0.0)
-        );
+        assert!(PatchMap::new(grid, vec![1.0; 3]).unwrap().min_max_normalized().values.iter().all(|v| *v == 0.0));
     }
 }

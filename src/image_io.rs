@@ -19,11 +19,7 @@ pub enum Source {
 
 impl Source {
     pub fn from_arg(arg: &Path) -> Self {
-        if arg == Path::new("-") {
-            Source::Stdin
-        } else {
-            Source::File(arg.to_path_buf())
-        }
+        if arg == Path::new("-") { Source::Stdin } else { Source::File(arg.to_path_buf()) }
     }
 
     /// The name used in messages and for output file names.
@@ -39,10 +35,7 @@ impl Source {
             Source::File(path) => std::fs::read(path).context("cannot read file"),
             Source::Stdin => {
                 let mut bytes = Vec::new();
-                std::io::stdin()
-                    .lock()
-                    .read_to_end(&mut bytes)
-                    .context("cannot read standard input")?;
+                std::io::stdin().lock().read_to_end(&mut bytes).context("cannot read standard input")?;
                 Ok(bytes)
             }
         }
@@ -64,9 +57,7 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage> {
     let (width, height) = probe.into_dimensions().context("cannot decode image")?;
     let pixels = u64::from(width) * u64::from(height);
     if pixels > max_pixels {
-        bail!(
-            "image is {width}x{height} ({pixels} pixels), over the limit of {max_pixels} (see --max-pixels)"
-        );
+        bail!("image is {width}x{height} ({pixels} pixels), over the limit of {max_pixels} (see --max-pixels)");
     }
     if pixels == 0 {
         bail!("image has no pixels ({width}x{height})");
@@ -77,9 +68,7 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage> {
     limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
     reader.limits(limits);
     let mut decoder = reader.into_decoder().context("cannot decode image")?;
-    let orientation = decoder
-        .orientation()
-        .context("cannot read EXIF orientation")?;
+    let orientation = decoder.orientation().context("cannot read EXIF orientation")?;
     let mut image = DynamicImage::from_decoder(decoder).context("cannot decode image")?;
     image.apply_orientation(orientation);
     Ok(image)
@@ -94,11 +83,8 @@ pub fn read_image(source: &Source, max_pixels: u64) -> Result<DynamicImage> {
 /// and previews, and encoding time matters more than a few kilobytes.
 pub fn encode_png(image: &DynamicImage) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    let encoder =
-        PngEncoder::new_with_quality(&mut bytes, CompressionType::Fast, FilterType::Adaptive);
-    image
-        .write_with_encoder(encoder)
-        .context("cannot encode PNG")?;
+    let encoder = PngEncoder::new_with_quality(&mut bytes, CompressionType::Fast, FilterType::Adaptive);
+    image.write_with_encoder(encoder).context("cannot encode PNG")?;
     Ok(bytes)
 }
 
@@ -111,11 +97,7 @@ pub enum Sink {
 
 impl Sink {
     pub fn from_arg(arg: &Path) -> Self {
-        if arg == Path::new("-") {
-            Sink::Stdout
-        } else {
-            Sink::File(arg.to_path_buf())
-        }
+        if arg == Path::new("-") { Sink::Stdout } else { Sink::File(arg.to_path_buf()) }
     }
 
     pub fn display_name(&self) -> String {
@@ -134,9 +116,7 @@ pub fn write_png(image: &DynamicImage, sink: &Sink) -> Result<()> {
     match sink {
         Sink::Stdout => {
             let mut out = std::io::stdout().lock();
-            out.write_all(&bytes)
-                .and_then(|()| out.flush())
-                .context("cannot write to standard output")
+            out.write_all(&bytes).and_then(|()| out.flush()).context("cannot write to standard output")
         }
         Sink::File(path) => write_atomic(path, &bytes),
     }
@@ -151,25 +131,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .prefix(".segattn-")
         .suffix(".tmp")
         .tempfile_in(dir)
-        .with_context(|| {
-            format!(
-                "{}: cannot create a file in {}",
-                path.display(),
-                dir.display()
-            )
-        })?;
-    temp.write_all(bytes)
-        .with_context(|| format!("{}: cannot write", path.display()))?;
+        .with_context(|| format!("{}: cannot create a file in {}", path.display(), dir.display()))?;
+    temp.write_all(bytes).with_context(|| format!("{}: cannot write", path.display()))?;
     // Temporary files are created private; an output is an ordinary file.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let _ = temp
-            .as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644));
+        let _ = temp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644));
     }
-    temp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("{}: cannot write", path.display()))?;
+    temp.persist(path).map_err(|e| e.error).with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(())
 }

@@ -3,12 +3,13 @@
 //!
 //! The data path reads top to bottom, each module using only those above it:
 //! [`image_io`] -> [`preprocess`] -> [`model`] -> [`attention`] -> [`head`]
-//! -> [`render`] -> [`cli`].
+//! -> [`render`] / [`metrics`] -> [`cli`].
 
 pub mod attention;
 pub mod cli;
 pub mod head;
 pub mod image_io;
+pub mod metrics;
 pub mod model;
 pub mod preprocess;
 pub mod render;

@@ -47,9 +47,7 @@ pub fn resize(rgb: &RgbImage, width: usize, height: usize) -> Result<RgbImage> {
     }
     let mut out = RgbImage::new(width as u32, height as u32);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
-    Resizer::new()
-        .resize(rgb, &mut out, &options)
-        .context("cannot resize image")?;
+    Resizer::new().resize(rgb, &mut out, &options).context("cannot resize image")?;
     Ok(out)
 }
 
@@ -71,12 +69,7 @@ pub fn normalize(rgb: &RgbImage, device: &Device) -> Result<Tensor> {
 }
 
 /// The whole step: a photo to the model's input tensor.
-pub fn model_input(
-    image: &DynamicImage,
-    short_side: usize,
-    patch_size: usize,
-    device: &Device,
-) -> Result<Tensor> {
+pub fn model_input(image: &DynamicImage, short_side: usize, patch_size: usize, device: &Device) -> Result<Tensor> {
     let rgb = to_rgb(image);
     let (w, h) = input_size(rgb.width(), rgb.height(), short_side, patch_size);
     normalize(&resize(&rgb, w, h)?, device)

@@ -39,10 +39,7 @@ pub fn mask_stats(mask: &GrayImage) -> (f64, Option<[u32; 4]>) {
             });
         }
     }
-    (
-        count as f64 / (mask.width() as f64 * mask.height() as f64),
-        bbox,
-    )
+    (count as f64 / (mask.width() as f64 * mask.height() as f64), bbox)
 }
 
 const TINT: [u8; 3] = [255, 40, 40];
@@ -65,14 +62,9 @@ pub fn overlay(photo: &RgbImage, mask: &GrayImage) -> RgbImage {
         if !inside(x, y) {
             continue;
         }
-        let on_edge = [(-radius, 0), (radius, 0), (0, -radius), (0, radius)]
-            .iter()
-            .any(|(dx, dy)| !inside(x + dx, y + dy));
-        *pixel = if on_edge {
-            Rgb(OUTLINE)
-        } else {
-            blend(pixel, &Rgb(TINT), 0.45)
-        };
+        let on_edge =
+            [(-radius, 0), (radius, 0), (0, -radius), (0, radius)].iter().any(|(dx, dy)| !inside(x + dx, y + dy));
+        *pixel = if on_edge { Rgb(OUTLINE) } else { blend(pixel, &Rgb(TINT), 0.45) };
     }
     out
 }
@@ -86,9 +78,7 @@ pub fn cutout(photo: &RgbImage, mask: &GrayImage) -> RgbaImage {
 }
 
 fn blend(under: &Rgb<u8>, over: &Rgb<u8>, alpha: f32) -> Rgb<u8> {
-    Rgb(std::array::from_fn(|c| {
-        (under[c] as f32 * (1.0 - alpha) + over[c] as f32 * alpha).round() as u8
-    }))
+    Rgb(std::array::from_fn(|c| (under[c] as f32 * (1.0 - alpha) + over[c] as f32 * alpha).round() as u8))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,17 +146,9 @@ const INFERNO: [[u8; 3]; 17] = [
 
 /// Piecewise-linear function through `(t, value)` stops.
 fn piecewise(stops: &[(f32, f32)], t: f32) -> f32 {
-    let upper = stops
-        .iter()
-        .position(|&(x, _)| x >= t)
-        .unwrap_or(stops.len() - 1)
-        .max(1);
+    let upper = stops.iter().position(|&(x, _)| x >= t).unwrap_or(stops.len() - 1).max(1);
     let ((x0, y0), (x1, y1)) = (stops[upper - 1], stops[upper]);
-    if x1 <= x0 {
-        y1
-    } else {
-        y0 + (y1 - y0) * ((t - x0) / (x1 - x0)).clamp(0.0, 1.0)
-    }
+    if x1 <= x0 { y1 } else { y0 + (y1 - y0) * ((t - x0) / (x1 - x0)).clamp(0.0, 1.0) }
 }
 
 impl Colormap {
@@ -177,46 +159,16 @@ impl Colormap {
             let x = t * 16.0;
             let i = (x.floor() as usize).min(15);
             let f = x - i as f32;
-            Rgb(std::array::from_fn(|c| {
-                (table[i][c] as f32 * (1.0 - f) + table[i + 1][c] as f32 * f).round() as u8
-            }))
+            Rgb(std::array::from_fn(|c| (table[i][c] as f32 * (1.0 - f) + table[i + 1][c] as f32 * f).round() as u8))
         };
         match self {
             Colormap::Viridis => from_table(&VIRIDIS),
             Colormap::Inferno => from_table(&INFERNO),
             // matplotlib's jet segment data.
             Colormap::Jet => {
-                let r = piecewise(
-                    &[
-                        (0.0, 0.0),
-                        (0.35, 0.0),
-                        (0.66, 1.0),
-                        (0.89, 1.0),
-                        (1.0, 0.5),
-                    ],
-                    t,
-                );
-                let g = piecewise(
-                    &[
-                        (0.0, 0.0),
-                        (0.125, 0.0),
-                        (0.375, 1.0),
-                        (0.64, 1.0),
-                        (0.91, 0.0),
-                        (1.0, 0.0),
-                    ],
-                    t,
-                );
-                let b = piecewise(
-                    &[
-                        (0.0, 0.5),
-                        (0.11, 1.0),
-                        (0.34, 1.0),
-                        (0.65, 0.0),
-                        (1.0, 0.0),
-                    ],
-                    t,
-                );
+                let r = piecewise(&[(0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)], t);
+                let g = piecewise(&[(0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)], t);
+                let b = piecewise(&[(0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)], t);
                 Rgb([r, g, b].map(|v| (v * 255.0).round() as u8))
             }
             Colormap::Gray => Rgb([(t * 255.0).round() as u8; 3]),
@@ -226,12 +178,7 @@ impl Colormap {
 
 /// Heat map of `map` (values in [0, 1]), blended over `photo` with `alpha`
 /// when one is given.
-pub fn heatmap(
-    map: &PixelMap,
-    colormap: Colormap,
-    photo: Option<&RgbImage>,
-    alpha: f32,
-) -> RgbImage {
+pub fn heatmap(map: &PixelMap, colormap: Colormap, photo: Option<&RgbImage>, alpha: f32) -> RgbImage {
     RgbImage::from_fn(map.width, map.height, |x, y| {
         let heat = colormap.color(map.values[(y * map.width + x) as usize]);
         match photo {
@@ -273,20 +220,9 @@ pub fn label(image: &mut RgbImage, text: &str) {
             let lit = gx >= 1 && (1..6).contains(&gy) && {
                 let (index, column) = (((gx - 1) / 4) as usize, (gx - 1) % 4);
                 column < 3
-                    && text
-                        .chars()
-                        .nth(index)
-                        .is_some_and(|c| glyph(c)[(gy - 1) as usize] >> (2 - column) & 1 == 1)
+                    && text.chars().nth(index).is_some_and(|c| glyph(c)[(gy - 1) as usize] >> (2 - column) & 1 == 1)
             };
-            image.put_pixel(
-                x,
-                y,
-                if lit {
-                    Rgb([255, 255, 255])
-                } else {
-                    Rgb([0, 0, 0])
-                },
-            );
+            image.put_pixel(x, y, if lit { Rgb([255, 255, 255]) } else { Rgb([0, 0, 0]) });
         }
     }
 }
@@ -318,11 +254,7 @@ mod tests {
 
     #[test]
     fn mask_thresholds_and_soft_scales() {
-        let map = PixelMap {
-            width: 3,
-            height: 1,
-            values: vec![0.2, 0.5, 0.9],
-        };
+        let map = PixelMap { width: 3, height: 1, values: vec![0.2, 0.5, 0.9] };
         assert_eq!(mask(&map, 0.5, false).into_raw(), vec![0, 255, 255]);
         assert_eq!(mask(&map, 0.5, true).into_raw(), vec![51, 128, 230]);
     }
@@ -344,12 +276,7 @@ mod tests {
         assert_eq!(Colormap::Jet.color(0.0).0, [0, 0, 128]);
         // matplotlib's jet(0.5), from its 256-entry table: [125, 255, 122].
         let mid = Colormap::Jet.color(0.5).0;
-        assert!(
-            mid.iter()
-                .zip([125, 255, 122])
-                .all(|(a, b)| a.abs_diff(b) <= 3),
-            "{mid:?}"
-        );
+        assert!(mid.iter().zip([125, 255, 122]).all(|(a, b)| a.abs_diff(b) <= 3), "{mid:?}");
         assert_eq!(Colormap::Gray.color(0.5).0, [128, 128, 128]);
         assert!("plasma".parse::<Colormap>().is_err());
     }
@@ -361,19 +288,14 @@ mod tests {
         let out = overlay(&photo, &m);
         assert_eq!(out.get_pixel(0, 0).0, [0, 0, 255]);
         assert_eq!(out.get_pixel(2, 3).0, OUTLINE);
-        assert_eq!(
-            out.get_pixel(3, 3).0,
-            blend(&Rgb([0, 0, 255]), &Rgb(TINT), 0.45).0
-        );
+        assert_eq!(out.get_pixel(3, 3).0, blend(&Rgb([0, 0, 255]), &Rgb(TINT), 0.45).0);
         let cut = cutout(&photo, &m);
         assert_eq!((cut.get_pixel(0, 0)[3], cut.get_pixel(3, 3)[3]), (0, 255));
     }
 
     #[test]
     fn grid_places_tiles_row_by_row() {
-        let tiles: Vec<RgbImage> = (0..5)
-            .map(|i| RgbImage::from_pixel(2, 2, Rgb([i * 10, 0, 0])))
-            .collect();
+        let tiles: Vec<RgbImage> = (0..5).map(|i| RgbImage::from_pixel(2, 2, Rgb([i * 10, 0, 0]))).collect();
         let grid = tile_grid(&tiles);
         assert_eq!(grid.dimensions(), (6, 4));
         assert_eq!(grid.get_pixel(4, 0)[0], 20);

@@ -12,19 +12,13 @@ fn weights() -> PathBuf {
 }
 
 fn sample(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("samples")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("samples").join(name)
 }
 
 /// `segattn ARGS --weights fixture --size 64`, with piped stdio.
 fn segattn(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_segattn"));
-    cmd.args(args)
-        .arg("--weights")
-        .arg(weights())
-        .args(["--size", "64"])
-        .env_remove("SEGATTN_WEIGHTS");
+    cmd.args(args).arg("--weights").arg(weights()).args(["--size", "64"]).env_remove("SEGATTN_WEIGHTS");
     cmd
 }
 
@@ -37,9 +31,7 @@ fn stderr(out: &Output) -> String {
 }
 
 fn photo(width: u32, height: u32) -> RgbImage {
-    RgbImage::from_fn(width, height, |x, y| {
-        Rgb([(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8])
-    })
+    RgbImage::from_fn(width, height, |x, y| Rgb([(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8]))
 }
 
 fn save(image: &DynamicImage, path: &Path, format: ImageFormat) {
@@ -72,15 +64,9 @@ fn run_writes_a_binary_mask_at_the_input_size_with_json() {
     assert_eq!((mask.width(), mask.height()), (451, 300));
     let mask = mask.as_luma8().expect("8-bit gray mask");
     assert!(mask.pixels().all(|p| p[0] == 0 || p[0] == 255));
-    assert_eq!(
-        image::open(&overlay).unwrap().color(),
-        image::ColorType::Rgb8
-    );
+    assert_eq!(image::open(&overlay).unwrap().color(), image::ColorType::Rgb8);
     let cut = image::open(&cutout).unwrap();
-    assert_eq!(
-        (cut.color(), cut.width(), cut.height()),
-        (image::ColorType::Rgba8, 451, 300)
-    );
+    assert_eq!((cut.color(), cut.width(), cut.height()), (image::ColorType::Rgba8, 451, 300));
 
     let line = String::from_utf8(result.stdout).unwrap();
     let record: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
@@ -97,16 +83,9 @@ fn run_writes_a_binary_mask_at_the_input_size_with_json() {
 fn soft_masks_use_the_full_range() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("soft.png");
-    assert!(
-        run(&["run", s(&sample("coffee.jpg")), "--out", s(&out), "--soft"])
-            .status
-            .success()
-    );
+    assert!(run(&["run", s(&sample("coffee.jpg")), "--out", s(&out), "--soft"]).status.success());
     let mask = image::open(&out).unwrap().into_luma8();
-    assert!(
-        mask.pixels().any(|p| p[0] != 0 && p[0] != 255),
-        "a soft mask has intermediate values"
-    );
+    assert!(mask.pixels().any(|p| p[0] != 0 && p[0] != 255), "a soft mask has intermediate values");
 }
 
 fn assert_rejected(bytes: &[u8], name: &str, reason: &str) {
@@ -118,10 +97,7 @@ fn assert_rejected(bytes: &[u8], name: &str, reason: &str) {
     assert_eq!(result.status.code(), Some(1), "{name}");
     let err = stderr(&result);
     assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(
-        err.starts_with(&format!("segattn: {}: ", input.display())) && err.contains(reason),
-        "{name}: {err}"
-    );
+    assert!(err.starts_with(&format!("segattn: {}: ", input.display())) && err.contains(reason), "{name}: {err}");
     assert!(!out.exists(), "{name}: nothing written");
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(leftovers.len(), 1, "{name}: no temporary files left");
@@ -129,9 +105,7 @@ fn assert_rejected(bytes: &[u8], name: &str, reason: &str) {
 
 fn encoded(format: ImageFormat) -> Vec<u8> {
     let mut bytes = std::io::Cursor::new(Vec::new());
-    DynamicImage::ImageRgb8(photo(64, 48))
-        .write_to(&mut bytes, format)
-        .unwrap();
+    DynamicImage::ImageRgb8(photo(64, 48)).write_to(&mut bytes, format).unwrap();
     bytes.into_inner()
 }
 
@@ -150,11 +124,7 @@ fn truncated_jpeg_and_png_are_rejected() {
 
 #[test]
 fn text_named_jpg_is_rejected() {
-    assert_rejected(
-        b"hello, I am not a photo\n",
-        "notes.jpg",
-        "not a supported image",
-    );
+    assert_rejected(b"hello, I am not a photo\n", "notes.jpg", "not a supported image");
 }
 
 /// A small PNG whose header claims 100000 x 100000 pixels (a decompression bomb's shape).
@@ -181,11 +151,7 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
         }
     }
     !crc
@@ -193,11 +159,7 @@ fn crc32(bytes: &[u8]) -> u32 {
 
 #[test]
 fn huge_dimensions_are_rejected_before_decoding() {
-    assert_rejected(
-        &huge_png_header(),
-        "huge.png",
-        "over the limit of 100000000",
-    );
+    assert_rejected(&huge_png_header(), "huge.png", "over the limit of 100000000");
 }
 
 #[test]
@@ -205,49 +167,20 @@ fn directory_with_bad_files_processes_the_good_ones_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let inputs = dir.path().join("in");
     std::fs::create_dir(&inputs).unwrap();
-    save(
-        &DynamicImage::ImageRgb8(photo(40, 30)),
-        &inputs.join("good1.png"),
-        ImageFormat::Png,
-    );
-    save(
-        &DynamicImage::ImageRgb8(photo(50, 20)),
-        &inputs.join("good2.jpg"),
-        ImageFormat::Jpeg,
-    );
+    save(&DynamicImage::ImageRgb8(photo(40, 30)), &inputs.join("good1.png"), ImageFormat::Png);
+    save(&DynamicImage::ImageRgb8(photo(50, 20)), &inputs.join("good2.jpg"), ImageFormat::Jpeg);
     std::fs::write(inputs.join("bad1.jpg"), b"").unwrap();
     std::fs::write(inputs.join("bad2.png"), b"garbage").unwrap();
     std::fs::write(inputs.join("readme.txt"), b"not an image, not an input").unwrap();
     let outputs = dir.path().join("out");
-    let result = run(&[
-        "run",
-        s(&inputs),
-        "--out-dir",
-        s(&outputs),
-        "--suffix",
-        "_mask",
-        "--jobs",
-        "2",
-    ]);
+    let result = run(&["run", s(&inputs), "--out-dir", s(&outputs), "--suffix", "_mask", "--jobs", "2"]);
     assert_eq!(result.status.code(), Some(1));
     let err = stderr(&result);
     assert_eq!(err.lines().count(), 2, "{err}");
-    assert!(
-        err.contains("bad1.jpg: empty file") && err.contains("bad2.png: "),
-        "{err}"
-    );
-    assert_eq!(
-        image::image_dimensions(outputs.join("good1_mask.png")).unwrap(),
-        (40, 30)
-    );
-    assert_eq!(
-        image::image_dimensions(outputs.join("good2_mask.png")).unwrap(),
-        (50, 20)
-    );
-    let mut written: Vec<_> = std::fs::read_dir(&outputs)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    assert!(err.contains("bad1.jpg: empty file") && err.contains("bad2.png: "), "{err}");
+    assert_eq!(image::image_dimensions(outputs.join("good1_mask.png")).unwrap(), (40, 30));
+    assert_eq!(image::image_dimensions(outputs.join("good2_mask.png")).unwrap(), (50, 20));
+    let mut written: Vec<_> = std::fs::read_dir(&outputs).unwrap().map(|e| e.unwrap().file_name()).collect();
     written.sort();
     assert_eq!(written, ["good1_mask.png", "good2_mask.png"]);
 }
@@ -260,12 +193,7 @@ fn stdin_to_stdout_round_trip() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&encoded(ImageFormat::Png))
-        .unwrap();
+    child.stdin.take().unwrap().write_all(&encoded(ImageFormat::Png)).unwrap();
     let result = child.wait_with_output().unwrap();
     assert!(result.status.success(), "{}", stderr(&result));
     let mask = image::load_from_memory_with_format(&result.stdout, ImageFormat::Png).unwrap();
@@ -314,36 +242,16 @@ fn every_format_and_pixel_type_is_read() {
         ("a.tiff", ImageFormat::Tiff),
         ("a.webp", ImageFormat::WebP),
     ] {
-        save(
-            &rgb,
-            &inputs.join(name.replace("a.", &format!("{}.", &name[2..]))),
-            format,
-        );
+        save(&rgb, &inputs.join(name.replace("a.", &format!("{}.", &name[2..]))), format);
     }
-    save(
-        &DynamicImage::ImageLuma8(rgb.to_luma8()),
-        &inputs.join("gray.png"),
-        ImageFormat::Png,
-    );
-    save(
-        &DynamicImage::ImageRgb16(rgb.to_rgb16()),
-        &inputs.join("deep.png"),
-        ImageFormat::Png,
-    );
-    save(
-        &DynamicImage::ImageRgba8(rgb.to_rgba8()),
-        &inputs.join("alpha.png"),
-        ImageFormat::Png,
-    );
+    save(&DynamicImage::ImageLuma8(rgb.to_luma8()), &inputs.join("gray.png"), ImageFormat::Png);
+    save(&DynamicImage::ImageRgb16(rgb.to_rgb16()), &inputs.join("deep.png"), ImageFormat::Png);
+    save(&DynamicImage::ImageRgba8(rgb.to_rgba8()), &inputs.join("alpha.png"), ImageFormat::Png);
     let outputs = dir.path().join("out");
     let result = run(&["run", s(&inputs), "--out-dir", s(&outputs)]);
     assert!(result.status.success(), "{}", stderr(&result));
     for stem in ["bmp", "gif", "tiff", "webp", "gray", "deep", "alpha"] {
-        assert_eq!(
-            image::image_dimensions(outputs.join(format!("{stem}.png"))).unwrap(),
-            (40, 32),
-            "{stem}"
-        );
+        assert_eq!(image::image_dimensions(outputs.join(format!("{stem}.png"))).unwrap(), (40, 32), "{stem}");
     }
 }
 
@@ -352,16 +260,8 @@ fn recursive_mirrors_subdirectories() {
     let dir = tempfile::tempdir().unwrap();
     let inputs = dir.path().join("in");
     std::fs::create_dir_all(inputs.join("sub")).unwrap();
-    save(
-        &DynamicImage::ImageRgb8(photo(32, 32)),
-        &inputs.join("a.png"),
-        ImageFormat::Png,
-    );
-    save(
-        &DynamicImage::ImageRgb8(photo(32, 32)),
-        &inputs.join("sub/a.png"),
-        ImageFormat::Png,
-    );
+    save(&DynamicImage::ImageRgb8(photo(32, 32)), &inputs.join("a.png"), ImageFormat::Png);
+    save(&DynamicImage::ImageRgb8(photo(32, 32)), &inputs.join("sub/a.png"), ImageFormat::Png);
     let outputs = dir.path().join("out");
     let flat = run(&["run", s(&inputs), "--out-dir", s(&outputs)]);
     assert!(flat.status.success());
@@ -375,19 +275,11 @@ fn recursive_mirrors_subdirectories() {
 fn refuses_to_write_over_an_input() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("photo.png");
-    save(
-        &DynamicImage::ImageRgb8(photo(32, 32)),
-        &input,
-        ImageFormat::Png,
-    );
+    save(&DynamicImage::ImageRgb8(photo(32, 32)), &input, ImageFormat::Png);
     let before = std::fs::read(&input).unwrap();
     let result = run(&["run", s(&input), "--out", s(&input)]);
     assert_eq!(result.status.code(), Some(2));
-    assert!(
-        stderr(&result).contains("over an input"),
-        "{}",
-        stderr(&result)
-    );
+    assert!(stderr(&result).contains("over an input"), "{}", stderr(&result));
     let result = run(&["run", s(dir.path()), "--out-dir", s(dir.path())]);
     assert_eq!(result.status.code(), Some(2));
     assert_eq!(std::fs::read(&input).unwrap(), before);
@@ -397,18 +289,9 @@ fn refuses_to_write_over_an_input() {
 fn missing_input_is_reported_and_the_rest_done() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let result = run(&[
-        "run",
-        "no-such-photo.jpg",
-        s(&sample("cat.jpg")),
-        "--out-dir",
-        s(&out),
-    ]);
+    let result = run(&["run", "no-such-photo.jpg", s(&sample("cat.jpg")), "--out-dir", s(&out)]);
     assert_eq!(result.status.code(), Some(1));
-    assert_eq!(
-        stderr(&result).trim(),
-        "segattn: no-such-photo.jpg: no such file"
-    );
+    assert_eq!(stderr(&result).trim(), "segattn: no-such-photo.jpg: no such file");
     assert!(out.join("cat.png").exists());
 }
 
@@ -418,21 +301,11 @@ fn usage_and_model_errors_exit_2() {
     let out = dir.path().join("m.png");
     let cat = sample("cat.jpg");
     // Several inputs with --out.
-    assert_eq!(
-        run(&["run", s(&cat), s(&cat), "--out", s(&out)])
-            .status
-            .code(),
-        Some(2)
-    );
+    assert_eq!(run(&["run", s(&cat), s(&cat), "--out", s(&out)]).status.code(), Some(2));
     // No output at all.
     assert_eq!(run(&["run", s(&cat)]).status.code(), Some(2));
     // Unknown flag (clap).
-    assert_eq!(
-        run(&["run", s(&cat), "--out", s(&out), "--bogus"])
-            .status
-            .code(),
-        Some(2)
-    );
+    assert_eq!(run(&["run", s(&cat), "--out", s(&out), "--bogus"]).status.code(), Some(2));
     // A broken model.
     let broken = dir.path().join("broken.safetensors");
     std::fs::write(&broken, b"nope").unwrap();
@@ -459,15 +332,9 @@ fn attn_map_variants_match_the_photo_size() {
     let cat = sample("cat.jpg");
     for (name, extra) in [
         ("mean", vec![]),
-        (
-            "head1",
-            vec!["--head", "1", "--layer", "-2", "--colormap", "jet"],
-        ),
+        ("head1", vec!["--head", "1", "--layer", "-2", "--colormap", "jet"]),
         ("raw", vec!["--raw", "--colormap", "gray", "--layer", "0"]),
-        (
-            "rollout",
-            vec!["--rollout", "--colormap", "viridis", "--alpha", "0.3"],
-        ),
+        ("rollout", vec!["--rollout", "--colormap", "viridis", "--alpha", "0.3"]),
     ] {
         let out = dir.path().join(format!("{name}.png"));
         let mut args = vec!["attn-map", s(&cat), "--out", s(&out)];
@@ -481,11 +348,7 @@ fn attn_map_variants_match_the_photo_size() {
     assert!(raw.pixels().all(|p| p[0] == p[1] && p[1] == p[2]));
     // All heads: 4 heads + mean = 5 tiles in a 3x2 grid.
     let all = dir.path().join("all.png");
-    assert!(
-        run(&["attn-map", s(&cat), "--out", s(&all), "--head", "all"])
-            .status
-            .success()
-    );
+    assert!(run(&["attn-map", s(&cat), "--out", s(&all), "--head", "all"]).status.success());
     assert_eq!(image::image_dimensions(&all).unwrap(), (451 * 3, 300 * 2));
 }
 
@@ -505,12 +368,7 @@ fn attn_map_rejects_bad_choices() {
         let mut args = vec!["attn-map", s(&cat), "--out", s(&out)];
         args.extend(bad.iter().copied());
         let result = run(&args);
-        assert_eq!(
-            result.status.code(),
-            Some(2),
-            "{bad:?}: {}",
-            stderr(&result)
-        );
+        assert_eq!(result.status.code(), Some(2), "{bad:?}: {}", stderr(&result));
     }
     assert!(!out.exists());
 }
@@ -525,11 +383,7 @@ fn info_reports_the_inferred_config() {
     assert!(result.status.success());
     let info: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
     assert_eq!(
-        (
-            info["patch_size"].as_u64(),
-            info["heads"].as_u64(),
-            info["layers"].as_u64()
-        ),
+        (info["patch_size"].as_u64(), info["heads"].as_u64(), info["layers"].as_u64()),
         (Some(8), Some(4), Some(3))
     );
     assert_eq!(info["registers"], 0);
@@ -539,13 +393,7 @@ fn info_reports_the_inferred_config() {
 #[test]
 fn piped_stderr_has_no_progress_bar() {
     let dir = tempfile::tempdir().unwrap();
-    let result = run(&[
-        "run",
-        s(&sample("cat.jpg")),
-        s(&sample("coffee.jpg")),
-        "--out-dir",
-        s(dir.path()),
-    ]);
+    let result = run(&["run", s(&sample("cat.jpg")), s(&sample("coffee.jpg")), "--out-dir", s(dir.path())]);
     assert!(result.status.success());
     assert!(result.stderr.is_empty(), "{}", stderr(&result));
 }

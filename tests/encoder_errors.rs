@@ -8,26 +8,19 @@ use candle_core::{DType, Device, Tensor};
 use segattn::model::Vit;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 fn load_error(path: &Path) -> String {
     let err = Vit::load(path, &Device::Cpu).expect_err("loading should fail");
     let message = format!("{err:#}");
-    assert!(
-        !message.contains('\n'),
-        "error should be one line: {message}"
-    );
+    assert!(!message.contains('\n'), "error should be one line: {message}");
     message
 }
 
 /// The dino_vit fixture with `edit` applied to its tensors, saved in `dir`.
 fn edited(dir: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> PathBuf {
-    let mut tensors =
-        candle_core::safetensors::load(fixture("dino_vit/model.safetensors"), &Device::Cpu)
-            .unwrap();
+    let mut tensors = candle_core::safetensors::load(fixture("dino_vit/model.safetensors"), &Device::Cpu).unwrap();
     edit(&mut tensors);
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &path).unwrap();
@@ -42,10 +35,7 @@ fn truncated_file_is_reported() {
     let path = dir.path().join("cut.safetensors");
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let message = load_error(&path);
-    assert!(
-        message.contains("cut.safetensors") && message.contains("not a readable safetensors file"),
-        "{message}"
-    );
+    assert!(message.contains("cut.safetensors") && message.contains("not a readable safetensors file"), "{message}");
 }
 
 #[test]
@@ -54,11 +44,7 @@ fn non_safetensors_file_is_reported() {
     let path = dir.path().join("notes.safetensors");
     std::fs::write(&path, "these are not tensors\n").unwrap();
     let message = load_error(&path);
-    assert!(
-        message.contains("notes.safetensors")
-            && message.contains("not a readable safetensors file"),
-        "{message}"
-    );
+    assert!(message.contains("notes.safetensors") && message.contains("not a readable safetensors file"), "{message}");
 }
 
 #[test]
@@ -66,16 +52,10 @@ fn wrong_shape_names_the_tensor_and_both_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let name = "encoder.layer.1.intermediate.dense.weight";
     let path = edited(dir.path(), |t| {
-        t.insert(
-            name.into(),
-            Tensor::zeros((64, 32), DType::F32, &Device::Cpu).unwrap(),
-        );
+        t.insert(name.into(), Tensor::zeros((64, 32), DType::F32, &Device::Cpu).unwrap());
     });
     let message = load_error(&path);
-    assert!(
-        message.contains(name) && message.contains("[64, 32]") && message.contains("[128, 32]"),
-        "{message}"
-    );
+    assert!(message.contains(name) && message.contains("[64, 32]") && message.contains("[128, 32]"), "{message}");
 }
 
 #[test]
@@ -83,31 +63,20 @@ fn wrong_dtype_names_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let name = "encoder.layer.2.layernorm_after.bias";
     let path = edited(dir.path(), |t| {
-        t.insert(
-            name.into(),
-            Tensor::zeros(32, DType::I64, &Device::Cpu).unwrap(),
-        );
+        t.insert(name.into(), Tensor::zeros(32, DType::I64, &Device::Cpu).unwrap());
     });
     let message = load_error(&path);
-    assert!(
-        message.contains(name) && message.contains("I64") && message.contains("model.safetensors"),
-        "{message}"
-    );
+    assert!(message.contains(name) && message.contains("I64") && message.contains("model.safetensors"), "{message}");
 }
 
 #[test]
 fn missing_tensors_are_listed_up_to_ten() {
     let dir = tempfile::tempdir().unwrap();
-    let path = edited(dir.path(), |t| {
-        t.retain(|name, _| !name.starts_with("encoder.layer.1."))
-    });
+    let path = edited(dir.path(), |t| t.retain(|name, _| !name.starts_with("encoder.layer.1.")));
     let message = load_error(&path);
     // Layer 1 has 16 tensors: ten are named, the rest counted.
     assert!(message.contains("16 tensor(s) missing"), "{message}");
-    assert!(
-        message.contains("encoder.layer.1.layernorm_before.weight"),
-        "{message}"
-    );
+    assert!(message.contains("encoder.layer.1.layernorm_before.weight"), "{message}");
     assert!(message.contains("(and 6 more)"), "{message}");
 }
 
@@ -119,26 +88,17 @@ fn missing_tensors_come_with_the_unexpected_ones() {
         t.insert("final_norm.weight".into(), w);
     });
     let message = load_error(&path);
-    assert!(
-        message.contains("missing: layernorm.weight; unexpected: final_norm.weight"),
-        "{message}"
-    );
+    assert!(message.contains("missing: layernorm.weight; unexpected: final_norm.weight"), "{message}");
 }
 
 #[test]
 fn file_without_a_patch_embedding_is_not_a_vit() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("other.safetensors");
-    let tensors = HashMap::from([(
-        "decoder.weight".to_string(),
-        Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
-    )]);
+    let tensors = HashMap::from([("decoder.weight".to_string(), Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap())]);
     candle_core::safetensors::save(&tensors, &path).unwrap();
     let message = load_error(&path);
-    assert!(
-        message.contains("not a ViT checkpoint") && message.contains("decoder.weight"),
-        "{message}"
-    );
+    assert!(message.contains("not a ViT checkpoint") && message.contains("decoder.weight"), "{message}");
 }
 
 #[test]
@@ -157,8 +117,5 @@ fn bad_config_json_is_reported() {
     edited(dir.path(), |_| {});
     std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
     let message = load_error(dir.path());
-    assert!(
-        message.contains("config.json") && message.contains("not a valid config.json"),
-        "{message}"
-    );
+    assert!(message.contains("config.json") && message.contains("not a valid config.json"), "{message}");
 }

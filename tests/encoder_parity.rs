@@ -11,47 +11,27 @@ use segattn::model::{Capture, PosInterpolation, Vit};
 const TOLERANCE: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 /// Runs every reference input through `model`; returns the largest error on
 /// hidden states and on attentions.
 fn compare(model: &Vit, reference: &Path) -> (f32, f32) {
     let expected = candle_core::safetensors::load(reference, &Device::Cpu).unwrap();
-    let all_layers = Capture {
-        attention_layers: (0..model.config().num_layers).collect(),
-        ..Capture::default()
-    };
+    let all_layers = Capture { attention_layers: (0..model.config().num_layers).collect(), ..Capture::default() };
     let (mut hidden_err, mut attn_err) = (0f32, 0f32);
     let mut cases = 0;
     while let Some(input) = expected.get(&format!("input_{cases}")) {
         let out = model.forward(input, &all_layers).unwrap();
-        hidden_err = hidden_err.max(max_abs_diff(
-            &out.tokens,
-            &expected[&format!("last_hidden_state_{cases}")],
-        ));
+        hidden_err = hidden_err.max(max_abs_diff(&out.tokens, &expected[&format!("last_hidden_state_{cases}")]));
         let attentions: Vec<Tensor> = out.attentions.into_iter().map(|(_, a)| a).collect();
         let attentions = Tensor::cat(&attentions, 0).unwrap();
-        attn_err = attn_err.max(max_abs_diff(
-            &attentions,
-            &expected[&format!("attentions_{cases}")],
-        ));
+        attn_err = attn_err.max(max_abs_diff(&attentions, &expected[&format!("attentions_{cases}")]));
         cases += 1;
     }
     assert_eq!(cases, 2, "each fixture has two input sizes");
@@ -61,14 +41,8 @@ fn compare(model: &Vit, reference: &Path) -> (f32, f32) {
 fn assert_parity(name: &str, model: &Vit, reference: &Path) {
     let (hidden, attention) = compare(model, reference);
     println!("{name}: max abs error hidden {hidden:.2e}, attention {attention:.2e}");
-    assert!(
-        hidden <= TOLERANCE,
-        "{name}: hidden states differ by {hidden}"
-    );
-    assert!(
-        attention <= TOLERANCE,
-        "{name}: attentions differ by {attention}"
-    );
+    assert!(hidden <= TOLERANCE, "{name}: hidden states differ by {hidden}");
+    assert!(attention <= TOLERANCE, "{name}: attentions differ by {attention}");
 }
 
 #[test]
@@ -77,11 +51,7 @@ fn dino_vit_matches_transformers() {
     assert_eq!(model.config().pos_interpolation, PosInterpolation::Size);
     assert_eq!(model.config().num_registers, 0);
     assert!(!model.config().layer_scale);
-    assert_parity(
-        "dino_vit",
-        &model,
-        &fixture("dino_vit/reference.safetensors"),
-    );
+    assert_parity("dino_vit", &model, &fixture("dino_vit/reference.safetensors"));
 }
 
 #[test]
@@ -96,15 +66,8 @@ fn dinov2_matches_transformers() {
 fn dinov2_with_registers_matches_transformers() {
     let model = Vit::load(&fixture("dinov2_reg"), &Device::Cpu).unwrap();
     assert_eq!(model.config().num_registers, 4);
-    assert_eq!(
-        model.config().pos_interpolation,
-        PosInterpolation::SizeAntialias
-    );
-    assert_parity(
-        "dinov2_reg",
-        &model,
-        &fixture("dinov2_reg/reference.safetensors"),
-    );
+    assert_eq!(model.config().pos_interpolation, PosInterpolation::SizeAntialias);
+    assert_parity("dinov2_reg", &model, &fixture("dinov2_reg/reference.safetensors"));
 }
 
 #[test]
@@ -112,28 +75,14 @@ fn torch_hub_layout_in_float16_matches_transformers() {
     let model = Vit::load(&fixture("dinov2_reg_hub.safetensors"), &Device::Cpu).unwrap();
     let config = model.config();
     // No config.json: one 64-dim head for hidden 64, MLP ratio 2 read off shapes.
-    assert_eq!(
-        (
-            config.num_heads,
-            config.mlp_hidden_size,
-            config.num_registers
-        ),
-        (1, 128, 2)
-    );
-    assert_parity(
-        "dinov2_reg_hub",
-        &model,
-        &fixture("dinov2_reg_hub.reference.safetensors"),
-    );
+    assert_eq!((config.num_heads, config.mlp_hidden_size, config.num_registers), (1, 128, 2));
+    assert_parity("dinov2_reg_hub", &model, &fixture("dinov2_reg_hub.reference.safetensors"));
 }
 
 /// Writes `tensors` (renamed by `rename`) with `config.json` copied from `source`.
 fn rewrite(source: &str, rename: impl Fn(&str) -> String, dir: &Path) -> PathBuf {
-    let tensors =
-        candle_core::safetensors::load(fixture(source).join("model.safetensors"), &Device::Cpu)
-            .unwrap();
-    let renamed: HashMap<String, Tensor> =
-        tensors.into_iter().map(|(k, v)| (rename(&k), v)).collect();
+    let tensors = candle_core::safetensors::load(fixture(source).join("model.safetensors"), &Device::Cpu).unwrap();
+    let renamed: HashMap<String, Tensor> = tensors.into_iter().map(|(k, v)| (rename(&k), v)).collect();
     let out = dir.join(source);
     std::fs::create_dir_all(&out).unwrap();
     candle_core::safetensors::save(&renamed, out.join("model.safetensors")).unwrap();
@@ -164,11 +113,7 @@ fn transformers_v5_names_load_to_the_same_model() {
     for (source, vit) in [("dino_vit", true), ("dinov2", false)] {
         let path = rewrite(source, |n| transformers_v5_name(n, vit), dir.path());
         let model = Vit::load(&path, &Device::Cpu).unwrap();
-        assert_parity(
-            &format!("{source} (v5 names)"),
-            &model,
-            &fixture(source).join("reference.safetensors"),
-        );
+        assert_parity(&format!("{source} (v5 names)"), &model, &fixture(source).join("reference.safetensors"));
     }
 }
 
@@ -177,43 +122,27 @@ fn prefixed_names_load_to_the_same_model() {
     let dir = tempfile::tempdir().unwrap();
     let path = rewrite("dinov2_reg", |n| format!("dinov2.{n}"), dir.path());
     let model = Vit::load(&path, &Device::Cpu).unwrap();
-    assert_parity(
-        "dinov2_reg (dinov2. prefix)",
-        &model,
-        &fixture("dinov2_reg/reference.safetensors"),
-    );
+    assert_parity("dinov2_reg (dinov2. prefix)", &model, &fixture("dinov2_reg/reference.safetensors"));
 }
 
 #[test]
 fn bfloat16_weights_are_converted_on_load() {
     let dir = tempfile::tempdir().unwrap();
-    let tensors =
-        candle_core::safetensors::load(fixture("dino_vit/model.safetensors"), &Device::Cpu)
-            .unwrap();
-    let bf16: HashMap<String, Tensor> = tensors
-        .into_iter()
-        .map(|(k, v)| (k, v.to_dtype(DType::BF16).unwrap()))
-        .collect();
+    let tensors = candle_core::safetensors::load(fixture("dino_vit/model.safetensors"), &Device::Cpu).unwrap();
+    let bf16: HashMap<String, Tensor> =
+        tensors.into_iter().map(|(k, v)| (k, v.to_dtype(DType::BF16).unwrap())).collect();
     let path = dir.path().join("bf16.safetensors");
     candle_core::safetensors::save(&bf16, &path).unwrap();
-    std::fs::copy(
-        fixture("dino_vit/config.json"),
-        dir.path().join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(fixture("dino_vit/config.json"), dir.path().join("config.json")).unwrap();
     let model = Vit::load(&path, &Device::Cpu).unwrap();
     let (hidden, attention) = compare(&model, &fixture("dino_vit/reference.safetensors"));
     // bf16 keeps 8 bits of mantissa: close to the f32 reference, not equal.
-    assert!(
-        hidden < 0.1 && attention < 0.05,
-        "bf16 drifted: hidden {hidden}, attention {attention}"
-    );
+    assert!(hidden < 0.1 && attention < 0.05, "bf16 drifted: hidden {hidden}, attention {attention}");
 }
 
 #[test]
 fn bicubic_resampling_matches_torch_interpolate() {
-    let cases =
-        candle_core::safetensors::load(fixture("interp.safetensors"), &Device::Cpu).unwrap();
+    let cases = candle_core::safetensors::load(fixture("interp.safetensors"), &Device::Cpu).unwrap();
     let grid = cases["grid"].squeeze(0).unwrap();
     for (rows, cols) in [(3, 7), (8, 6)] {
         for (key, mode) in [
@@ -232,9 +161,7 @@ fn bicubic_resampling_matches_torch_interpolate() {
 #[test]
 fn capture_keeps_only_what_was_asked() {
     let model = Vit::load(&fixture("dinov2_reg"), &Device::Cpu).unwrap();
-    let reference =
-        candle_core::safetensors::load(fixture("dinov2_reg/reference.safetensors"), &Device::Cpu)
-            .unwrap();
+    let reference = candle_core::safetensors::load(fixture("dinov2_reg/reference.safetensors"), &Device::Cpu).unwrap();
     let input = &reference["input_0"];
     let plain = model.forward(input, &Capture::default()).unwrap();
     assert!(plain.attentions.is_empty() && plain.qkv.is_none());
@@ -254,26 +181,14 @@ fn capture_keeps_only_what_was_asked() {
     assert_eq!(out.attentions.len(), 2);
     let cls_row = out.attention(0).unwrap();
     assert_eq!(cls_row.dims()[2], 1, "only the class token's row");
-    let expected_cls = reference["attentions_0"]
-        .get(0)
-        .unwrap()
-        .narrow(1, 0, 1)
-        .unwrap();
+    let expected_cls = reference["attentions_0"].get(0).unwrap().narrow(1, 0, 1).unwrap();
     assert!(max_abs_diff(&cls_row.squeeze(0).unwrap(), &expected_cls) <= TOLERANCE);
     let expected_layer1 = reference["attentions_0"].get(1).unwrap();
-    assert!(
-        max_abs_diff(
-            &out.attention(1).unwrap().squeeze(0).unwrap(),
-            &expected_layer1
-        ) <= TOLERANCE
-    );
+    assert!(max_abs_diff(&out.attention(1).unwrap().squeeze(0).unwrap(), &expected_layer1) <= TOLERANCE);
     let qkv = out.qkv.unwrap();
     let tokens = out.num_prefix_tokens + out.grid.len();
     assert_eq!((qkv.layer, qkv.keys.dims()), (2, &[1, 4, tokens, 8][..]));
-    assert_eq!(
-        (out.grid.rows, out.grid.cols, out.num_prefix_tokens),
-        (3, 5, 5)
-    );
+    assert_eq!((out.grid.rows, out.grid.cols, out.num_prefix_tokens), (3, 5, 5));
     // The captured run and the plain one compute the same tokens.
     assert_eq!(max_abs_diff(&plain.tokens, &out.tokens), 0.0);
     assert!(model.resolve_layer(3).is_err() && model.resolve_layer(-4).is_err());
@@ -286,24 +201,8 @@ fn sliced_attention_for_many_tokens_equals_the_full_matrix() {
     let model = Vit::load(&fixture("dino_vit"), &Device::Cpu).unwrap();
     let pixels = Tensor::randn(0f32, 1.0, (1, 3, 288, 320), &Device::Cpu).unwrap();
     let last = model.resolve_layer(-1).unwrap();
-    let full = model
-        .forward(
-            &pixels,
-            &Capture {
-                attention_layers: vec![0, 1, 2],
-                ..Capture::default()
-            },
-        )
-        .unwrap();
-    let sliced = model
-        .forward(
-            &pixels,
-            &Capture {
-                cls_attention_layers: vec![last],
-                ..Capture::default()
-            },
-        )
-        .unwrap();
+    let full = model.forward(&pixels, &Capture { attention_layers: vec![0, 1, 2], ..Capture::default() }).unwrap();
+    let sliced = model.forward(&pixels, &Capture { cls_attention_layers: vec![last], ..Capture::default() }).unwrap();
     assert!(max_abs_diff(&full.tokens, &sliced.tokens) < 1e-5);
     let full_cls = full.attention(last).unwrap().narrow(2, 0, 1).unwrap();
     assert!(max_abs_diff(&full_cls, sliced.attention(last).unwrap()) < 1e-6);

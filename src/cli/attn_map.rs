@@ -33,10 +33,9 @@ impl FromStr for HeadChoice {
         match s {
             "mean" => Ok(HeadChoice::Mean),
             "all" => Ok(HeadChoice::All),
-            n => n
-                .parse()
-                .map(HeadChoice::Index)
-                .map_err(|_| format!("expected a head number, mean or all, got {n:?}")),
+            n => {
+                n.parse().map(HeadChoice::Index).map_err(|_| format!("expected a head number, mean or all, got {n:?}"))
+            }
         }
     }
 }
@@ -84,9 +83,7 @@ pub fn run(args: AttnMapArgs) -> Result<u8> {
             model.config().num_heads - 1
         );
     }
-    batch::run(jobs, rejected, args.batch.jobs, args.batch.json, |job| {
-        map_one(&model, &args, layer, colormap, job)
-    })
+    batch::run(jobs, rejected, args.batch.jobs, args.batch.json, |job| map_one(&model, &args, layer, colormap, job))
 }
 
 /// The maps to draw, each with its tile label.
@@ -96,29 +93,15 @@ fn attention_maps(
     layer: usize,
     photo: &DynamicImage,
 ) -> Result<Vec<(String, PatchMap)>> {
-    let pixels = preprocess::model_input(
-        photo,
-        args.model.size,
-        model.config().patch_size,
-        &Device::Cpu,
-    )?;
+    let pixels = preprocess::model_input(photo, args.model.size, model.config().patch_size, &Device::Cpu)?;
     let capture = if args.rollout {
-        Capture {
-            head_mean_attention_layers: (0..model.config().num_layers).collect(),
-            ..Capture::default()
-        }
+        Capture { head_mean_attention_layers: (0..model.config().num_layers).collect(), ..Capture::default() }
     } else {
-        Capture {
-            cls_attention_layers: vec![layer],
-            ..Capture::default()
-        }
+        Capture { cls_attention_layers: vec![layer], ..Capture::default() }
     };
     let out = model.forward(&pixels, &capture)?;
     if args.rollout {
-        return Ok(vec![(
-            "rollout".into(),
-            attention::rollout(&out, model.config().num_layers)?,
-        )]);
+        return Ok(vec![("rollout".into(), attention::rollout(&out, model.config().num_layers)?)]);
     }
     let heads = attention::cls_attention(&out, layer)?;
     Ok(match args.head {
@@ -126,24 +109,15 @@ fn attention_maps(
         HeadChoice::Mean => vec![("mean".into(), attention::mean_map(&heads)?)],
         HeadChoice::All => {
             let mean = attention::mean_map(&heads)?;
-            let mut maps: Vec<(String, PatchMap)> = heads
-                .into_iter()
-                .enumerate()
-                .map(|(h, m)| (format!("h{h}"), m))
-                .collect();
+            let mut maps: Vec<(String, PatchMap)> =
+                heads.into_iter().enumerate().map(|(h, m)| (format!("h{h}"), m)).collect();
             maps.push(("mean".into(), mean));
             maps
         }
     })
 }
 
-fn map_one(
-    model: &Vit,
-    args: &AttnMapArgs,
-    layer: usize,
-    colormap: Colormap,
-    job: &Job,
-) -> Result<serde_json::Value> {
+fn map_one(model: &Vit, args: &AttnMapArgs, layer: usize, colormap: Colormap, job: &Job) -> Result<serde_json::Value> {
     let start = Instant::now();
     let photo = image_io::read_image(&job.source, args.batch.max_pixels)?;
     let (width, height) = (photo.width(), photo.height());
@@ -154,19 +128,14 @@ fn map_one(
         .iter()
         .map(|(name, map)| {
             let pixels = map.min_max_normalized().upsample(width, height);
-            let mut tile =
-                render::heatmap(&pixels, colormap, (!args.raw).then_some(&rgb), args.alpha);
+            let mut tile = render::heatmap(&pixels, colormap, (!args.raw).then_some(&rgb), args.alpha);
             if labelled {
                 render::label(&mut tile, name);
             }
             tile
         })
         .collect();
-    let picture = if labelled {
-        render::tile_grid(&tiles)
-    } else {
-        tiles.into_iter().next().expect("one map")
-    };
+    let picture = if labelled { render::tile_grid(&tiles) } else { tiles.into_iter().next().expect("one map") };
     image_io::write_png(&DynamicImage::ImageRgb8(picture), &job.out)?;
     Ok(json!({
         "input": job.source.display_name(),

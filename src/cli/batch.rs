@@ -1,5 +1,5 @@
-//! Running jobs in parallel with a progress bar, reporting each failure and
-//! finishing the rest.
+//! Running work items in parallel with a progress bar, reporting each
+//! failure and finishing the rest.
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,24 +11,24 @@ use rayon::prelude::*;
 use super::jobs::{Job, Rejected};
 use super::{EXIT_OK, EXIT_SOME_FAILED};
 
-/// Runs `work` on every job on `threads` threads (default: all cores). Each
-/// success may yield a JSON record, printed as one line when `json` is set.
-/// Returns the exit code: 0 if everything succeeded, 1 otherwise.
-pub fn run<F>(
-    jobs: Vec<Job>,
-    rejected: Vec<Rejected>,
+/// Runs `work` on every item on `threads` threads (default: all cores),
+/// with a progress bar on a terminal. Each success's record goes to
+/// `record`; each failure is printed as `segattn: NAME: reason`. Returns the
+/// number of failures.
+pub fn for_each<T, W, R>(
+    items: &[T],
+    name: impl Fn(&T) -> String + Sync,
     threads: Option<usize>,
-    json: bool,
-    work: F,
-) -> Result<u8>
+    work: W,
+    record: R,
+) -> Result<usize>
 where
-    F: Fn(&Job) -> Result<serde_json::Value> + Sync,
+    T: Sync,
+    W: Fn(&T) -> Result<serde_json::Value> + Sync,
+    R: Fn(serde_json::Value) + Sync,
 {
-    for r in &rejected {
-        eprintln!("segattn: {}: {}", r.name, r.reason.replace('\n', " "));
-    }
-    let progress = if std::io::stderr().is_terminal() && jobs.len() > 1 {
-        ProgressBar::with_draw_target(Some(jobs.len() as u64), ProgressDrawTarget::stderr())
+    let progress = if std::io::stderr().is_terminal() && items.len() > 1 {
+        ProgressBar::with_draw_target(Some(items.len() as u64), ProgressDrawTarget::stderr())
     } else {
         ProgressBar::hidden()
     };
@@ -40,48 +40,50 @@ where
         .num_threads(threads.unwrap_or(0))
         .build()
         .context("cannot start worker threads")?;
-    let failed = AtomicUsize::new(rejected.len());
+    let failed = AtomicUsize::new(0);
     pool.install(|| {
-        jobs.par_iter().for_each(|job| {
-            match work(job) {
-                Ok(record) if json => {
-                    let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "{record}");
-                }
-                Ok(_) => {}
+        items.par_iter().for_each(|item| {
+            match work(item) {
+                Ok(value) => record(value),
                 Err(err) => {
                     failed.fetch_add(1, Ordering::Relaxed);
-                    progress.suspend(|| {
-                        eprintln!("segattn: {}: {}", job.source.display_name(), one_line(&err))
-                    });
+                    progress.suspend(|| eprintln!("segattn: {}: {}", name(item), one_line(&err)));
                 }
             }
             progress.inc(1);
         })
     });
     progress.finish_and_clear();
-    Ok(if failed.into_inner() == 0 {
-        EXIT_OK
-    } else {
-        EXIT_SOME_FAILED
-    })
+    Ok(failed.into_inner())
+}
+
+/// Runs `work` on every job; prints each record as a JSON line when `json` is
+/// set. Returns the exit code: 0 if everything succeeded, 1 otherwise.
+pub fn run<F>(jobs: Vec<Job>, rejected: Vec<Rejected>, threads: Option<usize>, json: bool, work: F) -> Result<u8>
+where
+    F: Fn(&Job) -> Result<serde_json::Value> + Sync,
+{
+    for r in &rejected {
+        eprintln!("segattn: {}: {}", r.name, r.reason.replace('\n', " "));
+    }
+    let print = |value: serde_json::Value| {
+        if json {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{value}");
+        }
+    };
+    let failed = for_each(&jobs, |job| job.source.display_name(), threads, work, print)?;
+    Ok(if failed + rejected.len() == 0 { EXIT_OK } else { EXIT_SOME_FAILED })
 }
 
 /// An error and its causes on one line: decoders put line breaks in their
-/// messages, and a script reads one failure per line.
-/// A cause that its parent's message already quotes is left out.
+/// messages, and a script reads one failure per line. A cause that its
+/// parent's message already quotes is left out.
 pub fn one_line(err: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in err.chain() {
-        let text = cause
-            .to_string()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
-        if !parts
-            .last()
-            .is_some_and(|previous| previous.contains(&text))
-        {
+        let text = cause.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        if !parts.last().is_some_and(|previous| previous.contains(&text)) {
             parts.push(text);
         }
     }

@@ -9,9 +9,7 @@ use anyhow::{Result, bail};
 use super::BatchArgs;
 use crate::image_io::{Sink, Source};
 
-const IMAGE_EXTENSIONS: [&str; 9] = [
-    "jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "jfif",
-];
+const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "jfif"];
 
 /// One input and where its outputs go.
 #[derive(Debug, Clone)]
@@ -44,15 +42,13 @@ fn is_image_file(path: &Path) -> bool {
 
 /// Image files in `dir` (and below, with `recursive`), sorted, each with its
 /// path relative to `dir`.
-fn list_dir(
+pub(super) fn list_dir(
     dir: &Path,
     recursive: bool,
     found: &mut Vec<(PathBuf, PathBuf)>,
     root: &Path,
 ) -> std::io::Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()?;
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
     entries.sort();
     for path in entries {
         if path.is_dir() {
@@ -92,26 +88,17 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<(Vec<Job>, Vec<R
             Source::File(path) if path.is_dir() => {
                 let mut found = Vec::new();
                 match list_dir(path, args.recursive, &mut found, path) {
-                    Ok(()) => sources.extend(
-                        found
-                            .into_iter()
-                            .map(|(p, rel)| (Source::File(p), rel.with_extension(""))),
-                    ),
-                    Err(err) => rejected.push(Rejected {
-                        name: path.display().to_string(),
-                        reason: err.to_string(),
-                    }),
+                    Ok(()) => {
+                        sources.extend(found.into_iter().map(|(p, rel)| (Source::File(p), rel.with_extension(""))))
+                    }
+                    Err(err) => rejected.push(Rejected { name: path.display().to_string(), reason: err.to_string() }),
                 }
             }
-            Source::File(path) if !path.exists() => rejected.push(Rejected {
-                name: path.display().to_string(),
-                reason: "no such file".into(),
-            }),
+            Source::File(path) if !path.exists() => {
+                rejected.push(Rejected { name: path.display().to_string(), reason: "no such file".into() })
+            }
             Source::File(path) => {
-                let stem = path
-                    .file_stem()
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from("image"));
+                let stem = path.file_stem().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("image"));
                 sources.push((source, stem));
             }
         }
@@ -124,19 +111,14 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<(Vec<Job>, Vec<R
         (Some(out), None) => {
             let single_file = args.inputs.len() == 1 && !args.inputs[0].is_dir();
             if !single_file {
-                bail!(
-                    "--out names one file, for one input; use --out-dir DIR for several inputs or a directory"
-                );
+                bail!("--out names one file, for one input; use --out-dir DIR for several inputs or a directory");
             }
             sources
                 .into_iter()
                 .map(|(source, _)| Job {
                     source,
                     out: Sink::from_arg(out),
-                    extra: extras
-                        .iter()
-                        .map(|e| (e.kind, e.path.to_path_buf()))
-                        .collect(),
+                    extra: extras.iter().map(|e| (e.kind, e.path.to_path_buf())).collect(),
                 })
                 .collect()
         }
@@ -154,10 +136,7 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<(Vec<Job>, Vec<R
                 .into_iter()
                 .map(|(source, stem)| Job {
                     out: Sink::File(name(dir, &stem)),
-                    extra: extras
-                        .iter()
-                        .map(|e| (e.kind, name(e.path, &stem)))
-                        .collect(),
+                    extra: extras.iter().map(|e| (e.kind, name(e.path, &stem))).collect(),
                     source,
                 })
                 .collect()
@@ -192,10 +171,7 @@ fn check_outputs(jobs: Vec<Job>, rejected: &mut Vec<Rejected>) -> Result<Vec<Job
             if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty())
                 && let Err(err) = std::fs::create_dir_all(dir)
             {
-                rejected.push(Rejected {
-                    name,
-                    reason: format!("cannot create {}: {err}", dir.display()),
-                });
+                rejected.push(Rejected { name, reason: format!("cannot create {}: {err}", dir.display()) });
                 continue 'jobs;
             }
             let Some(key) = comparable(output) else {

@@ -3,6 +3,7 @@
 
 mod attn_map;
 mod batch;
+mod eval;
 mod info;
 mod jobs;
 mod run;
@@ -10,12 +11,16 @@ mod run;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use candle_core::Device;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use image::DynamicImage;
 
+use crate::attention::PixelMap;
+use crate::head::{self, AttentionMass, LinearHead, NormalizedCut, SegmentationHead};
 use crate::image_io::DEFAULT_MAX_PIXELS;
 use crate::model::Vit;
+use crate::preprocess;
 
 /// Exit codes: every input done; some inputs failed; usage or model error.
 pub const EXIT_OK: u8 = 0;
@@ -39,6 +44,8 @@ enum Command {
     Run(run::RunArgs),
     /// Heat map of the class token's self-attention over the photo.
     AttnMap(attn_map::AttnMapArgs),
+    /// Score a head against ground-truth masks: mean IoU, max F-measure, MAE.
+    Eval(eval::EvalArgs),
     /// Show the model's inferred configuration.
     Info(info::InfoArgs),
 }
@@ -92,12 +99,84 @@ struct BatchArgs {
     json: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum HeadName {
+    /// DINO's attention mass: the patches holding --mass of each head's attention.
+    Attn,
+    /// TokenCut: a normalized cut of the last layer's key similarities.
+    Ncut,
+    /// A trained per-patch classifier (head.weight / head.bias).
+    Linear,
+}
+
+/// How a foreground map is made and thresholded (run and eval).
+#[derive(Debug, Args)]
+struct HeadArgs {
+    /// Segmentation head.
+    #[arg(long, value_enum, default_value_t = HeadName::Attn)]
+    head: HeadName,
+    /// Foreground where the head's probability is at least this.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
+    /// attn head: share of each attention head's mass kept.
+    #[arg(long, default_value_t = 0.6)]
+    mass: f32,
+    /// attn head: attention heads that must agree on a patch (default: half).
+    #[arg(long, value_name = "N")]
+    min_heads: Option<usize>,
+    /// ncut head: key similarity above which two patches are linked.
+    #[arg(long, default_value_t = 0.2)]
+    tau: f64,
+    /// linear head: safetensors file with head.weight / head.bias (default: the --weights file).
+    #[arg(long, value_name = "FILE")]
+    head_weights: Option<PathBuf>,
+    /// Make mask edges follow the photo's edges (guided filter) instead of the patch grid.
+    #[arg(long)]
+    refine: bool,
+}
+
+impl HeadArgs {
+    fn build(&self, model: &Vit) -> Result<Box<dyn SegmentationHead>> {
+        if !(0.0..=1.0).contains(&self.threshold) {
+            bail!("--threshold must be between 0 and 1, got {}", self.threshold);
+        }
+        Ok(match self.head {
+            HeadName::Attn => Box::new(AttentionMass { mass: self.mass, min_heads: self.min_heads }),
+            HeadName::Ncut => Box::new(NormalizedCut { tau: self.tau }),
+            HeadName::Linear => {
+                let path = self.head_weights.as_deref().unwrap_or(&model.files().weights);
+                Box::new(LinearHead::load(path, model.config().hidden_size)?)
+            }
+        })
+    }
+
+    /// Foreground probability per pixel of `photo`.
+    fn pixel_map(
+        &self,
+        model: &Vit,
+        head: &dyn SegmentationHead,
+        photo: &DynamicImage,
+        size: usize,
+    ) -> Result<PixelMap> {
+        let map = head::segment(model, head, photo, size)?.to_pixels(photo.width(), photo.height());
+        if !self.refine {
+            return Ok(map);
+        }
+        // About half a patch, in photo pixels: enough to move an edge to the
+        // photo's own, not enough to invent new ones.
+        let short = photo.width().min(photo.height()) as usize;
+        let radius = (model.config().patch_size * short / size.max(1) / 2).max(2);
+        Ok(head::guided_filter(&map, &preprocess::to_rgb(photo), radius, 1e-3))
+    }
+}
+
 /// Parses the arguments, runs the command, and returns the exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run::run(args),
         Command::AttnMap(args) => attn_map::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Info(args) => info::run(args),
     };
     ExitCode::from(code.unwrap_or_else(|err| {

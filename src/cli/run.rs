@@ -1,25 +1,19 @@
 //! `segattn run`: masks, overlays and cut-outs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use image::DynamicImage;
 use serde_json::json;
 
 use super::jobs::{ExtraOutput, Job};
-use super::{BatchArgs, ModelArgs, batch, jobs};
-use crate::head::{self, AttentionMass, SegmentationHead};
+use super::{BatchArgs, HeadArgs, ModelArgs, batch, jobs};
+use crate::head::SegmentationHead;
 use crate::image_io::{self, Sink};
 use crate::model::Vit;
 use crate::{preprocess, render};
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum HeadName {
-    /// DINO's attention mass: the patches holding --mass of each head's attention.
-    Attn,
-}
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -27,18 +21,8 @@ pub struct RunArgs {
     batch: BatchArgs,
     #[command(flatten)]
     model: ModelArgs,
-    /// Segmentation head.
-    #[arg(long, value_enum, default_value_t = HeadName::Attn)]
-    head: HeadName,
-    /// Foreground where the head's probability is at least this.
-    #[arg(long, default_value_t = 0.5)]
-    threshold: f32,
-    /// attn head: share of each head's attention mass kept.
-    #[arg(long, default_value_t = 0.6)]
-    mass: f32,
-    /// attn head: heads that must agree on a patch (default: half).
-    #[arg(long, value_name = "N")]
-    min_heads: Option<usize>,
+    #[command(flatten)]
+    head: HeadArgs,
     /// Write the probability (0..255) instead of a 0/255 mask.
     #[arg(long)]
     soft: bool,
@@ -51,53 +35,26 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> Result<u8> {
-    if !(0.0..=1.0).contains(&args.threshold) {
-        bail!(
-            "--threshold must be between 0 and 1, got {}",
-            args.threshold
-        );
-    }
-    if args.batch.json && args.batch.out.as_deref() == Some(std::path::Path::new("-")) {
+    if args.batch.json && args.batch.out.as_deref() == Some(Path::new("-")) {
         bail!("--json and --out - both write to standard output; choose one");
     }
     let extras: Vec<ExtraOutput> = [("overlay", &args.overlay), ("cutout", &args.cutout)]
         .into_iter()
-        .filter_map(|(kind, path)| {
-            Some(ExtraOutput {
-                kind,
-                path: path.as_deref()?,
-            })
-        })
+        .filter_map(|(kind, path)| Some(ExtraOutput { kind, path: path.as_deref()? }))
         .collect();
     let (jobs, rejected) = jobs::plan(&args.batch, &extras)?;
     let model = args.model.load()?;
-    let head: Box<dyn SegmentationHead> = match args.head {
-        HeadName::Attn => Box::new(AttentionMass {
-            mass: args.mass,
-            min_heads: args.min_heads,
-        }),
-    };
-    batch::run(jobs, rejected, args.batch.jobs, args.batch.json, |job| {
-        segment_one(&model, head.as_ref(), &args, job)
-    })
+    let head = args.head.build(&model)?;
+    batch::run(jobs, rejected, args.batch.jobs, args.batch.json, |job| segment_one(&model, head.as_ref(), &args, job))
 }
 
-fn segment_one(
-    model: &Vit,
-    head: &dyn SegmentationHead,
-    args: &RunArgs,
-    job: &Job,
-) -> Result<serde_json::Value> {
+fn segment_one(model: &Vit, head: &dyn SegmentationHead, args: &RunArgs, job: &Job) -> Result<serde_json::Value> {
     let start = Instant::now();
     let photo = image_io::read_image(&job.source, args.batch.max_pixels)?;
     let (width, height) = (photo.width(), photo.height());
-    let soft = head::segment(model, head, &photo, args.model.size)?.upsample(width, height);
-    let binary = render::mask(&soft, args.threshold, false);
-    let written = if args.soft {
-        render::mask(&soft, args.threshold, true)
-    } else {
-        binary.clone()
-    };
+    let soft = args.head.pixel_map(model, head, &photo, args.model.size)?;
+    let binary = render::mask(&soft, args.head.threshold, false);
+    let written = if args.soft { render::mask(&soft, args.head.threshold, true) } else { binary.clone() };
     image_io::write_png(&DynamicImage::ImageLuma8(written.clone()), &job.out)?;
 
     let mut outputs = serde_json::Map::new();

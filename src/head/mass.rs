@@ -3,7 +3,7 @@
 
 use anyhow::{Result, bail};
 
-use super::SegmentationHead;
+use super::{HeadMap, SegmentationHead};
 use crate::attention::{PatchMap, cls_attention};
 use crate::model::{Capture, EncoderOutput, Vit};
 
@@ -17,10 +17,7 @@ pub struct AttentionMass {
 
 impl Default for AttentionMass {
     fn default() -> Self {
-        Self {
-            mass: 0.6,
-            min_heads: None,
-        }
+        Self { mass: 0.6, min_heads: None }
     }
 }
 
@@ -42,13 +39,10 @@ pub fn mass_keep(attention: &[f32], mass: f32) -> Vec<bool> {
 
 impl SegmentationHead for AttentionMass {
     fn capture(&self, model: &Vit) -> Capture {
-        Capture {
-            cls_attention_layers: vec![model.config().num_layers - 1],
-            ..Capture::default()
-        }
+        Capture { cls_attention_layers: vec![model.config().num_layers - 1], ..Capture::default() }
     }
 
-    fn soft_map(&self, model: &Vit, out: &EncoderOutput) -> Result<PatchMap> {
+    fn predict(&self, model: &Vit, out: &EncoderOutput) -> Result<HeadMap> {
         if !(0.0..=1.0).contains(&self.mass) {
             bail!("--mass must be between 0 and 1, got {}", self.mass);
         }
@@ -64,13 +58,8 @@ impl SegmentationHead for AttentionMass {
                 *vote += kept as usize;
             }
         }
-        PatchMap::new(
-            out.grid,
-            votes
-                .into_iter()
-                .map(|v| vote_probability(v, min_heads, num_heads))
-                .collect(),
-        )
+        let probabilities = votes.into_iter().map(|v| vote_probability(v, min_heads, num_heads)).collect();
+        Ok(HeadMap::probability(PatchMap::new(out.grid, probabilities)?))
     }
 }
 
@@ -99,10 +88,7 @@ mod tests {
         assert_eq!(mass_keep(&attention, 0.45), vec![false, true, false, false]);
         assert_eq!(mass_keep(&attention, 1.0), vec![true; 4]);
         // Unnormalized input gives the same answer.
-        assert_eq!(
-            mass_keep(&[1.0, 5.0, 1.0, 3.0], 0.6),
-            vec![false, true, false, true]
-        );
+        assert_eq!(mass_keep(&[1.0, 5.0, 1.0, 3.0], 0.6), vec![false, true, false, true]);
     }
 
     #[test]

@@ -1,35 +1,73 @@
-//! Segmentation heads: from the encoder's output to a foreground probability
-//! per patch. Every head's map is in [0, 1] with 0.5 as its natural threshold.
+//! Segmentation heads: from the encoder's output to a foreground map on the
+//! patch grid, then to the photo's pixels.
+//!
+//! - [`AttentionMass`] (`attn`): DINO's recipe, no training, any DINO model.
+//! - [`NormalizedCut`] (`ncut`): TokenCut's graph cut of last-layer keys.
+//! - [`LinearHead`] (`linear`): a trained per-patch classifier.
 
+mod linear;
 mod mass;
+mod ncut;
+mod refine;
 
 use anyhow::Result;
 use candle_core::Device;
 use image::DynamicImage;
 
-pub use mass::AttentionMass;
+pub use linear::LinearHead;
+pub use mass::{AttentionMass, mass_keep};
+pub use ncut::{Affinity, NormalizedCut, fiedler_vector, fiedler_vector_dense, foreground_component};
+pub use refine::guided_filter;
 
-use crate::attention::PatchMap;
+use crate::attention::{PatchMap, PixelMap};
 use crate::model::{Capture, EncoderOutput, Vit};
 use crate::preprocess;
+
+/// What a head's patch values mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapKind {
+    /// Already in [0, 1].
+    Probability,
+    /// Raw scores: upsampled as they are, then squashed with a sigmoid.
+    Logit,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadMap {
+    pub patches: PatchMap,
+    pub kind: MapKind,
+}
+
+impl HeadMap {
+    pub fn probability(patches: PatchMap) -> Self {
+        Self { patches, kind: MapKind::Probability }
+    }
+
+    pub fn logits(patches: PatchMap) -> Self {
+        Self { patches, kind: MapKind::Logit }
+    }
+
+    /// Foreground probability per pixel of a `width` x `height` photo.
+    pub fn to_pixels(&self, width: u32, height: u32) -> PixelMap {
+        let mut map = self.patches.upsample(width, height);
+        if self.kind == MapKind::Logit {
+            map.values.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp()));
+        }
+        map
+    }
+}
 
 pub trait SegmentationHead: Send + Sync {
     /// What the encoder must keep for this head.
     fn capture(&self, model: &Vit) -> Capture;
 
-    /// Foreground probability per patch.
-    fn soft_map(&self, model: &Vit, out: &EncoderOutput) -> Result<PatchMap>;
+    /// The head's map on the patch grid.
+    fn predict(&self, model: &Vit, out: &EncoderOutput) -> Result<HeadMap>;
 }
 
 /// Runs `image` through the encoder at `short_side` and returns `head`'s map.
-pub fn segment(
-    model: &Vit,
-    head: &dyn SegmentationHead,
-    image: &DynamicImage,
-    short_side: usize,
-) -> Result<PatchMap> {
-    let pixels =
-        preprocess::model_input(image, short_side, model.config().patch_size, &Device::Cpu)?;
+pub fn segment(model: &Vit, head: &dyn SegmentationHead, image: &DynamicImage, short_side: usize) -> Result<HeadMap> {
+    let pixels = preprocess::model_input(image, short_side, model.config().patch_size, &Device::Cpu)?;
     let out = model.forward(&pixels, &head.capture(model))?;
-    head.soft_map(model, &out)
+    head.predict(model, &out)
 }

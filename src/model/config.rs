@@ -62,20 +62,15 @@ pub struct HfConfig {
 
 impl HfConfig {
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a valid config.json", path.display()))
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: not a valid config.json", path.display()))
     }
 
     pub fn activation(&self, path: &Path) -> Result<Activation> {
         match self.hidden_act.as_deref() {
             None | Some("gelu") => Ok(Activation::Gelu),
             Some("gelu_new" | "gelu_pytorch_tanh" | "gelu_fast") => Ok(Activation::GeluTanh),
-            Some(other) => bail!(
-                "{}: unsupported hidden_act {other:?} (expected gelu)",
-                path.display()
-            ),
+            Some(other) => bail!("{}: unsupported hidden_act {other:?} (expected gelu)", path.display()),
         }
     }
 }
@@ -83,19 +78,12 @@ impl HfConfig {
 impl VitConfig {
     /// Reads the architecture off tensor names and shapes; `hf` supplies what
     /// shapes cannot (head count, LayerNorm epsilon, activation).
-    pub fn infer(
-        store: &TensorStore,
-        layout: &Layout,
-        hf: &HfConfig,
-        hf_path: Option<&Path>,
-    ) -> Result<Self> {
+    pub fn infer(store: &TensorStore, layout: &Layout, hf: &HfConfig, hf_path: Option<&Path>) -> Result<Self> {
         let file = store.path().display();
         let patch_name = format!("{}.weight", layout.patch_embed);
         let patch_shape = store.shape(&patch_name).unwrap_or_default();
         let [hidden_size, 3, patch_size, patch_w] = patch_shape[..] else {
-            bail!(
-                "{file}: tensor `{patch_name}` has shape {patch_shape:?}, expected [hidden, 3, patch, patch]"
-            );
+            bail!("{file}: tensor `{patch_name}` has shape {patch_shape:?}, expected [hidden, 3, patch, patch]");
         };
         if patch_size != patch_w || patch_size == 0 {
             bail!("{file}: non-square patches {patch_shape:?} are not supported");
@@ -120,29 +108,17 @@ impl VitConfig {
                 layout.register_tokens
             ),
         };
-        let num_layers = hf
-            .num_hidden_layers
-            .unwrap_or_else(|| store.count_blocks(layout));
+        let num_layers = hf.num_hidden_layers.unwrap_or_else(|| store.count_blocks(layout));
         if num_layers == 0 {
-            bail!(
-                "{file}: no transformer blocks (`{}0.*`) found",
-                layout.block_prefix
-            );
+            bail!("{file}: no transformer blocks (`{}0.*`) found", layout.block_prefix);
         }
         let layer_scale = store.has(&layout.block(0, layout.layer_scale[0]));
-        store.check_complete(&required_tensors(
-            layout,
-            num_layers,
-            num_registers > 0,
-            layer_scale,
-        ))?;
+        store.check_complete(&required_tensors(layout, num_layers, num_registers > 0, layer_scale))?;
 
         let mlp_name = format!("{}.weight", layout.block(0, layout.fc1));
         let mlp_hidden_size = match store.shape(&mlp_name).as_deref() {
             Some(&[m, d]) if d == hidden_size => m,
-            other => bail!(
-                "{file}: tensor `{mlp_name}` has shape {other:?}, expected [mlp, {hidden_size}]"
-            ),
+            other => bail!("{file}: tensor `{mlp_name}` has shape {other:?}, expected [mlp, {hidden_size}]"),
         };
         let num_heads = match hf.num_attention_heads {
             Some(heads) => heads,
@@ -167,9 +143,7 @@ impl VitConfig {
             num_registers,
             layer_scale,
             // transformers' ViTConfig default; the DINOv2 family uses 1e-6.
-            layer_norm_eps: hf
-                .layer_norm_eps
-                .unwrap_or(if vit_v1_names { 1e-12 } else { 1e-6 }),
+            layer_norm_eps: hf.layer_norm_eps.unwrap_or(if vit_v1_names { 1e-12 } else { 1e-6 }),
             activation: hf.activation(config_path)?,
             pos_grid,
             pos_interpolation: match (num_registers > 0, layout.naming) {
@@ -186,12 +160,7 @@ fn is_square(n: usize) -> bool {
 }
 
 /// Every tensor name the encoder reads for this layout and size.
-fn required_tensors(
-    layout: &Layout,
-    num_layers: usize,
-    registers: bool,
-    layer_scale: bool,
-) -> Vec<String> {
+fn required_tensors(layout: &Layout, num_layers: usize, registers: bool, layer_scale: bool) -> Vec<String> {
     let with_bias = |name: &str| [format!("{name}.weight"), format!("{name}.bias")];
     let mut names = vec![layout.cls_token.to_string(), layout.pos_embed.to_string()];
     if registers {
@@ -200,13 +169,7 @@ fn required_tensors(
     names.extend(with_bias(layout.patch_embed));
     names.extend(with_bias(layout.final_norm));
     for layer in 0..num_layers {
-        let mut roles = vec![
-            layout.norm1,
-            layout.norm2,
-            layout.attn_out,
-            layout.fc1,
-            layout.fc2,
-        ];
+        let mut roles = vec![layout.norm1, layout.norm2, layout.attn_out, layout.fc1, layout.fc2];
         match layout.qkv {
             QkvNames::Fused(name) => roles.push(name),
             QkvNames::Separate(qkv) => roles.extend(qkv),
@@ -215,12 +178,7 @@ fn required_tensors(
             names.extend(with_bias(&layout.block(layer, role)));
         }
         if layer_scale {
-            names.extend(
-                layout
-                    .layer_scale
-                    .iter()
-                    .map(|role| layout.block(layer, role)),
-            );
+            names.extend(layout.layer_scale.iter().map(|role| layout.block(layer, role)));
         }
     }
     names

@@ -53,12 +53,7 @@ fn cubic_matrix(input: usize, output: usize, scale: f64) -> Vec<f64> {
         let src = scale * (o as f64 + 0.5) - 0.5;
         let base = src.floor();
         let t = src - base;
-        let taps = [
-            keys_cubic(t + 1.0),
-            keys_cubic(t),
-            keys_cubic(1.0 - t),
-            keys_cubic(2.0 - t),
-        ];
+        let taps = [keys_cubic(t + 1.0), keys_cubic(t), keys_cubic(1.0 - t), keys_cubic(2.0 - t)];
         for (k, w) in taps.iter().enumerate() {
             let i = (base as i64 - 1 + k as i64).clamp(0, input as i64 - 1) as usize;
             m[o * input + i] += w;
@@ -71,11 +66,7 @@ fn cubic_matrix(input: usize, output: usize, scale: f64) -> Vec<f64> {
 /// and the taps that fall inside the input are renormalized.
 fn antialias_matrix(input: usize, output: usize) -> Vec<f64> {
     let scale = input as f64 / output as f64;
-    let (support, inv_scale) = if scale >= 1.0 {
-        (2.0 * scale, 1.0 / scale)
-    } else {
-        (2.0, 1.0)
-    };
+    let (support, inv_scale) = if scale >= 1.0 { (2.0 * scale, 1.0 / scale) } else { (2.0, 1.0) };
     let mut m = vec![0.0; output * input];
     for o in 0..output {
         let center = scale * (o as f64 + 0.5);
@@ -99,32 +90,20 @@ pub fn resample_matrix(input: usize, output: usize, mode: PosInterpolation) -> V
     match mode {
         PosInterpolation::Size => cubic_matrix(input, output, input as f64 / output as f64),
         PosInterpolation::SizeAntialias => antialias_matrix(input, output),
-        PosInterpolation::ScaleOffset(offset) => {
-            cubic_matrix(input, output, input as f64 / (output as f64 + offset))
-        }
+        PosInterpolation::ScaleOffset(offset) => cubic_matrix(input, output, input as f64 / (output as f64 + offset)),
     }
 }
 
 /// Resamples `grid` of shape (channels, in_rows, in_cols) to (channels, rows, cols).
-pub fn resample_grid(
-    grid: &Tensor,
-    rows: usize,
-    cols: usize,
-    mode: PosInterpolation,
-) -> Result<Tensor> {
+pub fn resample_grid(grid: &Tensor, rows: usize, cols: usize, mode: PosInterpolation) -> Result<Tensor> {
     let (_, in_rows, in_cols) = grid.dims3()?;
     let as_tensor = |input: usize, output: usize, device: &Device| {
-        let m: Vec<f32> = resample_matrix(input, output, mode)
-            .iter()
-            .map(|&w| w as f32)
-            .collect();
+        let m: Vec<f32> = resample_matrix(input, output, mode).iter().map(|&w| w as f32).collect();
         Tensor::from_vec(m, (output, input), device)
     };
     let row_matrix = as_tensor(in_rows, rows, grid.device())?;
     let col_matrix = as_tensor(in_cols, cols, grid.device())?;
-    row_matrix
-        .broadcast_matmul(grid)?
-        .broadcast_matmul(&col_matrix.t()?)
+    row_matrix.broadcast_matmul(grid)?.broadcast_matmul(&col_matrix.t()?)
 }
 
 #[cfg(test)]
@@ -137,30 +116,19 @@ mod tests {
         for o in 0..5 {
             for i in 0..5 {
                 let expected = if o == i { 1.0 } else { 0.0 };
-                assert!(
-                    (m[o * 5 + i] - expected).abs() < 1e-12,
-                    "({o},{i}) = {}",
-                    m[o * 5 + i]
-                );
+                assert!((m[o * 5 + i] - expected).abs() < 1e-12, "({o},{i}) = {}", m[o * 5 + i]);
             }
         }
     }
 
     #[test]
     fn every_row_sums_to_one() {
-        for mode in [
-            PosInterpolation::Size,
-            PosInterpolation::SizeAntialias,
-            PosInterpolation::ScaleOffset(0.1),
-        ] {
+        for mode in [PosInterpolation::Size, PosInterpolation::SizeAntialias, PosInterpolation::ScaleOffset(0.1)] {
             for (input, output) in [(5, 3), (5, 8), (37, 60), (4, 1)] {
                 let m = resample_matrix(input, output, mode);
                 for row in m.chunks(input) {
                     let sum: f64 = row.iter().sum();
-                    assert!(
-                        (sum - 1.0).abs() < 1e-9,
-                        "{mode:?} {input}->{output}: {sum}"
-                    );
+                    assert!((sum - 1.0).abs() < 1e-9, "{mode:?} {input}->{output}: {sum}");
                 }
             }
         }

@@ -28,18 +28,12 @@ impl Linear {
     }
 
     fn from_parts(weight: &Tensor, bias: Tensor) -> Result<Self> {
-        Ok(Self {
-            weight_t: weight.t()?.contiguous()?,
-            bias,
-        })
+        Ok(Self { weight_t: weight.t()?.contiguous()?, bias })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, tokens, inputs) = x.dims3()?;
-        let y = x
-            .reshape((batch * tokens, inputs))?
-            .matmul(&self.weight_t)?
-            .broadcast_add(&self.bias)?;
+        let y = x.reshape((batch * tokens, inputs))?.matmul(&self.weight_t)?.broadcast_add(&self.bias)?;
         Ok(y.reshape((batch, tokens, ()))?)
     }
 }
@@ -60,12 +54,7 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            &x.contiguous()?,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )?)
+        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)?)
     }
 }
 
@@ -81,10 +70,7 @@ impl PatchEmbed {
         let weight = store.tensor(&format!("{}.weight", layout.patch_embed), &[d, 3, p, p])?;
         let bias = store.tensor(&format!("{}.bias", layout.patch_embed), &[d])?;
         let projection = Linear::from_parts(&weight.reshape((d, 3 * p * p))?, bias)?;
-        Ok(Self {
-            projection,
-            patch_size: p,
-        })
+        Ok(Self { projection, patch_size: p })
     }
 
     /// (B, 3, H, W) -> (B, rows·cols, D). Trailing pixels that do not fill a
@@ -92,10 +78,7 @@ impl PatchEmbed {
     fn forward(&self, pixels: &Tensor) -> Result<(Tensor, PatchGrid)> {
         let (batch, channels, height, width) = pixels.dims4()?;
         let p = self.patch_size;
-        let grid = PatchGrid {
-            rows: height / p,
-            cols: width / p,
-        };
+        let grid = PatchGrid { rows: height / p, cols: width / p };
         if channels != 3 {
             bail!("expected 3 colour channels, got {channels}");
         }
@@ -142,16 +125,8 @@ impl PositionEmbedding {
         let (d, g) = (config.hidden_size, config.pos_grid);
         let table = store.tensor(layout.pos_embed, &[1, 1 + g * g, d])?;
         let cls = table.narrow(1, 0, 1)?;
-        let grid = table
-            .narrow(1, 1, g * g)?
-            .reshape((g, g, d))?
-            .permute((2, 0, 1))?
-            .contiguous()?;
-        Ok(Self {
-            cls,
-            grid,
-            config: config.clone(),
-        })
+        let grid = table.narrow(1, 1, g * g)?.reshape((g, g, d))?.permute((2, 0, 1))?.contiguous()?;
+        Ok(Self { cls, grid, config: config.clone() })
     }
 
     /// Position embeddings for the class token and a `grid` of patches: (1, 1 + rows·cols, D).
@@ -161,17 +136,9 @@ impl PositionEmbedding {
         let patches = if grid.rows == g && grid.cols == g {
             self.grid.clone()
         } else {
-            resample_grid(
-                &self.grid,
-                grid.rows,
-                grid.cols,
-                self.config.pos_interpolation,
-            )?
+            resample_grid(&self.grid, grid.rows, grid.cols, self.config.pos_interpolation)?
         };
-        let patches =
-            patches
-                .permute((1, 2, 0))?
-                .reshape((1, grid.len(), self.config.hidden_size))?;
+        let patches = patches.permute((1, 2, 0))?.reshape((1, grid.len(), self.config.hidden_size))?;
         Ok(Tensor::cat(&[&self.cls, &patches], 1)?)
     }
 }
@@ -237,30 +204,20 @@ impl Attention {
         };
         let out = Linear::new(store, &layout.block(layer, layout.attn_out), d, d)?;
         let scale = 1.0 / (config.head_dim() as f64).sqrt();
-        Ok(Self {
-            qkv,
-            out,
-            num_heads: config.num_heads,
-            scale,
-        })
+        Ok(Self { qkv, out, num_heads: config.num_heads, scale })
     }
 
     fn forward(&self, x: &Tensor, capture: BlockCapture) -> Result<AttentionOutput> {
         let (batch, tokens, d) = x.dims3()?;
         let head_dim = d / self.num_heads;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((batch, tokens, 3, self.num_heads, head_dim))?
-            .permute((2, 0, 3, 1, 4))?;
+        let qkv =
+            self.qkv.forward(x)?.reshape((batch, tokens, 3, self.num_heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
         let queries = qkv.get(0)?.contiguous()?;
         let keys = qkv.get(1)?.contiguous()?;
         let values = qkv.get(2)?.contiguous()?;
         let keys_t = keys.t()?;
         let probabilities_of = |queries: &Tensor| -> Result<Tensor> {
-            Ok(candle_nn::ops::softmax_last_dim(
-                &(queries * self.scale)?.matmul(&keys_t)?,
-            )?)
+            Ok(candle_nn::ops::softmax_last_dim(&(queries * self.scale)?.matmul(&keys_t)?)?)
         };
         let whole_matrix = matches!(capture.probabilities, Keep::Full | Keep::HeadMean);
         let (mixed, probabilities) = if whole_matrix || tokens <= QUERY_CHUNK {
@@ -328,10 +285,7 @@ impl Block {
         let (d, eps) = (config.hidden_size, config.layer_norm_eps);
         let name = |role: &str| layout.block(layer, role);
         let layer_scale = |role: &str| -> Result<Option<Tensor>> {
-            config
-                .layer_scale
-                .then(|| store.tensor(&name(role), &[d]))
-                .transpose()
+            config.layer_scale.then(|| store.tensor(&name(role), &[d])).transpose()
         };
         Ok(Self {
             norm1: LayerNorm::new(store, &name(layout.norm1), d, eps)?,
@@ -356,15 +310,8 @@ impl Block {
         };
         let attended = self.attention.forward(&self.norm1.forward(x)?, capture)?;
         let x = (x + scaled(attended.tokens, &self.layer_scale1)?)?;
-        let x = (&x
-            + scaled(
-                self.mlp.forward(&self.norm2.forward(&x)?)?,
-                &self.layer_scale2,
-            )?)?;
-        Ok(AttentionOutput {
-            tokens: x,
-            ..attended
-        })
+        let x = (&x + scaled(self.mlp.forward(&self.norm2.forward(&x)?)?, &self.layer_scale2)?)?;
+        Ok(AttentionOutput { tokens: x, ..attended })
     }
 }
 
@@ -396,10 +343,7 @@ pub struct EncoderOutput {
 
 impl EncoderOutput {
     pub fn attention(&self, layer: usize) -> Option<&Tensor> {
-        self.attentions
-            .iter()
-            .find(|(l, _)| *l == layer)
-            .map(|(_, t)| t)
+        self.attentions.iter().find(|(l, _)| *l == layer).map(|(_, t)| t)
     }
 }
 
@@ -434,11 +378,7 @@ impl Vit {
         let blocks = (0..config.num_layers)
             .map(|layer| Block::new(&store, &layout, layer, &config))
             .collect::<Result<Vec<_>>>()?;
-        let num_parameters = store
-            .names()
-            .filter_map(|n| store.shape(n))
-            .map(|s| s.iter().product::<usize>())
-            .sum();
+        let num_parameters = store.names().filter_map(|n| store.shape(n)).map(|s| s.iter().product::<usize>()).sum();
         Ok(Self {
             patch_embed: PatchEmbed::new(&store, &layout, &config)?,
             cls_token: store.tensor(layout.cls_token, &[1, 1, d])?,
@@ -470,10 +410,7 @@ impl Vit {
         let depth = self.config.num_layers as i64;
         let resolved = if layer < 0 { depth + layer } else { layer };
         if !(0..depth).contains(&resolved) {
-            bail!(
-                "layer {layer} out of range: the model has {depth} layers (0..{} or -{depth}..-1)",
-                depth - 1
-            );
+            bail!("layer {layer} out of range: the model has {depth} layers (0..{} or -{depth}..-1)", depth - 1);
         }
         Ok(resolved as usize)
     }
@@ -496,14 +433,7 @@ impl Vit {
         let mut x = match &self.register_tokens {
             Some(registers) => {
                 let registers = registers.broadcast_as((batch, self.config.num_registers, d))?;
-                Tensor::cat(
-                    &[
-                        &x.narrow(1, 0, 1)?,
-                        &registers,
-                        &x.narrow(1, 1, grid.len())?,
-                    ],
-                    1,
-                )?
+                Tensor::cat(&[&x.narrow(1, 0, 1)?, &registers, &x.narrow(1, 1, grid.len())?], 1)?
             }
             None => x,
         };
@@ -519,40 +449,23 @@ impl Vit {
             } else {
                 Keep::Nothing
             };
-            let block_capture = BlockCapture {
-                probabilities,
-                qkv: capture.qkv_layer == Some(layer),
-            };
+            let block_capture = BlockCapture { probabilities, qkv: capture.qkv_layer == Some(layer) };
             let out = block.forward(&x, block_capture)?;
             x = out.tokens;
             if let Some(p) = out.probabilities {
                 attentions.push((layer, p));
             }
             if let Some((queries, keys, values)) = out.qkv {
-                qkv = Some(Qkv {
-                    layer,
-                    queries,
-                    keys,
-                    values,
-                });
+                qkv = Some(Qkv { layer, queries, keys, values });
             }
         }
         let tokens = self.norm.forward(&x)?;
-        Ok(EncoderOutput {
-            tokens,
-            attentions,
-            qkv,
-            grid,
-            num_prefix_tokens: self.config.num_prefix_tokens(),
-        })
+        Ok(EncoderOutput { tokens, attentions, qkv, grid, num_prefix_tokens: self.config.num_prefix_tokens() })
     }
 }
 
 impl std::fmt::Debug for Vit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vit")
-            .field("config", &self.config)
-            .field("weights", &self.files.weights)
-            .finish()
+        f.debug_struct("Vit").field("config", &self.config).field("weights", &self.files.weights).finish()
     }
 }

@@ -110,25 +110,12 @@ impl TensorStore {
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
         // SAFETY: the file is mapped read-only; like every mmap reader we rely
         // on nobody truncating the checkpoint while it is in use.
-        let tensors = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
-            anyhow!(
-                "{}: not a readable safetensors file: {}",
-                path.display(),
-                root_cause(&e)
-            )
-        })?;
-        let names: BTreeSet<String> = tensors
-            .tensors()
-            .into_iter()
-            .map(|(name, _)| name)
-            .collect();
+        let tensors = unsafe { MmapedSafetensors::new(path) }
+            .map_err(|e| anyhow!("{}: not a readable safetensors file: {}", path.display(), root_cause(&e)))?;
+        let names: BTreeSet<String> = tensors.tensors().into_iter().map(|(name, _)| name).collect();
         let prefix = PREFIXES
             .iter()
-            .find(|p| {
-                [HF_PATCH, HUB_PATCH]
-                    .iter()
-                    .any(|n| names.contains(&format!("{p}{n}.weight")))
-            })
+            .find(|p| [HF_PATCH, HUB_PATCH].iter().any(|n| names.contains(&format!("{p}{n}.weight"))))
             .ok_or_else(|| {
                 anyhow!(
                     "{}: not a ViT checkpoint: no `{HF_PATCH}.weight` or `{HUB_PATCH}.weight` \
@@ -137,13 +124,7 @@ impl TensorStore {
                     list_some(names.iter())
                 )
             })?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            tensors,
-            names,
-            prefix,
-            device: device.clone(),
-        })
+        Ok(Self { path: path.to_path_buf(), tensors, names, prefix, device: device.clone() })
     }
 
     pub fn path(&self) -> &Path {
@@ -155,39 +136,23 @@ impl TensorStore {
     }
 
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.tensors
-            .get(&format!("{}{name}", self.prefix))
-            .ok()
-            .map(|v| v.shape().to_vec())
+        self.tensors.get(&format!("{}{name}", self.prefix)).ok().map(|v| v.shape().to_vec())
     }
 
     /// Names under this checkpoint's prefix, with the prefix removed.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.names
-            .iter()
-            .filter_map(|n| n.strip_prefix(self.prefix))
+        self.names.iter().filter_map(|n| n.strip_prefix(self.prefix))
     }
 
     /// Loads `name` as f32, checking its shape and that it holds floats.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let full = format!("{}{name}", self.prefix);
-        let view = self
-            .tensors
-            .get(&full)
-            .map_err(|_| anyhow!("{}: missing tensor `{full}`", self.path.display()))?;
+        let view = self.tensors.get(&full).map_err(|_| anyhow!("{}: missing tensor `{full}`", self.path.display()))?;
         if view.shape() != shape {
-            bail!(
-                "{}: tensor `{full}` has shape {:?}, expected {:?}",
-                self.path.display(),
-                view.shape(),
-                shape
-            );
+            bail!("{}: tensor `{full}` has shape {:?}, expected {:?}", self.path.display(), view.shape(), shape);
         }
         use safetensors::Dtype;
-        if !matches!(
-            view.dtype(),
-            Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64
-        ) {
+        if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
             bail!(
                 "{}: tensor `{full}` has dtype {:?}, expected a float type (F32, F16, BF16)",
                 self.path.display(),
@@ -203,15 +168,10 @@ impl TensorStore {
 
     /// Works out which naming scheme the file uses, role by role.
     pub fn layout(&self) -> Layout {
-        let naming = if self.has(&format!("{HF_PATCH}.weight")) {
-            Naming::HuggingFace
-        } else {
-            Naming::TorchHub
-        };
+        let naming = if self.has(&format!("{HF_PATCH}.weight")) { Naming::HuggingFace } else { Naming::TorchHub };
         match naming {
             Naming::HuggingFace => {
-                let block_prefix = if self.has("layers.0.layernorm_before.weight")
-                    || self.has("layers.0.norm1.weight")
+                let block_prefix = if self.has("layers.0.layernorm_before.weight") || self.has("layers.0.norm1.weight")
                 {
                     "layers."
                 } else {
@@ -271,13 +231,7 @@ impl TensorStore {
     /// Number of blocks present: one more than the highest block index.
     pub fn count_blocks(&self, layout: &Layout) -> usize {
         self.names()
-            .filter_map(|n| {
-                n.strip_prefix(layout.block_prefix)?
-                    .split('.')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
+            .filter_map(|n| n.strip_prefix(layout.block_prefix)?.split('.').next()?.parse::<usize>().ok())
             .max()
             .map_or(0, |last| last + 1)
     }
@@ -285,11 +239,8 @@ impl TensorStore {
     /// Fails with the missing names (and the names nothing asked for, which
     /// usually explain why) when `required` is not all present.
     pub fn check_complete(&self, required: &[String]) -> Result<()> {
-        let missing: Vec<String> = required
-            .iter()
-            .filter(|n| !self.has(n))
-            .map(|n| format!("{}{n}", self.prefix))
-            .collect();
+        let missing: Vec<String> =
+            required.iter().filter(|n| !self.has(n)).map(|n| format!("{}{n}", self.prefix)).collect();
         if missing.is_empty() {
             return Ok(());
         }
@@ -299,12 +250,8 @@ impl TensorStore {
             .filter(|n| !wanted.contains(n) && !is_ignorable(n))
             .map(|n| format!("{}{n}", self.prefix))
             .collect();
-        let mut message = format!(
-            "{}: {} tensor(s) missing: {}",
-            self.path.display(),
-            missing.len(),
-            list_some(missing.iter())
-        );
+        let mut message =
+            format!("{}: {} tensor(s) missing: {}", self.path.display(), missing.len(), list_some(missing.iter()));
         if !unexpected.is_empty() {
             message += &format!("; unexpected: {}", list_some(unexpected.iter()));
         }

@@ -1,0 +1,70 @@
+//! A learned per-patch classifier on the final tokens: what trained models ship.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, anyhow, bail};
+use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::{DType, Device, Tensor};
+
+use super::{HeadMap, SegmentationHead};
+use crate::attention::PatchMap;
+use crate::model::{Capture, EncoderOutput, Vit};
+
+pub const WEIGHT: &str = "head.weight";
+pub const BIAS: &str = "head.bias";
+
+#[derive(Debug, Clone)]
+pub struct LinearHead {
+    /// (hidden, 1)
+    weight: Tensor,
+    bias: f32,
+    source: PathBuf,
+}
+
+impl LinearHead {
+    /// Reads `head.weight` ([1, hidden] or [hidden]) and `head.bias` ([1] or
+    /// []) from `path`: a side file, or the backbone's own checkpoint.
+    pub fn load(path: &Path, hidden_size: usize) -> Result<Self> {
+        let file = path.display();
+        // SAFETY: read-only mapping of a file nobody should truncate while we run.
+        let tensors = unsafe { MmapedSafetensors::new(path) }
+            .map_err(|e| anyhow!("{file}: not a readable safetensors file: {e}"))?;
+        let read = |name: &str| -> Result<Tensor> {
+            let view = tensors
+                .get(name)
+                .map_err(|_| anyhow!("{file}: no `{name}` tensor (a linear head needs {WEIGHT} and {BIAS})"))?;
+            view.load(&Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .map_err(|e| anyhow!("{file}: cannot read `{name}`: {e}"))
+        };
+        let weight = read(WEIGHT)?;
+        if weight.elem_count() != hidden_size || weight.dims().iter().filter(|&&d| d != 1).count() > 1 {
+            bail!("{file}: `{WEIGHT}` has shape {:?}, expected [1, {hidden_size}] for this backbone", weight.dims());
+        }
+        let bias = read(BIAS)?;
+        if bias.elem_count() != 1 {
+            bail!("{file}: `{BIAS}` has shape {:?}, expected [1]", bias.dims());
+        }
+        Ok(Self {
+            weight: weight.reshape((hidden_size, 1))?,
+            bias: bias.flatten_all()?.to_vec1::<f32>()?[0],
+            source: path.to_path_buf(),
+        })
+    }
+
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+}
+
+impl SegmentationHead for LinearHead {
+    fn capture(&self, _model: &Vit) -> Capture {
+        Capture::default()
+    }
+
+    fn predict(&self, _model: &Vit, out: &EncoderOutput) -> Result<HeadMap> {
+        let patches = out.tokens.get(0)?.narrow(0, out.num_prefix_tokens, out.grid.len())?;
+        let logits = (patches.matmul(&self.weight)?.squeeze(1)? + self.bias as f64)?;
+        Ok(HeadMap::logits(PatchMap::new(out.grid, logits.to_vec1()?)?))
+    }
+}
