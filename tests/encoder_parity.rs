@@ -189,8 +189,9 @@ fn capture_keeps_only_what_was_asked() {
     let tokens = out.num_prefix_tokens + out.grid.len();
     assert_eq!((qkv.layer, qkv.keys.dims()), (2, &[1, 4, tokens, 8][..]));
     assert_eq!((out.grid.rows, out.grid.cols, out.num_prefix_tokens), (3, 5, 5));
-    // The captured run and the plain one compute the same tokens.
-    assert_eq!(max_abs_diff(&plain.tokens, &out.tokens), 0.0);
+    // The captured run (full matrices) and the plain one (fused attention)
+    // compute the same tokens up to float rounding.
+    assert!(max_abs_diff(&plain.tokens, &out.tokens) < 1e-5);
     assert!(model.resolve_layer(3).is_err() && model.resolve_layer(-4).is_err());
 }
 

@@ -1,6 +1,7 @@
 //! The ViT encoder and how its weights are found and read.
 
 pub mod config;
+mod fused;
 pub mod interpolate;
 pub mod vit;
 pub mod weights;

@@ -11,6 +11,7 @@ use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
 
 use super::config::{Activation, HfConfig, VitConfig};
+use super::fused;
 use super::interpolate::resample_grid;
 use super::weights::{Layout, ModelFiles, QkvNames, TensorStore};
 
@@ -176,9 +177,6 @@ struct AttentionOutput {
     qkv: Option<(Tensor, Tensor, Tensor)>,
 }
 
-/// Queries per slice when the attention matrix is not kept.
-const QUERY_CHUNK: usize = 1024;
-
 struct Attention {
     qkv: Linear,
     out: Linear,
@@ -210,46 +208,32 @@ impl Attention {
     fn forward(&self, x: &Tensor, capture: BlockCapture) -> Result<AttentionOutput> {
         let (batch, tokens, d) = x.dims3()?;
         let head_dim = d / self.num_heads;
-        let qkv =
-            self.qkv.forward(x)?.reshape((batch, tokens, 3, self.num_heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
-        let queries = qkv.get(0)?.contiguous()?;
-        let keys = qkv.get(1)?.contiguous()?;
-        let values = qkv.get(2)?.contiguous()?;
-        let keys_t = keys.t()?;
-        let probabilities_of = |queries: &Tensor| -> Result<Tensor> {
-            Ok(candle_nn::ops::softmax_last_dim(&(queries * self.scale)?.matmul(&keys_t)?)?)
+        let qkv = self.qkv.forward(x)?;
+        let split = || -> Result<(Tensor, Tensor, Tensor)> {
+            let heads = qkv.reshape((batch, tokens, 3, self.num_heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
+            Ok((heads.get(0)?.contiguous()?, heads.get(1)?.contiguous()?, heads.get(2)?.contiguous()?))
         };
-        let whole_matrix = matches!(capture.probabilities, Keep::Full | Keep::HeadMean);
-        let (mixed, probabilities) = if whole_matrix || tokens <= QUERY_CHUNK {
-            let probabilities = probabilities_of(&queries)?;
-            let kept = match capture.probabilities {
-                Keep::Full => Some(probabilities.clone()),
-                Keep::HeadMean => Some(probabilities.mean_keepdim(1)?),
-                Keep::ClsRow => Some(probabilities.narrow(2, 0, 1)?),
-                Keep::Nothing => None,
-            };
-            (probabilities.matmul(&values)?, kept)
-        } else {
-            // Nobody needs the tokens x tokens matrix: build it a slice of
-            // queries at a time, so memory stays linear in the token count.
-            let chunks = (0..tokens)
-                .step_by(QUERY_CHUNK)
-                .map(|start| {
-                    let rows = queries.narrow(2, start, QUERY_CHUNK.min(tokens - start))?;
-                    Ok(probabilities_of(&rows)?.matmul(&values)?)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let kept = match capture.probabilities {
-                Keep::ClsRow => Some(probabilities_of(&queries.narrow(2, 0, 1)?)?),
-                _ => None,
-            };
-            (Tensor::cat(&chunks, 2)?, kept)
+        let (mixed, probabilities) = match capture.probabilities {
+            // The common case: no matrix kept, so never build one.
+            Keep::Nothing | Keep::ClsRow => {
+                fused::attention(&qkv, self.num_heads, self.scale as f32, capture.probabilities == Keep::ClsRow)?
+            }
+            Keep::HeadMean | Keep::Full => {
+                let (queries, keys, values) = split()?;
+                let scores = (queries * self.scale)?.matmul(&keys.t()?)?;
+                let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
+                let mixed = probabilities.matmul(&values)?.transpose(1, 2)?.reshape((batch, tokens, d))?;
+                let kept = match capture.probabilities {
+                    Keep::HeadMean => probabilities.mean_keepdim(1)?,
+                    _ => probabilities,
+                };
+                (mixed, Some(kept))
+            }
         };
-        let mixed = mixed.transpose(1, 2)?.reshape((batch, tokens, d))?;
         Ok(AttentionOutput {
             tokens: self.out.forward(&mixed)?,
             probabilities,
-            qkv: capture.qkv.then_some((queries, keys, values)),
+            qkv: if capture.qkv { Some(split()?) } else { None },
         })
     }
 }

@@ -1,0 +1,43 @@
+//! segattn's side of the encoder benchmark (driven by `bench/run`): loads a
+//! checkpoint, runs the encoder forward on random pixels, prints one JSON
+//! line with the load time and the median forward time.
+//!
+//! cargo bench --bench encoder -- WEIGHTS HEIGHT WIDTH RUNS [cls|none|all]
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use segattn::model::{Capture, Vit};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let [weights, height, width, runs, ..] = &args[..] else {
+        anyhow::bail!("usage: encoder WEIGHTS HEIGHT WIDTH RUNS [cls|none|all]");
+    };
+    let (height, width, runs): (usize, usize, usize) = (height.parse()?, width.parse()?, runs.parse()?);
+    let start = Instant::now();
+    let model = Vit::load(weights.as_ref(), &Device::Cpu)?;
+    let load_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let last = model.config().num_layers - 1;
+    // What the attention-mass head asks for, by default.
+    let capture = match args.get(4).map(String::as_str) {
+        Some("none") => Capture::default(),
+        Some("all") => Capture { attention_layers: (0..=last).collect(), ..Capture::default() },
+        _ => Capture { cls_attention_layers: vec![last], ..Capture::default() },
+    };
+    let pixels = Tensor::randn(0f32, 1.0, (1, 3, height, width), &Device::Cpu)?;
+    model.forward(&pixels, &capture)?;
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            model.forward(&pixels, &capture).map(|_| start.elapsed().as_secs_f64() * 1000.0)
+        })
+        .collect::<Result<_, _>>()?;
+    times.sort_by(f64::total_cmp);
+    println!(
+        "{{\"load_ms\": {load_ms:.2}, \"median_ms\": {:.2}, \"runs\": {runs}, \"tokens\": {}}}",
+        times[runs / 2],
+        (height / model.config().patch_size) * (width / model.config().patch_size) + model.config().num_prefix_tokens()
+    );
+    Ok(())
+}

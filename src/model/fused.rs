@@ -1,0 +1,204 @@
+//! softmax(Q Kᵀ · scale) V on the CPU without materializing the attention
+//! matrix: a block of query rows at a time, per head, straight out of the
+//! fused qkv projection and straight into the (tokens, hidden) layout the
+//! output projection reads. Blocks run in parallel; each block's scores stay
+//! in cache.
+
+use anyhow::{Context, Result, bail};
+use candle_core::{Storage, Tensor};
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+/// Query rows per block: 64 rows x 4800 keys of scores is ~1.2 MB.
+const BLOCK: usize = 64;
+
+/// `e^x` for x <= 0 (to 5e-6 relative error down to x = -87), in plain
+/// arithmetic that the compiler vectorizes: libm's `expf` is a call per
+/// element, and so is `round`, hence the 1.5·2²³ rounding trick.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    const ROUNDER: f32 = 12_582_912.0;
+    let y = x.max(-87.0) * std::f32::consts::LOG2_E;
+    let n = (y + ROUNDER) - ROUNDER;
+    let f = y - n;
+    // 2^f on [-0.5, 0.5]: Taylor series of e^(f·ln 2) to degree 6.
+    let p = 1.0
+        + f * (0.693_147_2
+            + f * (0.240_226_5 + f * (0.055_504_11 + f * (0.009_618_129 + f * (0.001_333_355 + f * 0.000_154_035_3)))));
+    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+}
+
+/// Lanes of independent partial results, so reductions vectorize.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn softmax_rows_portable(scores: &mut [f32], tokens: usize) {
+    for row in scores.chunks_mut(tokens) {
+        let mut max = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (m, &v) in max.iter_mut().zip(chunk) {
+                *m = if v > *m { v } else { *m };
+            }
+        }
+        let max = chunks.remainder().iter().chain(&max).copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = [0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            for (s, v) in sum.iter_mut().zip(chunk.iter_mut()) {
+                *v = fast_exp(*v - max);
+                *s += *v;
+            }
+        }
+        let mut total: f32 = sum.iter().sum();
+        for v in chunks.into_remainder() {
+            *v = fast_exp(*v - max);
+            total += *v;
+        }
+        let inv = 1.0 / total;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn softmax_rows_avx512(scores: &mut [f32], tokens: usize) {
+    softmax_rows_portable(scores, tokens)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn softmax_rows_avx2(scores: &mut [f32], tokens: usize) {
+    softmax_rows_portable(scores, tokens)
+}
+
+/// Softmax of each `tokens`-long row, compiled for the widest vectors the CPU has.
+fn softmax_rows(scores: &mut [f32], tokens: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has just been checked for the feature.
+            return unsafe { softmax_rows_avx512(scores, tokens) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { softmax_rows_avx2(scores, tokens) };
+        }
+    }
+    softmax_rows_portable(scores, tokens)
+}
+
+fn cpu_slice(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<Tensor>) -> Result<Tensor> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else { bail!("fused attention runs on the CPU only") };
+    let (start, end) = layout.contiguous_offsets().context("qkv must be contiguous")?;
+    f(&cpu.as_slice::<f32>()?[start..end])
+}
+
+/// Attention over `qkv` of shape (B, tokens, 3·hidden) laid out as
+/// (token, [q|k|v], head, head_dim). Returns the mixed values (B, tokens,
+/// hidden) and, when `keep_cls_row`, the class token's attention (B, heads, 1, tokens).
+pub fn attention(qkv: &Tensor, num_heads: usize, scale: f32, keep_cls_row: bool) -> Result<(Tensor, Option<Tensor>)> {
+    let (batch, tokens, three_d) = qkv.dims3()?;
+    let d = three_d / 3;
+    let head_dim = d / num_heads;
+    let mut cls_rows = vec![0f32; if keep_cls_row { batch * num_heads * tokens } else { 0 }];
+    let mixed = cpu_slice(qkv, |data| {
+        let mut out = vec![0f32; batch * tokens * d];
+        for (b, out) in out.chunks_mut(tokens * d).enumerate() {
+            let data = &data[b * tokens * three_d..(b + 1) * tokens * three_d];
+            let first_rows: Vec<Vec<f32>> = out
+                .par_chunks_mut(BLOCK * d)
+                .enumerate()
+                .map(|(block, out)| {
+                    let keep = block == 0 && keep_cls_row;
+                    attend_block(data, out, block * BLOCK, tokens, d, num_heads, head_dim, scale, keep)
+                })
+                .collect();
+            if keep_cls_row {
+                let per_batch = num_heads * tokens;
+                cls_rows[b * per_batch..(b + 1) * per_batch].copy_from_slice(&first_rows[0]);
+            }
+        }
+        Ok(Tensor::from_vec(out, (batch, tokens, d), qkv.device())?)
+    })?;
+    let cls = keep_cls_row.then(|| Tensor::from_vec(cls_rows, (batch, num_heads, 1, tokens), qkv.device())).transpose()?;
+    Ok((mixed, cls))
+}
+
+/// One block of query rows starting at `first`, all heads. Returns row 0's
+/// probabilities for every head when `keep_first_row`.
+#[allow(clippy::too_many_arguments)]
+fn attend_block(
+    qkv: &[f32],
+    out: &mut [f32],
+    first: usize,
+    tokens: usize,
+    d: usize,
+    num_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    keep_first_row: bool,
+) -> Vec<f32> {
+    let rows = out.len() / d;
+    let row_stride = (3 * d) as isize;
+    let mut scores = vec![0f32; rows * tokens];
+    let mut first_row = Vec::with_capacity(if keep_first_row { num_heads * tokens } else { 0 });
+    for head in 0..num_heads {
+        let q = qkv[first * 3 * d + head * head_dim..].as_ptr();
+        let k = qkv[d + head * head_dim..].as_ptr();
+        let v = qkv[2 * d + head * head_dim..].as_ptr();
+        // SAFETY: every index touched is inside `qkv`, `scores` or `out`:
+        // rows < tokens - first, columns < head_dim, keys < tokens, with the
+        // strides of the (token, 3, heads, head_dim) and (rows, d) layouts.
+        unsafe {
+            // scores (rows x tokens) = scale · Q_block (rows x hd) · Kᵀ (hd x tokens)
+            gemm(rows, tokens, head_dim, scores.as_mut_ptr(), 1, tokens as isize, false, q, 1, row_stride, k, row_stride, 1, 0.0, scale, false, false, false, Parallelism::None);
+        }
+        softmax_rows(&mut scores, tokens);
+        if keep_first_row {
+            first_row.extend_from_slice(&scores[..tokens]);
+        }
+        let o = out[head * head_dim..].as_mut_ptr();
+        // SAFETY: as above; the output block is (rows x d), this head's columns.
+        unsafe {
+            // out (rows x hd) = P (rows x tokens) · V (tokens x hd)
+            gemm(rows, head_dim, tokens, o, 1, d as isize, false, scores.as_ptr(), 1, tokens as isize, v, 1, row_stride, 0.0, 1.0, false, false, false, Parallelism::None);
+        }
+    }
+    first_row
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_rows_match_the_exact_formula() {
+        let tokens = 37;
+        let mut scores: Vec<f32> = (0..3 * tokens).map(|i| ((i * 7919) % 97) as f32 * 0.3 - 10.0).collect();
+        let expected: Vec<f32> = scores
+            .chunks(tokens)
+            .flat_map(|row| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+                row.iter().map(move |v| (v - max).exp() / sum).collect::<Vec<_>>()
+            })
+            .collect();
+        softmax_rows(&mut scores, tokens);
+        for (a, b) in scores.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn fast_exp_is_close_to_exp() {
+        for i in 0..1740 {
+            let x = -(i as f32) * 0.05;
+            let (fast, exact) = (fast_exp(x), x.exp());
+            // Relative error grows with |x| from rounding x·log2(e) in f32.
+            assert!((fast - exact).abs() <= 5e-6 * exact, "{x}: {fast} vs {exact}");
+        }
+        assert_eq!(fast_exp(-1000.0), fast_exp(-87.0));
+    }
+}
