@@ -1,0 +1,209 @@
+"""segattn vs the same models in PyTorch, side by side (see bench/run).
+
+Prints, as ratios segattn / torch (below 1 means segattn is faster or smaller):
+  - encoder forward, median of RUNS after a warm-up, both limited to the same
+    number of threads: ViT-S/16 and ViT-S/8 (DINO v1 layout), DINOv2-S/14;
+  - how time grows with the token count (ViT-S/16, 256 -> 4096 tokens);
+  - a folder of 16 photos end to end (decode, resize, encode, attention-mass
+    mask, PNG): the segattn CLI against an equivalent torch + Pillow script;
+  - peak memory (max RSS) of every process, and segattn's model load time.
+Models are random-weight, real-size, saved once by transformers as
+safetensors so that both sides load the same file.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WORK = os.path.join(HERE, ".work")
+THREADS = os.cpu_count()
+
+MODELS = {
+    "ViT-S/16": ("vits16", "vit", 16),
+    "ViT-S/8": ("vits8", "vit", 8),
+    "DINOv2-S/14": ("dinov2s14", "dinov2", 14),
+}
+
+
+def make_models():
+    import torch
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    for _, (name, kind, patch) in MODELS.items():
+        path = os.path.join(WORK, name)
+        if os.path.exists(os.path.join(path, "model.safetensors")):
+            continue
+        if kind == "vit":
+            config = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                               intermediate_size=1536, patch_size=patch, image_size=224)
+            model = ViTModel(config, add_pooling_layer=False)
+        else:
+            config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                  mlp_ratio=4, patch_size=patch, image_size=518)
+            model = Dinov2Model(config)
+        model.save_pretrained(path, safe_serialization=True)
+
+
+def make_photos():
+    from PIL import Image, ImageOps
+
+    folder = os.path.join(WORK, "photos")
+    os.makedirs(folder, exist_ok=True)
+    samples = sorted(f for f in os.listdir(os.path.join(ROOT, "samples")) if f.endswith(".jpg"))
+    variants = [lambda im: im, ImageOps.mirror, lambda im: im.rotate(90, expand=True),
+                lambda im: im.resize((im.width * 3 // 2, im.height * 3 // 2), Image.BICUBIC)]
+    for s in samples:
+        image = Image.open(os.path.join(ROOT, "samples", s)).convert("RGB")
+        for i, variant in enumerate(variants):
+            variant(image).save(os.path.join(folder, f"{s[:-4]}_{i}.jpg"), quality=90)
+    return folder
+
+
+def timed(cmd, env=None):
+    """Runs cmd under GNU time; returns (stdout, wall seconds, max RSS in MB)."""
+    start = time.perf_counter()
+    out = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr}")
+    rss_kb = int(out.stderr.strip().splitlines()[-1])
+    return out.stdout, wall, rss_kb / 1024
+
+
+def torch_encoder(args):
+    import torch
+    from transformers import AutoModel
+
+    torch.set_num_threads(args.threads)
+    model = AutoModel.from_pretrained(args.weights).eval()
+    kwargs = {"interpolate_pos_encoding": True} if model.config.model_type == "vit" else {}
+    x = torch.randn(1, 3, args.height, args.width)
+    with torch.no_grad():
+        model(pixel_values=x, **kwargs)
+        times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            model(pixel_values=x, **kwargs)
+            times.append((time.perf_counter() - start) * 1000)
+    print(json.dumps({"median_ms": statistics.median(times)}))
+
+
+def torch_folder(args):
+    """What a user would write: transformers + Pillow, DINO's attention mass."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+    from transformers import AutoModel
+
+    torch.set_num_threads(args.threads)
+    model = AutoModel.from_pretrained(args.weights, attn_implementation="eager").eval()
+    patch = model.config.patch_size
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    os.makedirs(args.output, exist_ok=True)
+    for name in sorted(os.listdir(args.input)):
+        image = ImageOps.exif_transpose(Image.open(os.path.join(args.input, name))).convert("RGB")
+        w, h = image.size
+        scale = args.size / min(w, h)
+        rw, rh = (max(1, round(v * scale / patch)) * patch for v in (w, h))
+        x = torch.from_numpy(np.asarray(image.resize((rw, rh), Image.BICUBIC), dtype=np.float32) / 255.0)
+        x = ((x.permute(2, 0, 1) - mean) / std).unsqueeze(0)
+        with torch.no_grad():
+            out = model(pixel_values=x, output_attentions=True, interpolate_pos_encoding=True)
+        attention = out.attentions[-1][0, :, 0, 1:]
+        heads = attention.shape[0]
+        values, order = torch.sort(attention / attention.sum(dim=1, keepdim=True), dim=1)
+        kept = torch.zeros_like(attention)
+        kept.scatter_(1, order, (torch.cumsum(values, dim=1) > 1 - 0.6).float())
+        votes = kept.sum(0).reshape(1, 1, rh // patch, rw // patch) / heads
+        soft = torch.nn.functional.interpolate(votes, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        mask = ((soft >= 0.5).numpy() * 255).astype(np.uint8)
+        Image.fromarray(mask).save(os.path.join(args.output, os.path.splitext(name)[0] + ".png"))
+
+
+def cargo_encoder_binary():
+    out = subprocess.run(["cargo", "bench", "--bench", "encoder", "--no-run", "--message-format=json"],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    for line in out.stdout.splitlines():
+        message = json.loads(line)
+        if message.get("reason") == "compiler-artifact" and message.get("executable") and message["target"]["name"] == "encoder":
+            return message["executable"]
+    sys.exit("could not build the encoder benchmark")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    sub = parser.add_subparsers(dest="command")
+    enc = sub.add_parser("torch-encoder")
+    fol = sub.add_parser("torch-folder")
+    for p in (enc, fol):
+        p.add_argument("--weights", required=True)
+        p.add_argument("--threads", type=int, default=THREADS)
+    enc.add_argument("--height", type=int, required=True)
+    enc.add_argument("--width", type=int, required=True)
+    enc.add_argument("--runs", type=int, default=5)
+    fol.add_argument("--input", required=True)
+    fol.add_argument("--output", required=True)
+    fol.add_argument("--size", type=int, default=480)
+    args = parser.parse_args()
+    if args.command == "torch-encoder":
+        return torch_encoder(args)
+    if args.command == "torch-folder":
+        return torch_folder(args)
+
+    os.makedirs(WORK, exist_ok=True)
+    make_models()
+    photos = make_photos()
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    segattn = os.path.join(ROOT, "target", "release", "segattn")
+    encoder = cargo_encoder_binary()
+    me = [sys.executable, os.path.abspath(__file__)]
+    print(f"{THREADS} threads on each side; medians of {args.runs} runs after a warm-up\n")
+
+    def compare(model, height, width):
+        weights = os.path.join(WORK, MODELS[model][0])
+        ours, _, our_rss = timed([encoder, weights, str(height), str(width), str(args.runs), "none"])
+        ours = json.loads(ours)
+        theirs, _, their_rss = timed(me + ["torch-encoder", "--weights", weights, "--height", str(height),
+                                           "--width", str(width), "--runs", str(args.runs), "--threads", str(THREADS)])
+        theirs = json.loads(theirs)
+        return ours, our_rss, theirs["median_ms"], their_rss
+
+    print(f"{'encoder forward':<28}{'tokens':>7}{'segattn ms':>12}{'torch ms':>10}{'ratio':>7}"
+          f"{'segattn MB':>12}{'torch MB':>10}{'ratio':>7}{'load ms':>9}")
+    for model, (height, width) in [("ViT-S/16", (224, 224)), ("ViT-S/16", (480, 640)), ("ViT-S/8", (224, 224)),
+                                   ("ViT-S/8", (480, 640)), ("DINOv2-S/14", (224, 224)), ("DINOv2-S/14", (476, 644))]:
+        ours, our_rss, theirs, their_rss = compare(model, height, width)
+        label = f"{model} {height}x{width}"
+        print(f"{label:<28}{ours['tokens']:>7}{ours['median_ms']:>12.1f}{theirs:>10.1f}{ours['median_ms'] / theirs:>7.2f}"
+              f"{our_rss:>12.0f}{their_rss:>10.0f}{our_rss / their_rss:>7.2f}{ours['load_ms']:>9.1f}")
+
+    print(f"\n{'scaling (ViT-S/16)':<28}{'tokens':>7}{'segattn ms':>12}{'torch ms':>10}{'ratio':>7}{'ms/token':>10}")
+    for side in (256, 512, 1024):
+        ours, _, theirs, _ = compare("ViT-S/16", side, side)
+        print(f"{f'{side}x{side}':<28}{ours['tokens']:>7}{ours['median_ms']:>12.1f}{theirs:>10.1f}"
+              f"{ours['median_ms'] / theirs:>7.2f}{ours['median_ms'] / ours['tokens']:>10.3f}")
+
+    weights = os.path.join(WORK, "vits16")
+    count = len(os.listdir(photos))
+    _, our_wall, our_rss = timed([segattn, "run", photos, "--out-dir", os.path.join(WORK, "masks_segattn"),
+                                  "--weights", weights, "--size", "480"])
+    _, their_wall, their_rss = timed(me + ["torch-folder", "--weights", weights, "--input", photos,
+                                           "--output", os.path.join(WORK, "masks_torch"), "--threads", str(THREADS)])
+    print(f"\n{'folder, ViT-S/16 at 480':<28}{'photos':>7}{'segattn s':>12}{'torch s':>10}{'ratio':>7}"
+          f"{'segattn MB':>12}{'torch MB':>10}{'ratio':>7}")
+    print(f"{'decode..mask..PNG':<28}{count:>7}{our_wall:>12.2f}{their_wall:>10.2f}{our_wall / their_wall:>7.2f}"
+          f"{our_rss:>12.0f}{their_rss:>10.0f}{our_rss / their_rss:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
