@@ -10,6 +10,8 @@ use candle_core::{Device, Tensor};
 use segattn::model::{Capture, Vit};
 
 fn main() -> anyhow::Result<()> {
+    // SAFETY: first statement of main; no other thread exists yet.
+    unsafe { segattn::configure_runtime() };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let [weights, height, width, runs, ..] = &args[..] else {
         anyhow::bail!("usage: encoder WEIGHTS HEIGHT WIDTH RUNS [cls|none|all]");

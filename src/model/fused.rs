@@ -23,7 +23,7 @@ fn fast_exp(x: f32) -> f32 {
     let f = y - n;
     // 2^f on [-0.5, 0.5]: Taylor series of e^(f·ln 2) to degree 6.
     let p = 1.0
-        + f * (0.693_147_2
+        + f * (std::f32::consts::LN_2
             + f * (0.240_226_5 + f * (0.055_504_11 + f * (0.009_618_129 + f * (0.001_333_355 + f * 0.000_154_035_3)))));
     f32::from_bits(((n as i32 + 127) << 23) as u32) * p
 }
@@ -122,7 +122,8 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f32, keep_cls_row: bool)
         }
         Ok(Tensor::from_vec(out, (batch, tokens, d), qkv.device())?)
     })?;
-    let cls = keep_cls_row.then(|| Tensor::from_vec(cls_rows, (batch, num_heads, 1, tokens), qkv.device())).transpose()?;
+    let cls =
+        keep_cls_row.then(|| Tensor::from_vec(cls_rows, (batch, num_heads, 1, tokens), qkv.device())).transpose()?;
     Ok((mixed, cls))
 }
 
@@ -153,7 +154,27 @@ fn attend_block(
         // strides of the (token, 3, heads, head_dim) and (rows, d) layouts.
         unsafe {
             // scores (rows x tokens) = scale · Q_block (rows x hd) · Kᵀ (hd x tokens)
-            gemm(rows, tokens, head_dim, scores.as_mut_ptr(), 1, tokens as isize, false, q, 1, row_stride, k, row_stride, 1, 0.0, scale, false, false, false, Parallelism::None);
+            gemm(
+                rows,
+                tokens,
+                head_dim,
+                scores.as_mut_ptr(),
+                1,
+                tokens as isize,
+                false,
+                q,
+                1,
+                row_stride,
+                k,
+                row_stride,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
         }
         softmax_rows(&mut scores, tokens);
         if keep_first_row {
@@ -163,7 +184,27 @@ fn attend_block(
         // SAFETY: as above; the output block is (rows x d), this head's columns.
         unsafe {
             // out (rows x hd) = P (rows x tokens) · V (tokens x hd)
-            gemm(rows, head_dim, tokens, o, 1, d as isize, false, scores.as_ptr(), 1, tokens as isize, v, 1, row_stride, 0.0, 1.0, false, false, false, Parallelism::None);
+            gemm(
+                rows,
+                head_dim,
+                tokens,
+                o,
+                1,
+                d as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                tokens as isize,
+                v,
+                1,
+                row_stride,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
         }
     }
     first_row
