@@ -1,6 +1,6 @@
 //! A learned per-patch classifier on the final tokens: what trained models ship.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Result, anyhow, bail};
 use candle_core::safetensors::{Load, MmapedSafetensors};
@@ -18,7 +18,6 @@ pub struct LinearHead {
     /// (hidden, 1)
     weight: Tensor,
     bias: f32,
-    source: PathBuf,
 }
 
 impl LinearHead {
@@ -45,15 +44,7 @@ impl LinearHead {
         if bias.elem_count() != 1 {
             bail!("{file}: `{BIAS}` has shape {:?}, expected [1]", bias.dims());
         }
-        Ok(Self {
-            weight: weight.reshape((hidden_size, 1))?,
-            bias: bias.flatten_all()?.to_vec1::<f32>()?[0],
-            source: path.to_path_buf(),
-        })
-    }
-
-    pub fn source(&self) -> &Path {
-        &self.source
+        Ok(Self { weight: weight.reshape((hidden_size, 1))?, bias: bias.flatten_all()?.to_vec1::<f32>()?[0] })
     }
 }
 
