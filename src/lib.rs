@@ -3,7 +3,7 @@
 //!
 //! The data path reads top to bottom, each module using only those above it:
 //! [`image_io`] -> [`preprocess`] -> [`model`] -> [`attention`] -> [`head`]
-//! -> [`render`] / [`metrics`] -> [`cli`].
+//! -> [`metrics`] -> [`train`] / [`render`] -> [`cli`].
 
 pub mod attention;
 pub mod cli;
@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod model;
 pub mod preprocess;
 pub mod render;
+pub mod train;
 
 /// Process-wide runtime settings; call first thing in `main`.
 ///

@@ -1,14 +1,13 @@
 //! `segattn eval`: score a head against ground-truth masks.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 
-use super::jobs::list_dir;
+use super::jobs::{self, Pair};
 use super::{EXIT_OK, EXIT_SOME_FAILED, HeadArgs, ModelArgs, batch};
 use crate::head::SegmentationHead;
 use crate::image_io::{self, Source};
@@ -38,43 +37,11 @@ pub struct EvalArgs {
     max_pixels: u64,
 }
 
-struct Pair {
-    stem: String,
-    image: PathBuf,
-    mask: PathBuf,
-}
-
-/// Image files of `dir` by stem.
-fn by_stem(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
-    let mut found = Vec::new();
-    list_dir(dir, false, &mut found, dir).with_context(|| format!("{}: cannot list directory", dir.display()))?;
-    Ok(found
-        .into_iter()
-        .filter_map(|(path, _)| Some((path.file_stem()?.to_string_lossy().into_owned(), path)))
-        .collect())
-}
-
 pub fn run(args: EvalArgs) -> Result<u8> {
-    let images = by_stem(&args.images)?;
-    let mut masks = by_stem(&args.masks)?;
-    let mut pairs = Vec::new();
-    let mut missing = Vec::new();
-    for (stem, image) in images {
-        match masks.remove(&stem) {
-            Some(mask) => pairs.push(Pair { stem, image, mask }),
-            None => missing.push(format!("{}: no mask named {stem}.* in {}", image.display(), args.masks.display())),
-        }
-    }
-    missing.extend(
-        masks.values().map(|m| format!("{}: no photo with this stem in {}", m.display(), args.images.display())),
-    );
+    let (pairs, missing) = jobs::pair_by_stem(&args.images, &args.masks)?;
     for line in &missing {
         eprintln!("segattn: {line}");
     }
-    if pairs.is_empty() {
-        bail!("no photo/mask pairs: {} and {} share no file stems", args.images.display(), args.masks.display());
-    }
-
     let model = args.model.load()?;
     let head = args.head.build(&model)?;
     let scored: Mutex<Vec<(String, ImageScores)>> = Mutex::new(Vec::new());

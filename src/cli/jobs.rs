@@ -1,10 +1,10 @@
 //! From the command line's inputs to work items: expanding directories,
 //! naming outputs, and refusing outputs that would overwrite an input.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use super::BatchArgs;
 use crate::image_io::{Sink, Source};
@@ -42,12 +42,7 @@ fn is_image_file(path: &Path) -> bool {
 
 /// Image files in `dir` (and below, with `recursive`), sorted, each with its
 /// path relative to `dir`.
-pub(super) fn list_dir(
-    dir: &Path,
-    recursive: bool,
-    found: &mut Vec<(PathBuf, PathBuf)>,
-    root: &Path,
-) -> std::io::Result<()> {
+fn list_dir(dir: &Path, recursive: bool, found: &mut Vec<(PathBuf, PathBuf)>, root: &Path) -> std::io::Result<()> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
     entries.sort();
     for path in entries {
@@ -190,4 +185,42 @@ fn check_outputs(jobs: Vec<Job>, rejected: &mut Vec<Rejected>) -> Result<Vec<Job
         kept.push(job);
     }
     Ok(kept)
+}
+
+/// A photo and its ground-truth mask, matched by file stem.
+pub struct Pair {
+    pub stem: String,
+    pub image: PathBuf,
+    pub mask: PathBuf,
+}
+
+/// Image files of `dir` by stem.
+fn by_stem(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
+    let mut found = Vec::new();
+    list_dir(dir, false, &mut found, dir).with_context(|| format!("{}: cannot list directory", dir.display()))?;
+    Ok(found
+        .into_iter()
+        .filter_map(|(path, _)| Some((path.file_stem()?.to_string_lossy().into_owned(), path)))
+        .collect())
+}
+
+/// Photos in `images` matched to masks in `masks` by stem, sorted, and a
+/// line for each file left without a partner. No pair at all is an error.
+pub fn pair_by_stem(images: &Path, masks: &Path) -> Result<(Vec<Pair>, Vec<String>)> {
+    let photos = by_stem(images)?;
+    let mut truths = by_stem(masks)?;
+    let mut pairs = Vec::new();
+    let mut missing = Vec::new();
+    for (stem, image) in photos {
+        match truths.remove(&stem) {
+            Some(mask) => pairs.push(Pair { stem, image, mask }),
+            None => missing.push(format!("{}: no mask named {stem}.* in {}", image.display(), masks.display())),
+        }
+    }
+    missing
+        .extend(truths.values().map(|m| format!("{}: no photo with this stem in {}", m.display(), images.display())));
+    if pairs.is_empty() {
+        bail!("no photo/mask pairs: {} and {} share no file stems", images.display(), masks.display());
+    }
+    Ok((pairs, missing))
 }

@@ -7,6 +7,7 @@ mod eval;
 mod info;
 mod jobs;
 mod run;
+mod train_head;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +47,8 @@ enum Command {
     AttnMap(attn_map::AttnMapArgs),
     /// Score a head against ground-truth masks: mean IoU, max F-measure, MAE.
     Eval(eval::EvalArgs),
+    /// Train the linear head on your photos and masks.
+    TrainHead(train_head::TrainHeadArgs),
     /// Show the model's inferred configuration.
     Info(info::InfoArgs),
 }
@@ -145,7 +148,7 @@ impl HeadArgs {
             HeadName::Ncut => Box::new(NormalizedCut { tau: self.tau }),
             HeadName::Linear => {
                 let path = self.head_weights.as_deref().unwrap_or(&model.files().weights);
-                Box::new(LinearHead::load(path, model.config().hidden_size)?)
+                Box::new(LinearHead::load(path, model)?)
             }
         })
     }
@@ -177,6 +180,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::AttnMap(args) => attn_map::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::TrainHead(args) => train_head::run(args),
         Command::Info(args) => info::run(args),
     };
     ExitCode::from(code.unwrap_or_else(|err| {

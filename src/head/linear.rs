@@ -1,5 +1,7 @@
 //! A learned per-patch classifier on the final tokens: what trained models ship.
 
+use std::collections::HashMap;
+use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Result, anyhow, bail};
@@ -12,6 +14,8 @@ use crate::model::{Capture, EncoderOutput, Vit};
 
 pub const WEIGHT: &str = "head.weight";
 pub const BIAS: &str = "head.bias";
+/// Safetensors metadata key holding [`Vit::fingerprint`] of the training backbone.
+pub const FINGERPRINT_KEY: &str = "segattn_backbone_fingerprint";
 
 #[derive(Debug, Clone)]
 pub struct LinearHead {
@@ -22,9 +26,20 @@ pub struct LinearHead {
 
 impl LinearHead {
     /// Reads `head.weight` ([1, hidden] or [hidden]) and `head.bias` ([1] or
-    /// []) from `path`: a side file, or the backbone's own checkpoint.
-    pub fn load(path: &Path, hidden_size: usize) -> Result<Self> {
+    /// []) from `path`: a side file, or the backbone's own checkpoint. A head
+    /// that records the backbone it was trained on must be used with that one.
+    pub fn load(path: &Path, model: &Vit) -> Result<Self> {
         let file = path.display();
+        let hidden_size = model.config().hidden_size;
+        if let Some(trained_on) = metadata(path)?.remove(FINGERPRINT_KEY)
+            && trained_on != model.fingerprint()
+        {
+            bail!(
+                "{file}: this head was trained on another backbone (fingerprint {trained_on}), not {} (fingerprint {})",
+                model.files().weights.display(),
+                model.fingerprint()
+            );
+        }
         // SAFETY: read-only mapping of a file nobody should truncate while we run.
         let tensors = unsafe { MmapedSafetensors::new(path) }
             .map_err(|e| anyhow!("{file}: not a readable safetensors file: {e}"))?;
@@ -46,6 +61,29 @@ impl LinearHead {
         }
         Ok(Self { weight: weight.reshape((hidden_size, 1))?, bias: bias.flatten_all()?.to_vec1::<f32>()?[0] })
     }
+}
+
+/// The `__metadata__` of a safetensors file, read from its header only.
+fn metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let file = path.display();
+    let mut reader = std::fs::File::open(path).map_err(|e| anyhow!("{file}: cannot open: {e}"))?;
+    let mut length = [0u8; 8];
+    reader.read_exact(&mut length).map_err(|_| anyhow!("{file}: not a readable safetensors file"))?;
+    let length = u64::from_le_bytes(length);
+    if length > 100_000_000 {
+        bail!("{file}: not a readable safetensors file (header of {length} bytes)");
+    }
+    let mut header = vec![0u8; length as usize];
+    reader
+        .read_exact(&mut header)
+        .map_err(|_| anyhow!("{file}: not a readable safetensors file (truncated header)"))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| anyhow!("{file}: not a readable safetensors file: {e}"))?;
+    Ok(header
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default())
 }
 
 impl SegmentationHead for LinearHead {

@@ -5,7 +5,7 @@
 //! - [`NormalizedCut`] (`ncut`): TokenCut's graph cut of last-layer keys.
 //! - [`LinearHead`] (`linear`): a trained per-patch classifier.
 
-mod linear;
+pub mod linear;
 mod mass;
 mod ncut;
 mod refine;

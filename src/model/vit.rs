@@ -341,6 +341,7 @@ pub struct Vit {
     blocks: Vec<Block>,
     norm: LayerNorm,
     num_parameters: usize,
+    fingerprint: String,
 }
 
 impl Vit {
@@ -362,10 +363,14 @@ impl Vit {
         let blocks = (0..config.num_layers)
             .map(|layer| Block::new(&store, &layout, layer, &config))
             .collect::<Result<Vec<_>>>()?;
+        let cls_token = store.tensor(layout.cls_token, &[1, 1, d])?;
+        let patch_embed = PatchEmbed::new(&store, &layout, &config)?;
+        let fingerprint = fingerprint(&[&cls_token, &patch_embed.projection.bias])?;
         let num_parameters = store.names().filter_map(|n| store.shape(n)).map(|s| s.iter().product::<usize>()).sum();
         Ok(Self {
-            patch_embed: PatchEmbed::new(&store, &layout, &config)?,
-            cls_token: store.tensor(layout.cls_token, &[1, 1, d])?,
+            patch_embed,
+            cls_token,
+            fingerprint,
             register_tokens,
             position: PositionEmbedding::new(&store, &layout, &config)?,
             blocks,
@@ -387,6 +392,12 @@ impl Vit {
     /// Parameters stored in the checkpoint (all of its tensors).
     pub fn num_parameters(&self) -> usize {
         self.num_parameters
+    }
+
+    /// A short hash of some of the weights: what a trained head records to
+    /// recognize the backbone it was trained on, wherever its file lives.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// A layer index that may count from the end (-1 is the last layer).
@@ -446,6 +457,19 @@ impl Vit {
         let tokens = self.norm.forward(&x)?;
         Ok(EncoderOutput { tokens, attentions, qkv, grid, num_prefix_tokens: self.config.num_prefix_tokens() })
     }
+}
+
+/// FNV-1a over the tensors' f32 values.
+fn fingerprint(tensors: &[&Tensor]) -> Result<String> {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for t in tensors {
+        for v in t.flatten_all()?.to_vec1::<f32>()? {
+            for byte in v.to_le_bytes() {
+                hash = (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
+    Ok(format!("{hash:016x}"))
 }
 
 impl std::fmt::Debug for Vit {

@@ -1,0 +1,106 @@
+//! `segattn train-head`: fit the `linear` head to your own photos and masks.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use image::DynamicImage;
+
+use super::jobs::{self, Pair};
+use super::{EXIT_OK, EXIT_SOME_FAILED, ModelArgs, batch};
+use crate::image_io::{self, Source};
+use crate::model::Vit;
+use crate::train::{self, Example, TrainConfig};
+
+#[derive(Debug, Args)]
+pub struct TrainHeadArgs {
+    /// Directory of photos.
+    #[arg(long, value_name = "DIR")]
+    images: PathBuf,
+    /// Directory of masks (white = object), matched to photos by file stem.
+    #[arg(long, value_name = "DIR")]
+    masks: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Where to write the head (safetensors: head.weight, head.bias).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 5e-3)]
+    lr: f64,
+    /// Share of the images held out to pick the best epoch.
+    #[arg(long, default_value_t = 0.1)]
+    val_split: f64,
+    /// Seed of the train/validation split and the shuffling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Images processed in parallel while extracting tokens (default: all cores).
+    #[arg(long, short = 'j', value_name = "N")]
+    jobs: Option<usize>,
+}
+
+/// The original and its mirror image.
+fn examples_of(model: &Vit, pair: &Pair, size: usize) -> Result<[Example; 2]> {
+    let photo = image_io::read_image(&Source::File(pair.image.clone()), image_io::DEFAULT_MAX_PIXELS)?;
+    let mask = image_io::read_image(&Source::File(pair.mask.clone()), image_io::DEFAULT_MAX_PIXELS)
+        .with_context(|| format!("mask {}", pair.mask.display()))?
+        .to_luma8();
+    let photo = DynamicImage::ImageRgb8(photo.to_rgb8());
+    Ok([train::extract(model, &photo, &mask, size, false)?, train::extract(model, &photo, &mask, size, true)?])
+}
+
+pub fn run(args: TrainHeadArgs) -> Result<u8> {
+    if !(0.0..1.0).contains(&args.val_split) {
+        bail!("--val-split must be in [0, 1), got {}", args.val_split);
+    }
+    let (pairs, missing) = jobs::pair_by_stem(&args.images, &args.masks)?;
+    for line in &missing {
+        eprintln!("segattn: {line}");
+    }
+    let model = args.model.load()?;
+    let (train_ids, val_ids) = train::split(pairs.len(), args.val_split, args.seed);
+    if val_ids.is_empty() {
+        bail!("need at least two photo/mask pairs to train and validate");
+    }
+
+    eprintln!("extracting patch tokens of {} photos", pairs.len());
+    let extracted: Mutex<Vec<Option<[Example; 2]>>> = Mutex::new((0..pairs.len()).map(|_| None).collect());
+    let indexed: Vec<(usize, &Pair)> = pairs.iter().enumerate().collect();
+    let failed = batch::for_each(
+        &indexed,
+        |(_, pair)| pair.image.display().to_string(),
+        args.jobs,
+        |&(i, pair)| {
+            let examples = examples_of(&model, pair, args.model.size)?;
+            extracted.lock().expect("no panics while held")[i] = Some(examples);
+            Ok(serde_json::Value::Null)
+        },
+        |_| {},
+    )?;
+    let extracted = extracted.into_inner().expect("workers finished");
+    // Flips augment training only; validation sees the photos as they are.
+    let train_set: Vec<&Example> = train_ids.iter().filter_map(|&i| extracted[i].as_ref()).flatten().collect();
+    let val_set: Vec<&Example> = val_ids.iter().filter_map(|&i| extracted[i].as_ref().map(|e| &e[0])).collect();
+
+    let config = TrainConfig { epochs: args.epochs, learning_rate: args.lr, batch_images: 8, seed: args.seed };
+    let width = args.epochs.to_string().len();
+    let head = train::train(&train_set, &val_set, model.config().hidden_size, &config, |r| {
+        eprintln!(
+            "epoch {:>width$}/{}  train loss {:.4}  val loss {:.4}  val IoU {:.4}",
+            r.epoch, args.epochs, r.train_loss, r.val_loss, r.val_iou
+        );
+    })?;
+    train::save(&head, &model, &args.out)?;
+    println!(
+        "wrote {} (epoch {}, val IoU {:.4}, {} training / {} validation photos)",
+        args.out.display(),
+        head.best_epoch,
+        head.val_iou,
+        train_set.len() / 2,
+        val_set.len()
+    );
+    Ok(if failed == 0 { EXIT_OK } else { EXIT_SOME_FAILED })
+}
