@@ -33,9 +33,13 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_without_bias(x)?.broadcast_add(&self.bias)?)
+    }
+
+    /// `x · Wᵀ` alone, for callers that fuse the bias into their next step.
+    fn forward_without_bias(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, tokens, inputs) = x.dims3()?;
-        let y = x.reshape((batch * tokens, inputs))?.matmul(&self.weight_t)?.broadcast_add(&self.bias)?;
-        Ok(y.reshape((batch, tokens, ()))?)
+        Ok(x.reshape((batch * tokens, inputs))?.matmul(&self.weight_t)?.reshape((batch, tokens, ()))?)
     }
 }
 
@@ -246,12 +250,9 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let hidden = self.fc1.forward(x)?;
-        let hidden = match self.activation {
-            Activation::Gelu => hidden.gelu_erf()?,
-            Activation::GeluTanh => hidden.gelu()?,
-        };
-        self.fc2.forward(&hidden)
+        let hidden = self.fc1.forward_without_bias(x)?;
+        let exact = self.activation == Activation::Gelu;
+        self.fc2.forward(&fused::bias_gelu(&hidden, &self.fc1.bias, exact)?)
     }
 }
 
