@@ -7,8 +7,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 
-use super::jobs::{self, Pair};
-use super::{EXIT_OK, EXIT_SOME_FAILED, HeadArgs, ModelArgs, batch};
+use super::jobs::Pair;
+use super::{EXIT_OK, EXIT_SOME_FAILED, HeadArgs, ModelArgs, PairArgs, batch};
 use crate::head::SegmentationHead;
 use crate::image_io::{self, Source};
 use crate::metrics::{self, ImageScores};
@@ -16,12 +16,8 @@ use crate::model::Vit;
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Directory of photos.
-    #[arg(long, value_name = "DIR")]
-    images: PathBuf,
-    /// Directory of ground-truth masks (white = object), matched to photos by file stem.
-    #[arg(long, value_name = "DIR")]
-    masks: PathBuf,
+    #[command(flatten)]
+    pairs: PairArgs,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -38,7 +34,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<u8> {
-    let (pairs, missing) = jobs::pair_by_stem(&args.images, &args.masks)?;
+    let (pairs, missing) = args.pairs.pair()?;
     for line in &missing {
         eprintln!("segattn: {line}");
     }

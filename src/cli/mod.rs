@@ -102,6 +102,23 @@ struct BatchArgs {
     json: bool,
 }
 
+/// Photos and their masks, matched by file stem (eval and train-head).
+#[derive(Debug, Args)]
+struct PairArgs {
+    /// Directory of photos.
+    #[arg(long, value_name = "DIR")]
+    images: PathBuf,
+    /// Directory of masks (white = object), matched to photos by file stem.
+    #[arg(long, value_name = "DIR")]
+    masks: PathBuf,
+}
+
+impl PairArgs {
+    fn pair(&self) -> Result<(Vec<jobs::Pair>, Vec<String>)> {
+        jobs::pair_by_stem(&self.images, &self.masks)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum HeadName {
     /// DINO's attention mass: the patches holding --mass of each head's attention.

@@ -7,20 +7,16 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use image::DynamicImage;
 
-use super::jobs::{self, Pair};
-use super::{EXIT_OK, EXIT_SOME_FAILED, ModelArgs, batch};
+use super::jobs::Pair;
+use super::{EXIT_OK, EXIT_SOME_FAILED, ModelArgs, PairArgs, batch};
 use crate::image_io::{self, Source};
 use crate::model::Vit;
 use crate::train::{self, Example, TrainConfig};
 
 #[derive(Debug, Args)]
 pub struct TrainHeadArgs {
-    /// Directory of photos.
-    #[arg(long, value_name = "DIR")]
-    images: PathBuf,
-    /// Directory of masks (white = object), matched to photos by file stem.
-    #[arg(long, value_name = "DIR")]
-    masks: PathBuf,
+    #[command(flatten)]
+    pairs: PairArgs,
     #[command(flatten)]
     model: ModelArgs,
     /// Where to write the head (safetensors: head.weight, head.bias).
@@ -56,7 +52,7 @@ pub fn run(args: TrainHeadArgs) -> Result<u8> {
     if !(0.0..1.0).contains(&args.val_split) {
         bail!("--val-split must be in [0, 1), got {}", args.val_split);
     }
-    let (pairs, missing) = jobs::pair_by_stem(&args.images, &args.masks)?;
+    let (pairs, missing) = args.pairs.pair()?;
     for line in &missing {
         eprintln!("segattn: {line}");
     }
