@@ -121,14 +121,15 @@ fn map_one(model: &Vit, args: &AttnMapArgs, layer: usize, colormap: Colormap, jo
     let start = Instant::now();
     let photo = image_io::read_image(&job.source, args.batch.max_pixels)?;
     let (width, height) = (photo.width(), photo.height());
-    let rgb = preprocess::to_rgb(&photo);
+    // The photo under the heat map; --raw draws the map alone.
+    let rgb = (!args.raw).then(|| preprocess::to_rgb(&photo));
     let maps = attention_maps(model, args, layer, &photo)?;
     let labelled = maps.len() > 1;
     let tiles: Vec<RgbImage> = maps
         .iter()
         .map(|(name, map)| {
             let pixels = map.min_max_normalized().upsample(width, height);
-            let mut tile = render::heatmap(&pixels, colormap, (!args.raw).then_some(&rgb), args.alpha);
+            let mut tile = render::heatmap(&pixels, colormap, rgb.as_ref(), args.alpha);
             if labelled {
                 render::label(&mut tile, name);
             }

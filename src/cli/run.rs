@@ -59,14 +59,16 @@ fn segment_one(model: &Vit, head: &dyn SegmentationHead, args: &RunArgs, job: &J
 
     let mut outputs = serde_json::Map::new();
     outputs.insert("mask".into(), json!(job.out.display_name()));
-    let rgb = preprocess::to_rgb(&photo);
-    for (kind, path) in &job.extra {
-        let picture = match *kind {
-            "overlay" => DynamicImage::ImageRgb8(render::overlay(&rgb, &binary)),
-            _ => DynamicImage::ImageRgba8(render::cutout(&rgb, &written)),
-        };
-        image_io::write_png(&picture, &Sink::File(path.clone()))?;
-        outputs.insert((*kind).into(), json!(path.display().to_string()));
+    if !job.extra.is_empty() {
+        let rgb = preprocess::to_rgb(&photo);
+        for (kind, path) in &job.extra {
+            let picture = match *kind {
+                "overlay" => DynamicImage::ImageRgb8(render::overlay(&rgb, &binary)),
+                _ => DynamicImage::ImageRgba8(render::cutout(&rgb, &written)),
+            };
+            image_io::write_png(&picture, &Sink::File(path.clone()))?;
+            outputs.insert((*kind).into(), json!(path.display().to_string()));
+        }
     }
     let (area, bbox) = render::mask_stats(&binary);
     Ok(json!({

@@ -217,28 +217,29 @@ impl Attention {
             let heads = qkv.reshape((batch, tokens, 3, self.num_heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
             Ok((heads.get(0)?.contiguous()?, heads.get(1)?.contiguous()?, heads.get(2)?.contiguous()?))
         };
-        let (mixed, probabilities) = match capture.probabilities {
+        // q/k/v are split into heads once, and only when a caller or the
+        // unfused path needs them.
+        let (mixed, probabilities, heads) = match capture.probabilities {
             // The common case: no matrix kept, so never build one.
             Keep::Nothing | Keep::ClsRow => {
-                fused::attention(&qkv, self.num_heads, self.scale as f32, capture.probabilities == Keep::ClsRow)?
+                let keep_cls_row = capture.probabilities == Keep::ClsRow;
+                let (mixed, cls) = fused::attention(&qkv, self.num_heads, self.scale as f32, keep_cls_row)?;
+                (mixed, cls, if capture.qkv { Some(split()?) } else { None })
             }
             Keep::HeadMean | Keep::Full => {
                 let (queries, keys, values) = split()?;
-                let scores = (queries * self.scale)?.matmul(&keys.t()?)?;
+                let scores = (&queries * self.scale)?.matmul(&keys.t()?)?;
                 let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
                 let mixed = probabilities.matmul(&values)?.transpose(1, 2)?.reshape((batch, tokens, d))?;
-                let kept = match capture.probabilities {
-                    Keep::HeadMean => probabilities.mean_keepdim(1)?,
-                    _ => probabilities,
+                let kept = if capture.probabilities == Keep::HeadMean {
+                    probabilities.mean_keepdim(1)?
+                } else {
+                    probabilities
                 };
-                (mixed, Some(kept))
+                (mixed, Some(kept), capture.qkv.then_some((queries, keys, values)))
             }
         };
-        Ok(AttentionOutput {
-            tokens: self.out.forward(&mixed)?,
-            probabilities,
-            qkv: if capture.qkv { Some(split()?) } else { None },
-        })
+        Ok(AttentionOutput { tokens: self.out.forward(&mixed)?, probabilities, qkv: heads })
     }
 }
 
