@@ -7,12 +7,11 @@ use std::process::{Command, Output, Stdio};
 
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 
+mod common;
+use common::{s, sample, stderr};
+
 fn weights() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dino_vit")
-}
-
-fn sample(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("samples").join(name)
 }
 
 /// `segattn ARGS --weights fixture --size 64`, with piped stdio.
@@ -26,20 +25,12 @@ fn run(args: &[&str]) -> Output {
     segattn(args).output().unwrap()
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 fn photo(width: u32, height: u32) -> RgbImage {
     RgbImage::from_fn(width, height, |x, y| Rgb([(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8]))
 }
 
 fn save(image: &DynamicImage, path: &Path, format: ImageFormat) {
     image.save_with_format(path, format).unwrap();
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 #[test]

@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use segattn::model::Vit;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
+mod common;
+use common::fixture;
 
 fn load_error(path: &Path) -> String {
     let err = Vit::load(path, &Device::Cpu).expect_err("loading should fail");

@@ -8,11 +8,10 @@ use candle_core::{DType, Device, Tensor};
 use segattn::model::interpolate::resample_grid;
 use segattn::model::{Capture, PosInterpolation, Vit};
 
-const TOLERANCE: f32 = 1e-4;
+mod common;
+use common::fixture;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
+const TOLERANCE: f32 = 1e-4;
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");

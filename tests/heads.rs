@@ -1,22 +1,13 @@
 //! The segmentation heads and `eval` from the command line.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn sample(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("samples").join(name)
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
+mod common;
+use common::{fixture, s, sample, stderr};
 
 fn segattn(args: &[&str], weights: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_segattn"))
@@ -26,10 +17,6 @@ fn segattn(args: &[&str], weights: &Path) -> Output {
         .args(["--size", "64"])
         .output()
         .unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]

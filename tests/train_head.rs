@@ -6,13 +6,8 @@ use std::process::{Command, Output};
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
+mod common;
+use common::{fixture, s, stderr};
 
 /// At 128 px the 8-px patches of the fixture backbone make a 16x16 grid.
 fn segattn(args: &[&str], weights: &Path) -> Output {
@@ -31,10 +26,6 @@ fn eval_iou(images: &Path, masks: &Path, head: &Path) -> f64 {
     assert!(evaluated.status.success(), "{}", stderr(&evaluated));
     let text = String::from_utf8(evaluated.stdout).unwrap();
     text.lines().find(|l| l.starts_with("mean IoU")).unwrap()[9..].trim().parse().unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// xorshift, so the dataset is the same on every run.
