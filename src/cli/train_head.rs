@@ -5,7 +5,6 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use image::DynamicImage;
 
 use super::jobs::Pair;
 use super::{EXIT_OK, EXIT_SOME_FAILED, ModelArgs, PairArgs, batch};
@@ -44,7 +43,6 @@ fn examples_of(model: &Vit, pair: &Pair, size: usize) -> Result<[Example; 2]> {
     let mask = image_io::read_image(&Source::File(pair.mask.clone()), image_io::DEFAULT_MAX_PIXELS)
         .with_context(|| format!("mask {}", pair.mask.display()))?
         .to_luma8();
-    let photo = DynamicImage::ImageRgb8(photo.to_rgb8());
     Ok([train::extract(model, &photo, &mask, size, false)?, train::extract(model, &photo, &mask, size, true)?])
 }
 
