@@ -106,7 +106,12 @@ fn directory_paths_are_resolved_or_explained() {
     let message = load_error(dir.path());
     assert!(message.contains("no model.safetensors"), "{message}");
     std::fs::write(dir.path().join("pytorch_model.bin"), b"pickle").unwrap();
-    assert!(load_error(dir.path()).contains("only pytorch_model.bin"));
+    let message = load_error(dir.path());
+    assert!(message.contains("pytorch_model.bin: not a readable PyTorch checkpoint"), "{message}");
+    let pickle = std::fs::read(fixture("dino_vit_pickle/pytorch_model.bin")).unwrap();
+    std::fs::write(dir.path().join("pytorch_model.bin"), &pickle[..pickle.len() / 2]).unwrap();
+    let message = load_error(dir.path());
+    assert!(message.contains("pytorch_model.bin: not a readable PyTorch checkpoint"), "{message}");
     assert!(load_error(&dir.path().join("absent.safetensors")).contains("no such file"));
 }
 

@@ -54,6 +54,14 @@ fn dino_vit_matches_transformers() {
 }
 
 #[test]
+fn pytorch_pickle_checkpoint_matches_transformers() {
+    // dino_vit's weights saved as pytorch_model.bin, as older Hub repos publish them.
+    let model = Vit::load(&fixture("dino_vit_pickle"), &Device::Cpu).unwrap();
+    assert!(model.files().weights.ends_with("pytorch_model.bin"));
+    assert_parity("dino_vit_pickle", &model, &fixture("dino_vit/reference.safetensors"));
+}
+
+#[test]
 fn dinov2_matches_transformers() {
     let model = Vit::load(&fixture("dinov2"), &Device::Cpu).unwrap();
     assert!(model.config().layer_scale);

@@ -6,11 +6,14 @@
 //! the names transformers >= 5 writes (`q_proj`, `layers.N`, ...), and the
 //! torch-hub names of the original DINO / DINOv2 repositories (fused `qkv`).
 //! [`Layout`] resolves each role of a block to the name this file uses.
+//! Weights are read from safetensors (memory-mapped) or, for repositories
+//! that never converted, from a PyTorch `pytorch_model.bin` / `.pth` archive.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
+use candle_core::pickle::PthTensors;
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
 
@@ -22,21 +25,13 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
-    /// `path` is a `.safetensors` file or a directory holding `model.safetensors`,
-    /// as a Hugging Face snapshot does.
+    /// `path` is a checkpoint file or a directory holding `model.safetensors`
+    /// (or, failing that, `pytorch_model.bin`), as a Hugging Face snapshot does.
     pub fn locate(path: &Path) -> Result<Self> {
         let (weights, dir) = if path.is_dir() {
-            let weights = path.join("model.safetensors");
-            if !weights.is_file() {
-                if path.join("pytorch_model.bin").is_file() {
-                    bail!(
-                        "{}: has only pytorch_model.bin; convert it to model.safetensors \
-                         (safetensors.torch.save_file) and point --weights at that",
-                        path.display()
-                    );
-                }
-                bail!("{}: no model.safetensors in this directory", path.display());
-            }
+            let weights = WEIGHT_FILES.iter().map(|name| path.join(name)).find(|p| p.is_file()).ok_or_else(|| {
+                anyhow!("{}: no model.safetensors or pytorch_model.bin in this directory", path.display())
+            })?;
             (weights, path.to_path_buf())
         } else if path.is_file() {
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -48,6 +43,9 @@ impl ModelFiles {
         Ok(Self { weights, config })
     }
 }
+
+/// The weight files of a Hugging Face model repository, in order of preference.
+pub const WEIGHT_FILES: [&str; 2] = ["model.safetensors", "pytorch_model.bin"];
 
 const PREFIXES: [&str; 5] = ["", "model.", "vit.", "dinov2.", "backbone."];
 const HF_PATCH: &str = "embeddings.patch_embeddings.projection";
@@ -97,10 +95,67 @@ impl Layout {
     }
 }
 
-/// A memory-mapped safetensors file, read through the prefix its names carry.
+/// Both formats read a tensor only when asked for it.
+enum Tensors {
+    Safetensors(MmapedSafetensors),
+    Pickle(PthTensors),
+}
+
+impl Tensors {
+    fn open(path: &Path) -> Result<Self> {
+        // PyTorch >= 1.6 saves a zip archive; safetensors starts with a header length.
+        let mut magic = [0u8; 4];
+        let is_zip = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok_and(|()| magic == *b"PK\x03\x04");
+        let pickle_name = path.extension().is_some_and(|e| ["bin", "pth", "pt"].iter().any(|x| e == *x));
+        if is_zip || pickle_name {
+            let tensors = PthTensors::new(path, None)
+                .map_err(|e| anyhow!("{}: not a readable PyTorch checkpoint: {}", path.display(), root_cause(&e)))?;
+            return Ok(Self::Pickle(tensors));
+        }
+        // SAFETY: the file is mapped read-only; like every mmap reader we rely
+        // on nobody truncating the checkpoint while it is in use.
+        let tensors = unsafe { MmapedSafetensors::new(path) }
+            .map_err(|e| anyhow!("{}: not a readable safetensors file: {}", path.display(), root_cause(&e)))?;
+        Ok(Self::Safetensors(tensors))
+    }
+
+    fn names(&self) -> BTreeSet<String> {
+        match self {
+            Self::Safetensors(t) => t.tensors().into_iter().map(|(name, _)| name).collect(),
+            Self::Pickle(t) => t.tensor_infos().keys().cloned().collect(),
+        }
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match self {
+            Self::Safetensors(t) => t.get(name).ok().map(|v| v.shape().to_vec()),
+            Self::Pickle(t) => t.tensor_infos().get(name).map(|info| info.layout.dims().to_vec()),
+        }
+    }
+
+    fn dtype(&self, name: &str) -> Option<DType> {
+        match self {
+            Self::Safetensors(t) => t.get(name).ok().and_then(|v| DType::try_from(v.dtype()).ok()),
+            Self::Pickle(t) => t.tensor_infos().get(name).map(|info| info.dtype),
+        }
+    }
+
+    fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Safetensors(t) => t.get(name)?.load(device),
+            Self::Pickle(t) => {
+                t.get(name)?.ok_or_else(|| candle_core::Error::Msg(format!("no tensor {name}")))?.to_device(device)
+            }
+        }
+    }
+}
+
+/// A checkpoint file, read through the prefix its names carry.
 pub struct TensorStore {
     path: PathBuf,
-    tensors: MmapedSafetensors,
+    tensors: Tensors,
     names: BTreeSet<String>,
     prefix: &'static str,
     device: Device,
@@ -108,11 +163,8 @@ pub struct TensorStore {
 
 impl TensorStore {
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
-        // SAFETY: the file is mapped read-only; like every mmap reader we rely
-        // on nobody truncating the checkpoint while it is in use.
-        let tensors = unsafe { MmapedSafetensors::new(path) }
-            .map_err(|e| anyhow!("{}: not a readable safetensors file: {}", path.display(), root_cause(&e)))?;
-        let names: BTreeSet<String> = tensors.tensors().into_iter().map(|(name, _)| name).collect();
+        let tensors = Tensors::open(path)?;
+        let names = tensors.names();
         let prefix = PREFIXES
             .iter()
             .find(|p| [HF_PATCH, HUB_PATCH].iter().any(|n| names.contains(&format!("{p}{n}.weight"))))
@@ -136,7 +188,7 @@ impl TensorStore {
     }
 
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.tensors.get(&format!("{}{name}", self.prefix)).ok().map(|v| v.shape().to_vec())
+        self.tensors.shape(&format!("{}{name}", self.prefix))
     }
 
     /// Names under this checkpoint's prefix, with the prefix removed.
@@ -147,20 +199,22 @@ impl TensorStore {
     /// Loads `name` as f32, checking its shape and that it holds floats.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let full = format!("{}{name}", self.prefix);
-        let view = self.tensors.get(&full).map_err(|_| anyhow!("{}: missing tensor `{full}`", self.path.display()))?;
-        if view.shape() != shape {
-            bail!("{}: tensor `{full}` has shape {:?}, expected {:?}", self.path.display(), view.shape(), shape);
+        let actual =
+            self.tensors.shape(&full).ok_or_else(|| anyhow!("{}: missing tensor `{full}`", self.path.display()))?;
+        if actual != shape {
+            bail!("{}: tensor `{full}` has shape {:?}, expected {:?}", self.path.display(), actual, shape);
         }
-        use safetensors::Dtype;
-        if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
-            bail!(
-                "{}: tensor `{full}` has dtype {:?}, expected a float type (F32, F16, BF16)",
+        match self.tensors.dtype(&full) {
+            Some(DType::F32 | DType::F16 | DType::BF16 | DType::F64) => {}
+            dtype => bail!(
+                "{}: tensor `{full}` has dtype {}, expected a float type (F32, F16, BF16)",
                 self.path.display(),
-                view.dtype()
-            );
+                dtype.map_or("unknown to candle".to_string(), |d| format!("{d:?}").to_uppercase())
+            ),
         }
-        let tensor = view
-            .load(&self.device)
+        let tensor = self
+            .tensors
+            .load(&full, &self.device)
             .and_then(|t| t.to_dtype(DType::F32))
             .with_context(|| format!("{}: cannot read tensor `{full}`", self.path.display()))?;
         Ok(tensor)
