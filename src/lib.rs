@@ -2,12 +2,14 @@
 //! show where the transformer looks.
 //!
 //! The data path reads top to bottom, each module using only those above it:
-//! [`image_io`] -> [`preprocess`] -> [`model`] -> [`attention`] -> [`head`]
+//! [`image_io`] -> [`preprocess`] -> [`model`] (-> [`hub`], which finds
+//! checkpoints by name) -> [`attention`] -> [`head`]
 //! -> [`metrics`] -> [`train`] / [`render`] -> [`cli`].
 
 pub mod attention;
 pub mod cli;
 pub mod head;
+pub mod hub;
 pub mod image_io;
 pub mod metrics;
 pub mod model;

@@ -306,14 +306,19 @@ fn usage_and_model_errors_exit_2() {
         .unwrap();
     assert_eq!(result.status.code(), Some(2));
     assert!(stderr(&result).contains("broken.safetensors: not a readable safetensors file"));
-    // No model at all.
+    // No model at all, and the default model not fetched.
     let result = Command::new(env!("CARGO_BIN_EXE_segattn"))
         .args(["run", s(&cat), "--out", s(&out)])
         .env_remove("SEGATTN_WEIGHTS")
+        .env_remove("SEGATTN_MODEL")
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_HOME", dir.path())
         .output()
         .unwrap();
     assert_eq!(result.status.code(), Some(2));
-    assert!(stderr(&result).contains("no model given"));
+    assert!(
+        stderr(&result).contains("no model given and the default model dino-vits8 is not in the Hugging Face cache")
+    );
     assert!(!out.exists());
 }
 

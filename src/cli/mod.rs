@@ -4,6 +4,7 @@
 mod attn_map;
 mod batch;
 mod eval;
+mod fetch;
 mod info;
 mod jobs;
 mod run;
@@ -19,6 +20,7 @@ use image::DynamicImage;
 
 use crate::attention::PixelMap;
 use crate::head::{self, AttentionMass, LinearHead, NormalizedCut, SegmentationHead};
+use crate::hub::{DEFAULT_MODEL, Hub};
 use crate::image_io::DEFAULT_MAX_PIXELS;
 use crate::model::Vit;
 use crate::preprocess;
@@ -51,14 +53,22 @@ enum Command {
     TrainHead(train_head::TrainHeadArgs),
     /// Show the model's inferred configuration.
     Info(info::InfoArgs),
+    /// Download published checkpoints into the Hugging Face cache.
+    Fetch(fetch::FetchArgs),
+    /// Show the model names, which are cached, and the default.
+    List(fetch::ListArgs),
 }
 
 #[derive(Debug, Args)]
 struct ModelArgs {
-    /// Checkpoint: a .safetensors file or a Hugging Face snapshot directory
-    /// (model.safetensors + config.json).
+    /// Checkpoint: a .safetensors or pytorch_model.bin file, or a Hugging Face
+    /// snapshot directory (model.safetensors + config.json).
     #[arg(long, env = "SEGATTN_WEIGHTS", value_name = "PATH")]
     weights: Option<PathBuf>,
+    /// A fetched model by name (see `segattn list`), read from the Hugging Face
+    /// cache without network [default: dino-vits8].
+    #[arg(long, env = "SEGATTN_MODEL", value_name = "NAME")]
+    model: Option<String>,
     /// Short side of the image fed to the model, in pixels (rounded to whole patches).
     #[arg(long, value_name = "N", default_value_t = crate::preprocess::DEFAULT_SHORT_SIDE)]
     size: usize,
@@ -66,11 +76,25 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn load(&self) -> Result<Vit> {
-        let path = self.weights.as_ref().context(
-            "no model given: pass --weights PATH (a DINO / DINOv2 .safetensors file or Hugging Face \
-             snapshot directory) or set SEGATTN_WEIGHTS",
-        )?;
-        Vit::load(path, &Device::Cpu)
+        let path = match (&self.weights, &self.model) {
+            (Some(_), Some(_)) => {
+                bail!("give --weights or --model, not both (SEGATTN_WEIGHTS and SEGATTN_MODEL count as given)")
+            }
+            (Some(path), None) => path.clone(),
+            (None, Some(name)) => Hub::from_env().resolve(name)?,
+            (None, None) => {
+                let hub = Hub::from_env();
+                let model = hub.cached(DEFAULT_MODEL)?.with_context(|| {
+                    format!(
+                        "no model given and the default model {DEFAULT_MODEL} is not in the Hugging Face cache {}: \
+                         run `segattn fetch {DEFAULT_MODEL}`, or pass --model NAME or --weights PATH",
+                        hub.cache_dir.display()
+                    )
+                })?;
+                model.snapshot
+            }
+        };
+        Vit::load(&path, &Device::Cpu)
     }
 }
 
@@ -199,6 +223,8 @@ pub fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::TrainHead(args) => train_head::run(args),
         Command::Info(args) => info::run(args),
+        Command::Fetch(args) => fetch::fetch(args),
+        Command::List(args) => fetch::list(args),
     };
     ExitCode::from(code.unwrap_or_else(|err| {
         eprintln!("segattn: {}", batch::one_line(&err));

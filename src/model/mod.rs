@@ -9,4 +9,4 @@ pub mod weights;
 pub use config::VitConfig;
 pub use interpolate::PosInterpolation;
 pub use vit::{Capture, EncoderOutput, PatchGrid, Qkv, Vit};
-pub use weights::ModelFiles;
+pub use weights::{ModelFiles, WEIGHT_FILES};
