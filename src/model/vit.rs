@@ -15,9 +15,10 @@ use super::fused;
 use super::interpolate::resample_grid;
 use super::weights::{Layout, ModelFiles, QkvNames, TensorStore};
 
-/// `x · Wᵀ + b` with Wᵀ stored contiguous, so each call is one GEMM.
+/// `x · Wᵀ + b`. W stays as stored, (outputs, inputs): the GEMM reads it
+/// transposed through its strides, so loading copies no weights around.
 struct Linear {
-    weight_t: Tensor,
+    weight: Tensor,
     bias: Tensor,
 }
 
@@ -25,11 +26,7 @@ impl Linear {
     fn new(store: &TensorStore, name: &str, inputs: usize, outputs: usize) -> Result<Self> {
         let weight = store.tensor(&format!("{name}.weight"), &[outputs, inputs])?;
         let bias = store.tensor(&format!("{name}.bias"), &[outputs])?;
-        Self::from_parts(&weight, bias)
-    }
-
-    fn from_parts(weight: &Tensor, bias: Tensor) -> Result<Self> {
-        Ok(Self { weight_t: weight.t()?.contiguous()?, bias })
+        Ok(Self { weight, bias })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -39,7 +36,7 @@ impl Linear {
     /// `x · Wᵀ` alone, for callers that fuse the bias into their next step.
     fn forward_without_bias(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, tokens, inputs) = x.dims3()?;
-        Ok(x.reshape((batch * tokens, inputs))?.matmul(&self.weight_t)?.reshape((batch, tokens, ()))?)
+        Ok(x.reshape((batch * tokens, inputs))?.matmul(&self.weight.t()?)?.reshape((batch, tokens, ()))?)
     }
 }
 
@@ -74,7 +71,7 @@ impl PatchEmbed {
         let (d, p) = (config.hidden_size, config.patch_size);
         let weight = store.tensor(&format!("{}.weight", layout.patch_embed), &[d, 3, p, p])?;
         let bias = store.tensor(&format!("{}.bias", layout.patch_embed), &[d])?;
-        let projection = Linear::from_parts(&weight.reshape((d, 3 * p * p))?, bias)?;
+        let projection = Linear { weight: weight.reshape((d, 3 * p * p))?, bias };
         Ok(Self { projection, patch_size: p })
     }
 
@@ -201,7 +198,7 @@ impl Attention {
                     weights.push(store.tensor(&format!("{name}.weight"), &[d, d])?);
                     biases.push(store.tensor(&format!("{name}.bias"), &[d])?);
                 }
-                Linear::from_parts(&Tensor::cat(&weights, 0)?, Tensor::cat(&biases, 0)?)?
+                Linear { weight: Tensor::cat(&weights, 0)?, bias: Tensor::cat(&biases, 0)? }
             }
         };
         let out = Linear::new(store, &layout.block(layer, layout.attn_out), d, d)?;
