@@ -14,18 +14,22 @@ const BLOCK: usize = 64;
 
 /// `e^x` for x <= 0 (to 5e-6 relative error down to x = -87), in plain
 /// arithmetic that the compiler vectorizes: libm's `expf` is a call per
-/// element, and so is `round`, hence the 1.5·2²³ rounding trick.
+/// element, and so is `round`, hence the 1.5·2²³ rounding trick. It also
+/// yields n as an integer in the low mantissa bits, because `n as i32`
+/// (saturating) compiles to a scalar conversion per element.
 #[inline(always)]
 fn fast_exp(x: f32) -> f32 {
     const ROUNDER: f32 = 12_582_912.0;
     let y = x.max(-87.0) * std::f32::consts::LOG2_E;
-    let n = (y + ROUNDER) - ROUNDER;
+    let shifted = y + ROUNDER;
+    let n = shifted - ROUNDER;
+    let n_int = shifted.to_bits().wrapping_sub(ROUNDER.to_bits()) as i32;
     let f = y - n;
     // 2^f on [-0.5, 0.5]: Taylor series of e^(f·ln 2) to degree 6.
     let p = 1.0
         + f * (std::f32::consts::LN_2
             + f * (0.240_226_5 + f * (0.055_504_11 + f * (0.009_618_129 + f * (0.001_333_355 + f * 0.000_154_035_3)))));
-    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+    f32::from_bits(((n_int + 127) << 23) as u32) * p
 }
 
 /// Lanes of independent partial results, so reductions vectorize.
