@@ -25,11 +25,24 @@ pub mod train;
 /// 224x224 went from ~125 ms to ~80 ms). A short spin, then sleep, avoids it.
 /// An explicit `CANDLE_BARRIER_POOL_SPIN_LIMIT` is left alone.
 ///
+/// glibc serves allocations above its mmap threshold (a few MB at most) with
+/// fresh pages and unmaps them on free, so every activation tensor of a
+/// forward pass costs page faults and zeroing in the kernel. Raising the
+/// threshold and the trim limit keeps freed buffers for reuse: 5-15 % faster
+/// forward passes on ViT-S (measured A/B on 2 cores), at the price of holding
+/// on to the largest working set the process has needed.
+///
 /// # Safety
-/// Sets an environment variable: no other thread may be running.
+/// Sets an environment variable and allocator options: no other thread may be running.
 pub unsafe fn configure_runtime() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         // SAFETY: the caller guarantees the process is still single-threaded.
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "10") };
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; no thread is allocating concurrently.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
