@@ -2,7 +2,8 @@
 //! matrix: a block of query rows at a time, per head, straight out of the
 //! fused qkv projection and straight into the (tokens, hidden) layout the
 //! output projection reads. Blocks run in parallel; each block's scores stay
-//! in cache. And the MLP's bias + GELU in one vectorized pass.
+//! in cache. And the passes between the matrix products, one each: the MLP's
+//! bias + GELU, and a block's residual update with the LayerNorm after it.
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Storage, Tensor};
@@ -171,10 +172,148 @@ pub fn bias_gelu(x: &Tensor, bias: &Tensor, exact: bool) -> Result<Tensor> {
     })
 }
 
-fn cpu_slice(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<Tensor>) -> Result<Tensor> {
+/// A LayerNorm's parameters, as the layer holds them.
+pub struct Norm<'a> {
+    pub weight: &'a Tensor,
+    pub bias: &'a Tensor,
+    pub eps: f32,
+}
+
+/// A LayerNorm's parameters, as the row kernels read them.
+struct NormRows {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    eps: f32,
+}
+
+impl NormRows {
+    fn new(norm: &Norm) -> Result<Self> {
+        Ok(Self { weight: norm.weight.to_vec1()?, bias: norm.bias.to_vec1()?, eps: norm.eps })
+    }
+}
+
+/// What is added to the residual stream: `γ·(update + bias)`, γ the layer scale if any.
+struct Update<'a> {
+    values: &'a [f32],
+    bias: Vec<f32>,
+    gamma: Option<Vec<f32>>,
+}
+
+#[inline(always)]
+fn norm_row(x: &[f32], normed: &mut [f32], norm: &NormRows) {
+    // Two passes over a row that is in L1: the mean, then the centred
+    // variance, which stays exact where E[x²] - E[x]² would cancel.
+    let width = x.len() as f32;
+    let mut sum = [0f32; LANES];
+    for chunk in x.chunks(LANES) {
+        sum.iter_mut().zip(chunk).for_each(|(s, v)| *s += v);
+    }
+    let mean = sum.iter().sum::<f32>() / width;
+    let mut squares = [0f32; LANES];
+    for chunk in x.chunks(LANES) {
+        squares.iter_mut().zip(chunk).for_each(|(s, v)| *s += (v - mean) * (v - mean));
+    }
+    let inv_std = 1.0 / (squares.iter().sum::<f32>() / width + norm.eps).sqrt();
+    for (((n, v), w), b) in normed.iter_mut().zip(x).zip(&norm.weight).zip(&norm.bias) {
+        *n = (v - mean) * inv_std * w + b;
+    }
+}
+
+/// Adds `update`'s rows to `x`'s (when given), then normalizes each into `normed`.
+#[inline(always)]
+fn residual_norm_portable(x: &mut [f32], normed: &mut [f32], update: Option<(&[f32], &Update)>, norm: &NormRows) {
+    let width = norm.weight.len();
+    for (row, (x, normed)) in x.chunks_mut(width).zip(normed.chunks_mut(width)).enumerate() {
+        if let Some((values, update)) = update {
+            let values = &values[row * width..(row + 1) * width];
+            match &update.gamma {
+                Some(gamma) => {
+                    for (((x, u), b), g) in x.iter_mut().zip(values).zip(&update.bias).zip(gamma) {
+                        *x += g * (u + b);
+                    }
+                }
+                None => {
+                    for ((x, u), b) in x.iter_mut().zip(values).zip(&update.bias) {
+                        *x += u + b;
+                    }
+                }
+            }
+        }
+        norm_row(x, normed, norm);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn residual_norm_avx512(x: &mut [f32], normed: &mut [f32], update: Option<(&[f32], &Update)>, norm: &NormRows) {
+    residual_norm_portable(x, normed, update, norm)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn residual_norm_avx2(x: &mut [f32], normed: &mut [f32], update: Option<(&[f32], &Update)>, norm: &NormRows) {
+    residual_norm_portable(x, normed, update, norm)
+}
+
+fn residual_norm_rows(x: &mut [f32], normed: &mut [f32], update: Option<(&[f32], &Update)>, norm: &NormRows) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has just been checked for the feature.
+            return unsafe { residual_norm_avx512(x, normed, update, norm) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { residual_norm_avx2(x, normed, update, norm) };
+        }
+    }
+    residual_norm_portable(x, normed, update, norm)
+}
+
+/// Rows per parallel task: enough to amortize the task, few enough to share.
+const ROWS_PER_TASK: usize = 32;
+
+fn residual_norm(x: &Tensor, update: Option<&Update>, norm: &Norm) -> Result<(Tensor, Tensor)> {
+    let norm = NormRows::new(norm)?;
+    let chunk = norm.weight.len() * ROWS_PER_TASK;
+    let mut sum = cpu_slice(x, |data| Ok(data.to_vec()))?;
+    let mut normed = vec![0f32; sum.len()];
+    let tasks = sum.par_chunks_mut(chunk).zip(normed.par_chunks_mut(chunk)).enumerate();
+    tasks.for_each(|(task, (x, normed))| {
+        let rows = update.map(|u| (&u.values[task * chunk..(task * chunk + x.len())], u));
+        residual_norm_rows(x, normed, rows, &norm)
+    });
+    Ok((Tensor::from_vec(sum, x.shape(), x.device())?, Tensor::from_vec(normed, x.shape(), x.device())?))
+}
+
+/// LayerNorm over the last dimension.
+pub fn layer_norm(x: &Tensor, norm: &Norm) -> Result<Tensor> {
+    Ok(residual_norm(x, None, norm)?.1)
+}
+
+/// The residual update `x + γ·(update + bias)` (γ: the layer scale, if any)
+/// and the LayerNorm that reads it next, in one pass. Returns the new `x` and
+/// its normalized copy.
+pub fn residual_layer_norm(
+    x: &Tensor,
+    update: &Tensor,
+    bias: &Tensor,
+    gamma: Option<&Tensor>,
+    norm: &Norm,
+) -> Result<(Tensor, Tensor)> {
+    let gamma = gamma.map(|g| g.to_vec1()).transpose()?;
+    cpu_slice(update, |values| {
+        if values.len() != x.elem_count() {
+            bail!("residual update has {} values for {} tokens", values.len(), x.elem_count());
+        }
+        residual_norm(x, Some(&Update { values, bias: bias.to_vec1()?, gamma }), norm)
+    })
+}
+
+fn cpu_slice<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else { bail!("fused attention runs on the CPU only") };
-    let (start, end) = layout.contiguous_offsets().context("qkv must be contiguous")?;
+    let (start, end) = layout.contiguous_offsets().context("fused kernels need contiguous tensors")?;
     f(&cpu.as_slice::<f32>()?[start..end])
 }
 

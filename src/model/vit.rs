@@ -55,8 +55,12 @@ impl LayerNorm {
         })
     }
 
+    fn fused(&self) -> fused::Norm<'_> {
+        fused::Norm { weight: &self.weight, bias: &self.bias, eps: self.eps }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)?)
+        fused::layer_norm(&x.contiguous()?, &self.fused())
     }
 }
 
@@ -173,6 +177,7 @@ struct BlockCapture {
 }
 
 struct AttentionOutput {
+    /// Before the output projection's bias, which the residual pass adds.
     tokens: Tensor,
     probabilities: Option<Tensor>,
     qkv: Option<(Tensor, Tensor, Tensor)>,
@@ -236,7 +241,7 @@ impl Attention {
                 (mixed, Some(kept), capture.qkv.then_some((queries, keys, values)))
             }
         };
-        Ok(AttentionOutput { tokens: self.out.forward(&mixed)?, probabilities, qkv: heads })
+        Ok(AttentionOutput { tokens: self.out.forward_without_bias(&mixed)?, probabilities, qkv: heads })
     }
 }
 
@@ -247,11 +252,19 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Without fc2's bias, which the residual pass adds.
+    fn forward_without_bias(&self, x: &Tensor) -> Result<Tensor> {
         let hidden = self.fc1.forward_without_bias(x)?;
         let exact = self.activation == Activation::Gelu;
-        self.fc2.forward(&fused::bias_gelu(&hidden, &self.fc1.bias, exact)?)
+        self.fc2.forward_without_bias(&fused::bias_gelu(&hidden, &self.fc1.bias, exact)?)
     }
+}
+
+struct BlockOutput {
+    x: Tensor,
+    normed: Tensor,
+    probabilities: Option<Tensor>,
+    qkv: Option<(Tensor, Tensor, Tensor)>,
 }
 
 struct Block {
@@ -284,17 +297,33 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, capture: BlockCapture) -> Result<AttentionOutput> {
-        let scaled = |h: Tensor, scale: &Option<Tensor>| -> Result<Tensor> {
-            Ok(match scale {
-                Some(gamma) => h.broadcast_mul(gamma)?,
-                None => h,
-            })
-        };
-        let attended = self.attention.forward(&self.norm1.forward(x)?, capture)?;
-        let x = (x + scaled(attended.tokens, &self.layer_scale1)?)?;
-        let x = (&x + scaled(self.mlp.forward(&self.norm2.forward(&x)?)?, &self.layer_scale2)?)?;
-        Ok(AttentionOutput { tokens: x, ..attended })
+    /// Takes `x` and `normed`, this block's norm1 of `x`; returns the new `x`
+    /// and, in `normed`, `next_norm` of it. Every residual update is followed
+    /// by a LayerNorm (the next block's norm1, or the encoder's final norm),
+    /// so each update and its norm are one pass over the tokens.
+    fn forward(
+        &self,
+        x: &Tensor,
+        normed: &Tensor,
+        next_norm: &LayerNorm,
+        capture: BlockCapture,
+    ) -> Result<BlockOutput> {
+        let attended = self.attention.forward(normed, capture)?;
+        let (x, normed) = fused::residual_layer_norm(
+            x,
+            &attended.tokens,
+            &self.attention.out.bias,
+            self.layer_scale1.as_ref(),
+            &self.norm2.fused(),
+        )?;
+        let (x, normed) = fused::residual_layer_norm(
+            &x,
+            &self.mlp.forward_without_bias(&normed)?,
+            &self.mlp.fc2.bias,
+            self.layer_scale2.as_ref(),
+            &next_norm.fused(),
+        )?;
+        Ok(BlockOutput { x, normed, probabilities: attended.probabilities, qkv: attended.qkv })
     }
 }
 
@@ -424,7 +453,7 @@ impl Vit {
         let cls = self.cls_token.broadcast_as((batch, 1, d))?;
         let x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position.forward(grid)?)?;
         // Registers are inserted after the position embeddings: they have none.
-        let mut x = match &self.register_tokens {
+        let x = match &self.register_tokens {
             Some(registers) => {
                 let registers = registers.broadcast_as((batch, self.config.num_registers, d))?;
                 Tensor::cat(&[&x.narrow(1, 0, 1)?, &registers, &x.narrow(1, 1, grid.len())?], 1)?
@@ -433,6 +462,10 @@ impl Vit {
         };
         let mut attentions = Vec::with_capacity(capture.attention_layers.len());
         let mut qkv = None;
+        let (mut x, mut normed) = match self.blocks.first() {
+            Some(first) => (x.contiguous()?, first.norm1.forward(&x)?),
+            None => (x.contiguous()?, self.norm.forward(&x)?),
+        };
         for (layer, block) in self.blocks.iter().enumerate() {
             let probabilities = if capture.attention_layers.contains(&layer) {
                 Keep::Full
@@ -444,8 +477,9 @@ impl Vit {
                 Keep::Nothing
             };
             let block_capture = BlockCapture { probabilities, qkv: capture.qkv_layer == Some(layer) };
-            let out = block.forward(&x, block_capture)?;
-            x = out.tokens;
+            let next_norm = self.blocks.get(layer + 1).map_or(&self.norm, |next| &next.norm1);
+            let out = block.forward(&x, &normed, next_norm, block_capture)?;
+            (x, normed) = (out.x, out.normed);
             if let Some(p) = out.probabilities {
                 attentions.push((layer, p));
             }
@@ -453,8 +487,7 @@ impl Vit {
                 qkv = Some(Qkv { layer, queries, keys, values });
             }
         }
-        let tokens = self.norm.forward(&x)?;
-        Ok(EncoderOutput { tokens, attentions, qkv, grid, num_prefix_tokens: self.config.num_prefix_tokens() })
+        Ok(EncoderOutput { tokens: normed, attentions, qkv, grid, num_prefix_tokens: self.config.num_prefix_tokens() })
     }
 }
 
