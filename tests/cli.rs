@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 
 mod common;
-use common::{s, sample, stderr};
+use common::{s, sample, segattn_with, stderr};
 
 fn weights() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dino_vit")
@@ -16,9 +16,7 @@ fn weights() -> PathBuf {
 
 /// `segattn ARGS --weights fixture --size 64`, with piped stdio.
 fn segattn(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_segattn"));
-    cmd.args(args).arg("--weights").arg(weights()).args(["--size", "64"]).env_remove("SEGATTN_WEIGHTS");
-    cmd
+    segattn_with(args, &weights(), 64)
 }
 
 fn run(args: &[&str]) -> Output {
@@ -300,10 +298,7 @@ fn usage_and_model_errors_exit_2() {
     // A broken model.
     let broken = dir.path().join("broken.safetensors");
     std::fs::write(&broken, b"nope").unwrap();
-    let result = Command::new(env!("CARGO_BIN_EXE_segattn"))
-        .args(["run", s(&cat), "--out", s(&out), "--weights", s(&broken)])
-        .output()
-        .unwrap();
+    let result = segattn_with(&["run", s(&cat), "--out", s(&out)], &broken, 64).output().unwrap();
     assert_eq!(result.status.code(), Some(2));
     assert!(stderr(&result).contains("broken.safetensors: not a readable safetensors file"));
     // No model at all, and the default model not fetched.
@@ -371,11 +366,7 @@ fn attn_map_rejects_bad_choices() {
 
 #[test]
 fn info_reports_the_inferred_config() {
-    let result = Command::new(env!("CARGO_BIN_EXE_segattn"))
-        .args(["info", "--json", "--weights"])
-        .arg(weights())
-        .output()
-        .unwrap();
+    let result = run(&["info", "--json"]);
     assert!(result.status.success());
     let info: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
     assert_eq!(

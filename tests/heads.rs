@@ -2,21 +2,15 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{DType, Device, Tensor};
 
 mod common;
-use common::{fixture, s, sample, stderr};
+use common::{fixture, s, sample, segattn_with, stderr};
 
 fn segattn(args: &[&str], weights: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_segattn"))
-        .args(args)
-        .arg("--weights")
-        .arg(weights)
-        .args(["--size", "64"])
-        .output()
-        .unwrap()
+    segattn_with(args, weights, 64).output().unwrap()
 }
 
 #[test]

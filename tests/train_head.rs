@@ -2,22 +2,16 @@
 //! backgrounds, with a tiny random backbone.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
 
 mod common;
-use common::{fixture, s, stderr};
+use common::{fixture, s, segattn_with, stderr};
 
 /// At 128 px the 8-px patches of the fixture backbone make a 16x16 grid.
 fn segattn(args: &[&str], weights: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_segattn"))
-        .args(args)
-        .arg("--weights")
-        .arg(weights)
-        .args(["--size", "128"])
-        .output()
-        .unwrap()
+    segattn_with(args, weights, 128).output().unwrap()
 }
 
 fn eval_iou(images: &Path, masks: &Path, head: &Path) -> f64 {

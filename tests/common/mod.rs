@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 
 /// A file or directory under `tests/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -21,4 +21,13 @@ pub fn s(path: &Path) -> &str {
 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `segattn ARGS --weights WEIGHTS --size SIZE`, with any model the
+/// environment names (SEGATTN_WEIGHTS, SEGATTN_MODEL) cleared.
+pub fn segattn_with(args: &[&str], weights: &Path, size: usize) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_segattn"));
+    cmd.args(args).arg("--weights").arg(weights).args(["--size", &size.to_string()]);
+    cmd.env_remove("SEGATTN_WEIGHTS").env_remove("SEGATTN_MODEL");
+    cmd
 }
