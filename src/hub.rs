@@ -131,11 +131,11 @@ impl Hub {
 
     /// The cached snapshot directory of `name`, or an error that says how to get it.
     pub fn resolve(&self, name: &str) -> Result<PathBuf> {
-        match self.cached(name)? {
+        let repo = repo_id(name)?;
+        match self.cached_repo(&repo) {
             Some(model) => Ok(model.snapshot),
             None => bail!(
-                "model `{name}` ({}) is not in the Hugging Face cache {}: run `segattn fetch {name}` first",
-                repo_id(name)?,
+                "model `{name}` ({repo}) is not in the Hugging Face cache {}: run `segattn fetch {name}` first",
                 self.cache_dir.display()
             ),
         }

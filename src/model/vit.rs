@@ -462,10 +462,9 @@ impl Vit {
         };
         let mut attentions = Vec::with_capacity(capture.attention_layers.len());
         let mut qkv = None;
-        let (mut x, mut normed) = match self.blocks.first() {
-            Some(first) => (x.contiguous()?, first.norm1.forward(&x)?),
-            None => (x.contiguous()?, self.norm.forward(&x)?),
-        };
+        let mut x = x.contiguous()?;
+        let first_norm = self.blocks.first().map_or(&self.norm, |first| &first.norm1);
+        let mut normed = first_norm.forward(&x)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let probabilities = if capture.attention_layers.contains(&layer) {
                 Keep::Full
