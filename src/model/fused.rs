@@ -5,6 +5,8 @@
 //! in cache. And the passes between the matrix products, one each: the MLP's
 //! bias + GELU, and a block's residual update with the LayerNorm after it.
 
+use std::mem::MaybeUninit;
+
 use anyhow::{Context, Result, bail};
 use candle_core::{Storage, Tensor};
 use gemm::{Parallelism, gemm};
@@ -144,16 +146,74 @@ widest_vectors! {
     fn bias_gelu_rows(values: &mut [f32], bias: &[f32], exact: bool) = bias_gelu_portable
 }
 
-/// GELU(x + bias) over the rows of `x` (…, bias.len()) in one parallel
-/// pass: the exact (erf) form, or the tanh approximation.
-pub fn bias_gelu(x: &Tensor, bias: &Tensor, exact: bool) -> Result<Tensor> {
+/// Rows per parallel task: enough to amortize the task, few enough to share.
+const ROWS_PER_TASK: usize = 32;
+
+/// GELU(x + bias) over the rows of `values` (…, bias.len()), in place, in
+/// parallel: the exact (erf) form, or the tanh approximation.
+pub fn bias_gelu(values: &mut [f32], bias: &Tensor, exact: bool) -> Result<()> {
     let bias: Vec<f32> = bias.to_vec1()?;
-    let width = bias.len();
-    cpu_slice(x, |data| {
-        let mut out = data.to_vec();
-        // Rows in chunks big enough to amortize the task, small enough to share.
-        out.par_chunks_mut(width * 64).for_each(|rows| bias_gelu_rows(rows, &bias, exact));
-        Ok(Tensor::from_vec(out, x.shape(), x.device())?)
+    values.par_chunks_mut(bias.len() * ROWS_PER_TASK).for_each(|rows| bias_gelu_rows(rows, &bias, exact));
+    Ok(())
+}
+
+/// Adds `bias` to every row of `values` (…, bias.len()), in place, in parallel.
+pub fn add_bias(values: &mut [f32], bias: &Tensor) -> Result<()> {
+    let bias: Vec<f32> = bias.to_vec1()?;
+    values.par_chunks_mut(bias.len() * ROWS_PER_TASK).for_each(|rows| {
+        for row in rows.chunks_mut(bias.len()) {
+            row.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
+        }
+    });
+    Ok(())
+}
+
+/// `x · Wᵀ` for `x` (…, inputs) and W (outputs, inputs) as stored, which the
+/// GEMM reads transposed through its strides. The product goes into a fresh
+/// buffer that the GEMM writes once: candle's matmul zeroes its output first,
+/// in a serial pass that leaves the other cores idle.
+pub fn matmul_weight_t(x: &Tensor, weight: &Tensor) -> Result<Vec<f32>> {
+    let (outputs, inputs) = weight.dims2()?;
+    cpu_slice(x, |x| {
+        if inputs == 0 || x.len() % inputs != 0 {
+            bail!("matmul: {} values are not rows of {inputs}", x.len());
+        }
+        let rows = x.len() / inputs;
+        cpu_slice(weight, |weight| {
+            let mut product = Vec::with_capacity(rows * outputs);
+            let threads = rayon::current_num_threads();
+            let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
+            // SAFETY: dst is (rows x outputs) row-major inside `product`'s
+            // capacity, lhs (rows x inputs) row-major is `x`, and rhs
+            // (inputs x outputs) is W's (outputs x inputs) storage read with
+            // its strides swapped. With `read_dst` false and inputs > 0 the
+            // GEMM writes every value of dst, so all of them are initialized.
+            unsafe {
+                gemm(
+                    rows,
+                    outputs,
+                    inputs,
+                    product.as_mut_ptr(),
+                    1,
+                    outputs as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    inputs as isize,
+                    weight.as_ptr(),
+                    inputs as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+                product.set_len(rows * outputs);
+            }
+            Ok(product)
+        })
     })
 }
 
@@ -178,14 +238,14 @@ impl NormRows {
 }
 
 /// What is added to the residual stream: `γ·(update + bias)`, γ the layer scale if any.
-struct Update<'a> {
-    values: &'a [f32],
+struct Update {
     bias: Vec<f32>,
     gamma: Option<Vec<f32>>,
 }
 
+/// Normalizes `x` into `normed`, writing every value of it.
 #[inline(always)]
-fn norm_row(x: &[f32], normed: &mut [f32], norm: &NormRows) {
+fn norm_row(x: &[f32], normed: &mut [MaybeUninit<f32>], norm: &NormRows) {
     // Two passes over a row that is in L1: the mean, then the centred
     // variance, which stays exact where E[x²] - E[x]² would cancel.
     let width = x.len() as f32;
@@ -200,77 +260,96 @@ fn norm_row(x: &[f32], normed: &mut [f32], norm: &NormRows) {
     }
     let inv_std = 1.0 / (squares.iter().sum::<f32>() / width + norm.eps).sqrt();
     for (((n, v), w), b) in normed.iter_mut().zip(x).zip(&norm.weight).zip(&norm.bias) {
-        *n = (v - mean) * inv_std * w + b;
+        n.write((v - mean) * inv_std * w + b);
     }
 }
 
-/// Adds `update`'s rows to `x`'s (when given), then normalizes each into `normed`.
 #[inline(always)]
-fn residual_norm_portable(x: &mut [f32], normed: &mut [f32], update: Option<(&[f32], &Update)>, norm: &NormRows) {
+fn norm_rows_portable(x: &[f32], normed: &mut [MaybeUninit<f32>], norm: &NormRows) {
     let width = norm.weight.len();
-    for (row, (x, normed)) in x.chunks_mut(width).zip(normed.chunks_mut(width)).enumerate() {
-        if let Some((values, update)) = update {
-            let values = &values[row * width..(row + 1) * width];
-            match &update.gamma {
-                Some(gamma) => {
-                    for (((x, u), b), g) in x.iter_mut().zip(values).zip(&update.bias).zip(gamma) {
-                        *x += g * (u + b);
-                    }
-                }
-                None => {
-                    for ((x, u), b) in x.iter_mut().zip(values).zip(&update.bias) {
-                        *x += u + b;
-                    }
-                }
-            }
-        }
+    for (x, normed) in x.chunks(width).zip(normed.chunks_mut(width)) {
         norm_row(x, normed, norm);
     }
 }
 
 widest_vectors! {
-    fn residual_norm_rows(x: &mut [f32], normed: &mut [f32], update: Option<(&[f32], &Update)>, norm: &NormRows)
-        = residual_norm_portable
+    fn norm_rows(x: &[f32], normed: &mut [MaybeUninit<f32>], norm: &NormRows) = norm_rows_portable
 }
 
-/// Rows per parallel task: enough to amortize the task, few enough to share.
-const ROWS_PER_TASK: usize = 32;
+/// `sum` holds the update on entry and `x + γ·(update + bias)` on return;
+/// each of its rows is then normalized into `normed`.
+#[inline(always)]
+fn residual_norm_rows_portable(
+    x: &[f32],
+    sum: &mut [f32],
+    normed: &mut [MaybeUninit<f32>],
+    update: &Update,
+    norm: &NormRows,
+) {
+    let width = norm.weight.len();
+    for ((x, sum), normed) in x.chunks(width).zip(sum.chunks_mut(width)).zip(normed.chunks_mut(width)) {
+        match &update.gamma {
+            Some(gamma) => {
+                for (((s, x), b), g) in sum.iter_mut().zip(x).zip(&update.bias).zip(gamma) {
+                    *s = x + g * (*s + b);
+                }
+            }
+            None => {
+                for ((s, x), b) in sum.iter_mut().zip(x).zip(&update.bias) {
+                    *s = x + (*s + b);
+                }
+            }
+        }
+        norm_row(sum, normed, norm);
+    }
+}
 
-fn residual_norm(x: &Tensor, update: Option<&Update>, norm: &Norm) -> Result<(Tensor, Tensor)> {
-    let norm = NormRows::new(norm)?;
-    let chunk = norm.weight.len() * ROWS_PER_TASK;
-    let mut sum = cpu_slice(x, |data| Ok(data.to_vec()))?;
-    let mut normed = vec![0f32; sum.len()];
-    let tasks = sum.par_chunks_mut(chunk).zip(normed.par_chunks_mut(chunk)).enumerate();
-    tasks.for_each(|(task, (x, normed))| {
-        let rows = update.map(|u| (&u.values[task * chunk..(task * chunk + x.len())], u));
-        residual_norm_rows(x, normed, rows, &norm)
-    });
-    Ok((Tensor::from_vec(sum, x.shape(), x.device())?, Tensor::from_vec(normed, x.shape(), x.device())?))
+widest_vectors! {
+    fn residual_norm_rows(x: &[f32], sum: &mut [f32], normed: &mut [MaybeUninit<f32>], update: &Update, norm: &NormRows)
+        = residual_norm_rows_portable
 }
 
 /// LayerNorm over the last dimension.
 pub fn layer_norm(x: &Tensor, norm: &Norm) -> Result<Tensor> {
-    Ok(residual_norm(x, None, norm)?.1)
+    let norm = NormRows::new(norm)?;
+    let chunk = norm.weight.len() * ROWS_PER_TASK;
+    let normed = cpu_slice(x, |x| {
+        let mut normed = Vec::with_capacity(x.len());
+        let tasks = x.par_chunks(chunk).zip(normed.spare_capacity_mut()[..x.len()].par_chunks_mut(chunk));
+        tasks.for_each(|(x, normed)| norm_rows(x, normed, &norm));
+        // SAFETY: the chunks cover all x.len() values and `norm_row` writes each.
+        unsafe { normed.set_len(x.len()) };
+        Ok(normed)
+    })?;
+    Ok(Tensor::from_vec(normed, x.shape(), x.device())?)
 }
 
 /// The residual update `x + γ·(update + bias)` (γ: the layer scale, if any)
-/// and the LayerNorm that reads it next, in one pass. Returns the new `x` and
-/// its normalized copy.
+/// and the LayerNorm that reads it next, in one pass. `update` is `x`'s
+/// shape and becomes the new `x`; returns it and its normalized copy.
 pub fn residual_layer_norm(
     x: &Tensor,
-    update: &Tensor,
+    mut update: Vec<f32>,
     bias: &Tensor,
     gamma: Option<&Tensor>,
     norm: &Norm,
 ) -> Result<(Tensor, Tensor)> {
-    let gamma = gamma.map(|g| g.to_vec1()).transpose()?;
-    cpu_slice(update, |values| {
-        if values.len() != x.elem_count() {
-            bail!("residual update has {} values for {} tokens", values.len(), x.elem_count());
+    let norm = NormRows::new(norm)?;
+    let residual = Update { bias: bias.to_vec1()?, gamma: gamma.map(|g| g.to_vec1()).transpose()? };
+    let chunk = norm.weight.len() * ROWS_PER_TASK;
+    let normed = cpu_slice(x, |x| {
+        if update.len() != x.len() {
+            bail!("residual update has {} values for {} tokens", update.len(), x.len());
         }
-        residual_norm(x, Some(&Update { values, bias: bias.to_vec1()?, gamma }), norm)
-    })
+        let mut normed = Vec::with_capacity(x.len());
+        let tasks = (x.par_chunks(chunk).zip(update.par_chunks_mut(chunk)))
+            .zip(normed.spare_capacity_mut()[..x.len()].par_chunks_mut(chunk));
+        tasks.for_each(|((x, sum), normed)| residual_norm_rows(x, sum, normed, &residual, &norm));
+        // SAFETY: the chunks cover all x.len() values and `norm_row` writes each.
+        unsafe { normed.set_len(x.len()) };
+        Ok(normed)
+    })?;
+    Ok((Tensor::from_vec(update, x.shape(), x.device())?, Tensor::from_vec(normed, x.shape(), x.device())?))
 }
 
 fn cpu_slice<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
@@ -289,8 +368,9 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f32, keep_cls_row: bool)
     let head_dim = d / num_heads;
     let mut cls_rows = vec![0f32; if keep_cls_row { batch * num_heads * tokens } else { 0 }];
     let mixed = cpu_slice(qkv, |data| {
-        let mut out = vec![0f32; batch * tokens * d];
-        for (b, out) in out.chunks_mut(tokens * d).enumerate() {
+        let mut out = Vec::with_capacity(batch * tokens * d);
+        let blocks = out.spare_capacity_mut()[..batch * tokens * d].chunks_mut(tokens * d);
+        for (b, out) in blocks.enumerate() {
             let data = &data[b * tokens * three_d..(b + 1) * tokens * three_d];
             let heads = HeadMajor::new(data, tokens, num_heads, head_dim);
             let rows = block_rows(tokens);
@@ -307,6 +387,8 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f32, keep_cls_row: bool)
                 cls_rows[b * per_batch..(b + 1) * per_batch].copy_from_slice(&first_rows[0]);
             }
         }
+        // SAFETY: every block wrote all of its rows, every head its columns.
+        unsafe { out.set_len(batch * tokens * d) };
         Ok(Tensor::from_vec(out, (batch, tokens, d), qkv.device())?)
     })?;
     let cls =
@@ -331,20 +413,26 @@ impl HeadMajor {
     fn new(qkv: &[f32], tokens: usize, num_heads: usize, head_dim: usize) -> Self {
         let d = num_heads * head_dim;
         let per_head = tokens * head_dim;
-        let mut keys_t = vec![0f32; num_heads * per_head];
-        let mut values = vec![0f32; num_heads * per_head];
-        keys_t.par_chunks_mut(per_head).zip(values.par_chunks_mut(per_head)).enumerate().for_each(
-            |(head, (keys_t, values))| {
-                for (t, row) in qkv.chunks_exact(3 * d).enumerate() {
-                    let key = &row[d + head * head_dim..d + (head + 1) * head_dim];
-                    for (c, &k) in key.iter().enumerate() {
-                        keys_t[c * tokens + t] = k;
-                    }
-                    let value = &row[2 * d + head * head_dim..2 * d + (head + 1) * head_dim];
-                    values[t * head_dim..(t + 1) * head_dim].copy_from_slice(value);
+        let mut keys_t = Vec::with_capacity(num_heads * per_head);
+        let mut values = Vec::with_capacity(num_heads * per_head);
+        let per_head_chunks =
+            (keys_t.spare_capacity_mut()[..num_heads * per_head].par_chunks_mut(per_head))
+                .zip(values.spare_capacity_mut()[..num_heads * per_head].par_chunks_mut(per_head));
+        per_head_chunks.enumerate().for_each(|(head, (keys_t, values))| {
+            for (t, row) in qkv.chunks_exact(3 * d).enumerate() {
+                let key = &row[d + head * head_dim..d + (head + 1) * head_dim];
+                for (c, &k) in key.iter().enumerate() {
+                    keys_t[c * tokens + t].write(k);
                 }
-            },
-        );
+                let value = &row[2 * d + head * head_dim..2 * d + (head + 1) * head_dim];
+                values[t * head_dim..(t + 1) * head_dim].write_copy_of_slice(value);
+            }
+        });
+        // SAFETY: each head's loop wrote all tokens · head_dim of its keys and values.
+        unsafe {
+            keys_t.set_len(num_heads * per_head);
+            values.set_len(num_heads * per_head);
+        }
         Self { keys_t, values, tokens, num_heads, head_dim }
     }
 }
@@ -354,7 +442,7 @@ impl HeadMajor {
 fn attend_block(
     qkv: &[f32],
     heads: &HeadMajor,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     first: usize,
     scale: f32,
     keep_first_row: bool,
@@ -362,7 +450,7 @@ fn attend_block(
     let HeadMajor { tokens, num_heads, head_dim, .. } = *heads;
     let d = num_heads * head_dim;
     let rows = out.len() / d;
-    let mut scores = vec![0f32; rows * tokens];
+    let mut scores = Vec::with_capacity(rows * tokens);
     let mut first_row = Vec::with_capacity(if keep_first_row { num_heads * tokens } else { 0 });
     for head in 0..num_heads {
         let q = qkv[first * 3 * d + head * head_dim..].as_ptr();
@@ -395,12 +483,13 @@ fn attend_block(
                 false,
                 Parallelism::None,
             );
+            scores.set_len(rows * tokens);
         }
         softmax_rows(&mut scores, tokens);
         if keep_first_row {
             first_row.extend_from_slice(&scores[..tokens]);
         }
-        let o = out[head * head_dim..].as_mut_ptr();
+        let o = out[head * head_dim..].as_mut_ptr().cast::<f32>();
         // SAFETY: as above; the output block is (rows x d), this head's columns.
         unsafe {
             // out (rows x hd) = P (rows x tokens) · V (tokens x hd)
@@ -459,13 +548,28 @@ mod tests {
         let x = Tensor::from_vec(xs.clone(), (200, 2), &candle_core::Device::Cpu).unwrap();
         let b = Tensor::new(&bias, &candle_core::Device::Cpu).unwrap();
         for exact in [true, false] {
-            let ours: Vec<f32> = bias_gelu(&x, &b, exact).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let mut ours = xs.clone();
+            bias_gelu(&mut ours, &b, exact).unwrap();
             let shifted = x.broadcast_add(&b).unwrap();
             let reference = if exact { shifted.gelu_erf() } else { shifted.gelu() }.unwrap();
             let reference: Vec<f32> = reference.flatten_all().unwrap().to_vec1().unwrap();
             for (a, r) in ours.iter().zip(&reference) {
                 assert!((a - r).abs() < 2e-5, "exact={exact}: {a} vs {r}");
             }
+        }
+    }
+
+    #[test]
+    fn matmul_weight_t_matches_candle() {
+        let device = candle_core::Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 37, 19), &device).unwrap();
+        let weight = Tensor::randn(0f32, 1.0, (23, 19), &device).unwrap();
+        let ours = matmul_weight_t(&x, &weight).unwrap();
+        let expected = x.reshape((74, 19)).unwrap().matmul(&weight.t().unwrap().contiguous().unwrap()).unwrap();
+        let expected: Vec<f32> = expected.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(ours.len(), expected.len());
+        for (a, e) in ours.iter().zip(&expected) {
+            assert!((a - e).abs() < 1e-4, "{a} vs {e}");
         }
     }
 

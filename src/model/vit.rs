@@ -30,13 +30,20 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_without_bias(x)?.broadcast_add(&self.bias)?)
+        let mut product = self.forward_without_bias(x)?;
+        fused::add_bias(&mut product, &self.bias)?;
+        self.output(product, x)
     }
 
-    /// `x · Wᵀ` alone, for callers that fuse the bias into their next step.
-    fn forward_without_bias(&self, x: &Tensor) -> Result<Tensor> {
-        let (batch, tokens, inputs) = x.dims3()?;
-        Ok(x.reshape((batch * tokens, inputs))?.matmul(&self.weight.t()?)?.reshape((batch, tokens, ()))?)
+    /// `x · Wᵀ` alone, as a buffer that callers fuse the bias into in place.
+    fn forward_without_bias(&self, x: &Tensor) -> Result<Vec<f32>> {
+        fused::matmul_weight_t(&x.contiguous()?, &self.weight)
+    }
+
+    /// A product of `x` as a (B, tokens, outputs) tensor.
+    fn output(&self, product: Vec<f32>, x: &Tensor) -> Result<Tensor> {
+        let (batch, tokens, _) = x.dims3()?;
+        Ok(Tensor::from_vec(product, (batch, tokens, self.weight.dim(0)?), x.device())?)
     }
 }
 
@@ -178,7 +185,7 @@ struct BlockCapture {
 
 struct AttentionOutput {
     /// Before the output projection's bias, which the residual pass adds.
-    tokens: Tensor,
+    tokens: Vec<f32>,
     probabilities: Option<Tensor>,
     qkv: Option<(Tensor, Tensor, Tensor)>,
 }
@@ -253,10 +260,10 @@ struct Mlp {
 
 impl Mlp {
     /// Without fc2's bias, which the residual pass adds.
-    fn forward_without_bias(&self, x: &Tensor) -> Result<Tensor> {
-        let hidden = self.fc1.forward_without_bias(x)?;
-        let exact = self.activation == Activation::Gelu;
-        self.fc2.forward_without_bias(&fused::bias_gelu(&hidden, &self.fc1.bias, exact)?)
+    fn forward_without_bias(&self, x: &Tensor) -> Result<Vec<f32>> {
+        let mut hidden = self.fc1.forward_without_bias(x)?;
+        fused::bias_gelu(&mut hidden, &self.fc1.bias, self.activation == Activation::Gelu)?;
+        self.fc2.forward_without_bias(&self.fc1.output(hidden, x)?)
     }
 }
 
@@ -311,14 +318,14 @@ impl Block {
         let attended = self.attention.forward(normed, capture)?;
         let (x, normed) = fused::residual_layer_norm(
             x,
-            &attended.tokens,
+            attended.tokens,
             &self.attention.out.bias,
             self.layer_scale1.as_ref(),
             &self.norm2.fused(),
         )?;
         let (x, normed) = fused::residual_layer_norm(
             &x,
-            &self.mlp.forward_without_bias(&normed)?,
+            self.mlp.forward_without_bias(&normed)?,
             &self.mlp.fc2.bias,
             self.layer_scale2.as_ref(),
             &next_norm.fused(),
