@@ -415,9 +415,8 @@ impl HeadMajor {
         let per_head = tokens * head_dim;
         let mut keys_t = Vec::with_capacity(num_heads * per_head);
         let mut values = Vec::with_capacity(num_heads * per_head);
-        let per_head_chunks =
-            (keys_t.spare_capacity_mut()[..num_heads * per_head].par_chunks_mut(per_head))
-                .zip(values.spare_capacity_mut()[..num_heads * per_head].par_chunks_mut(per_head));
+        let per_head_chunks = (keys_t.spare_capacity_mut()[..num_heads * per_head].par_chunks_mut(per_head))
+            .zip(values.spare_capacity_mut()[..num_heads * per_head].par_chunks_mut(per_head));
         per_head_chunks.enumerate().for_each(|(head, (keys_t, values))| {
             for (t, row) in qkv.chunks_exact(3 * d).enumerate() {
                 let key = &row[d + head * head_dim..d + (head + 1) * head_dim];
