@@ -175,10 +175,29 @@ pub fn add_bias(values: &mut [f32], bias: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// The product's buffer, shared by the tasks that each write their own columns of it.
+#[derive(Clone, Copy)]
+struct ColumnsOf(*mut f32);
+
+// SAFETY: tasks write disjoint columns, and the buffer outlives them.
+unsafe impl Send for ColumnsOf {}
+unsafe impl Sync for ColumnsOf {}
+
+impl ColumnsOf {
+    fn starting_at(self, column: usize) -> *mut f32 {
+        self.0.wrapping_add(column)
+    }
+}
+
 /// `x · Wᵀ` for `x` (…, inputs) and W (outputs, inputs) as stored, which the
 /// GEMM reads transposed through its strides. The product goes into a fresh
 /// buffer that the GEMM writes once: candle's matmul zeroes its output first,
 /// in a serial pass that leaves the other cores idle.
+///
+/// Each task, two per thread, is a single-threaded GEMM over a slice of the
+/// output columns. The gemm crate's own threading packs W on the calling
+/// thread while the workers wait, then synchronizes them per panel: at 224x224
+/// ViT-S/16 went from 70–74 to 61–66 ms, at 480x640 2–3 % faster.
 pub fn matmul_weight_t(x: &Tensor, weight: &Tensor) -> Result<Vec<f32>> {
     let (outputs, inputs) = weight.dims2()?;
     cpu_slice(x, |x| {
@@ -188,37 +207,42 @@ pub fn matmul_weight_t(x: &Tensor, weight: &Tensor) -> Result<Vec<f32>> {
         let rows = x.len() / inputs;
         cpu_slice(weight, |weight| {
             let mut product = Vec::with_capacity(rows * outputs);
-            let threads = rayon::current_num_threads();
-            let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
-            // SAFETY: dst is (rows x outputs) row-major inside `product`'s
-            // capacity, lhs (rows x inputs) row-major is `x`, and rhs
-            // (inputs x outputs) is W's (outputs x inputs) storage read with
-            // its strides swapped. With `read_dst` false and inputs > 0 the
-            // GEMM writes every value of dst, so all of them are initialized.
-            unsafe {
-                gemm(
-                    rows,
-                    outputs,
-                    inputs,
-                    product.as_mut_ptr(),
-                    1,
-                    outputs as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    inputs as isize,
-                    weight.as_ptr(),
-                    inputs as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
-                product.set_len(rows * outputs);
-            }
+            let columns = outputs.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(16);
+            let dst = ColumnsOf(product.as_mut_ptr());
+            (0..outputs.div_ceil(columns)).into_par_iter().for_each(|task| {
+                let first = task * columns;
+                // SAFETY: dst is (rows x outputs) row-major inside `product`'s
+                // capacity, of which this task writes columns first..first+width;
+                // lhs (rows x inputs) row-major is `x`; rhs (inputs x width) is
+                // rows first..first+width of W (outputs x inputs), read with
+                // its strides swapped.
+                unsafe {
+                    gemm(
+                        rows,
+                        columns.min(outputs - first),
+                        inputs,
+                        dst.starting_at(first),
+                        1,
+                        outputs as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        inputs as isize,
+                        weight.as_ptr().add(first * inputs),
+                        inputs as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            });
+            // SAFETY: the tasks' columns cover all outputs, and with `read_dst`
+            // false and inputs > 0 the GEMM writes every value it covers.
+            unsafe { product.set_len(rows * outputs) };
             Ok(product)
         })
     })
