@@ -2,7 +2,10 @@
 
 Prints, as ratios segattn / torch (below 1 means segattn is faster or smaller):
   - encoder forward, median of RUNS after a warm-up, both limited to the same
-    number of threads: ViT-S/16 and ViT-S/8 (DINO v1 layout), DINOv2-S/14;
+    number of threads: ViT-S/16 and ViT-S/8 (DINO v1 layout), DINOv2-S/14.
+    Each side runs ROUNDS times, the two alternating, and its figure is the
+    median over rounds: on a shared machine a slow spell then lands on both
+    sides instead of on whichever happened to run in it;
   - how time grows with the token count (ViT-S/16, 256 -> 4096 tokens);
   - a folder of 16 photos end to end (decode, resize, encode, attention-mass
     mask, PNG): the segattn CLI against an equivalent torch + Pillow script;
@@ -142,6 +145,7 @@ def cargo_encoder_binary():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     sub = parser.add_subparsers(dest="command")
     enc = sub.add_parser("torch-encoder")
     fol = sub.add_parser("torch-folder")
@@ -167,16 +171,31 @@ def main():
     segattn = os.path.join(ROOT, "target", "release", "segattn")
     encoder = cargo_encoder_binary()
     me = [sys.executable, os.path.abspath(__file__)]
-    print(f"{THREADS} threads on each side; medians of {args.runs} runs after a warm-up\n")
+    print(f"{THREADS} threads on each side; encoder: medians of {args.runs} runs after a warm-up, "
+          f"median over {args.rounds} alternating rounds\n")
 
     def compare(model, height, width):
         weights = os.path.join(WORK, MODELS[model][0])
-        ours, _, our_rss = timed([encoder, weights, str(height), str(width), str(args.runs), "none"])
-        ours = json.loads(ours)
-        theirs, _, their_rss = timed(me + ["torch-encoder", "--weights", weights, "--height", str(height),
-                                           "--width", str(width), "--runs", str(args.runs), "--threads", str(THREADS)])
-        theirs = json.loads(theirs)
-        return ours, our_rss, theirs["median_ms"], their_rss
+        size = [str(height), str(width), str(args.runs)]
+
+        def our_round():
+            out, _, rss = timed([encoder, weights, *size, "none"])
+            return json.loads(out), rss
+
+        def their_round():
+            out, _, rss = timed(me + ["torch-encoder", "--weights", weights, "--height", str(height),
+                                      "--width", str(width), "--runs", str(args.runs), "--threads", str(THREADS)])
+            return json.loads(out), rss
+
+        ours, theirs = [], []
+        for i in range(args.rounds):
+            sides = [(our_round, ours), (their_round, theirs)]
+            for run, results in sides if i % 2 == 0 else sides[::-1]:
+                results.append(run())
+        median = lambda results, key: statistics.median(r[key] for r, _ in results)
+        summary = {"tokens": ours[0][0]["tokens"], "median_ms": median(ours, "median_ms"),
+                   "load_ms": median(ours, "load_ms")}
+        return summary, max(rss for _, rss in ours), median(theirs, "median_ms"), max(rss for _, rss in theirs)
 
     print(f"{'encoder forward':<28}{'tokens':>7}{'segattn ms':>12}{'torch ms':>10}{'ratio':>7}"
           f"{'segattn MB':>12}{'torch MB':>10}{'ratio':>7}{'load ms':>9}")
