@@ -175,6 +175,68 @@ pub fn add_bias(values: &mut [f32], bias: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// A matrix operand as the GEMM reads it: a pointer and the distance, in
+/// values, between rows and between columns.
+#[derive(Clone, Copy)]
+struct Strided {
+    at: *const f32,
+    row_stride: usize,
+    column_stride: usize,
+}
+
+impl Strided {
+    fn row_major(at: *const f32, row_stride: usize) -> Self {
+        Self { at, row_stride, column_stride: 1 }
+    }
+
+    /// The transpose of a row-major matrix whose rows are `row_stride` apart.
+    fn transposed(at: *const f32, row_stride: usize) -> Self {
+        Self { at, row_stride: 1, column_stride: row_stride }
+    }
+}
+
+/// `dst = scale · lhs · rhs` on the calling thread, for lhs (m x k) and rhs
+/// (k x n), into a row-major dst with rows `dst_row_stride` apart. dst is
+/// only written, never read, so it may be uninitialized; afterwards all of
+/// its m x n values are (given k > 0).
+///
+/// # Safety
+/// Every value addressed through the operands' strides must be in bounds,
+/// dst's writable and not overlapping lhs or rhs.
+unsafe fn overwrite_product(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_row_stride: usize,
+    lhs: Strided,
+    rhs: Strided,
+    scale: f32,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_row_stride as isize,
+            false,
+            lhs.at,
+            lhs.column_stride as isize,
+            lhs.row_stride as isize,
+            rhs.at,
+            rhs.column_stride as isize,
+            rhs.row_stride as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
 /// The product's buffer, shared by the tasks that each write their own columns of it.
 #[derive(Clone, Copy)]
 struct ColumnsOf(*mut f32);
@@ -217,31 +279,18 @@ pub fn matmul_weight_t(x: &Tensor, weight: &Tensor) -> Result<Vec<f32>> {
                 // rows first..first+width of W (outputs x inputs), read with
                 // its strides swapped.
                 unsafe {
-                    gemm(
-                        rows,
-                        columns.min(outputs - first),
-                        inputs,
+                    overwrite_product(
+                        (rows, columns.min(outputs - first), inputs),
                         dst.starting_at(first),
-                        1,
-                        outputs as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        inputs as isize,
-                        weight.as_ptr().add(first * inputs),
-                        inputs as isize,
-                        1,
-                        0.0,
+                        outputs,
+                        Strided::row_major(x.as_ptr(), inputs),
+                        Strided::transposed(weight.as_ptr().add(first * inputs), inputs),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
                     );
                 }
             });
-            // SAFETY: the tasks' columns cover all outputs, and with `read_dst`
-            // false and inputs > 0 the GEMM writes every value it covers.
+            // SAFETY: the tasks' columns cover all outputs, and with inputs > 0
+            // each product writes every value it covers.
             unsafe { product.set_len(rows * outputs) };
             Ok(product)
         })
@@ -491,30 +540,16 @@ fn attend_block(
         // SAFETY: every index touched is inside `qkv`, `heads` or `scores`:
         // rows < tokens - first, columns < head_dim, keys < tokens, with the
         // strides of the (token, 3, heads, head_dim), (head_dim, tokens) and
-        // (tokens, head_dim) layouts. With `read_dst` false the GEMM writes
-        // every value of its (rows x tokens) output.
+        // (tokens, head_dim) layouts; the product writes all of `scores`.
         unsafe {
             // scores (rows x tokens) = scale · Q_block (rows x hd) · Kᵀ (hd x tokens)
-            gemm(
-                rows,
-                tokens,
-                head_dim,
+            overwrite_product(
+                (rows, tokens, head_dim),
                 scores.as_mut_ptr(),
-                1,
-                tokens as isize,
-                false,
-                q,
-                1,
-                (3 * d) as isize,
-                k_t,
-                1,
-                tokens as isize,
-                0.0,
+                tokens,
+                Strided::row_major(q, 3 * d),
+                Strided::row_major(k_t, tokens),
                 scale,
-                false,
-                false,
-                false,
-                Parallelism::None,
             );
             scores.set_len(rows * tokens);
         }
@@ -522,29 +557,16 @@ fn attend_block(
         if keep_first_row {
             first_row.extend(scores[..tokens].iter().map(|p| p * inv_sums[0]));
         }
-        // SAFETY: as above, for the (rows x hd) output, which the GEMM writes whole.
+        // SAFETY: as above, for the (rows x hd) output, which the product writes whole.
         unsafe {
             // mixed (rows x hd) = P (rows x tokens) · V (tokens x hd)
-            gemm(
-                rows,
-                head_dim,
-                tokens,
+            overwrite_product(
+                (rows, head_dim, tokens),
                 mixed.as_mut_ptr(),
-                1,
-                head_dim as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                tokens as isize,
-                v,
-                1,
-                head_dim as isize,
-                0.0,
+                head_dim,
+                Strided::row_major(scores.as_ptr(), tokens),
+                Strided::row_major(v, head_dim),
                 1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
             );
             mixed.set_len(rows * head_dim);
         }
