@@ -175,6 +175,32 @@ pub fn add_bias(values: &mut [f32], bias: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// A buffer of `len` values that is written whole before anything reads it,
+/// so it is never zeroed first. Its slots are exactly `len` long, even where
+/// the allocation holds more.
+struct Unwritten {
+    buffer: Vec<f32>,
+    len: usize,
+}
+
+impl Unwritten {
+    fn new(len: usize) -> Self {
+        Self { buffer: Vec::with_capacity(len), len }
+    }
+
+    fn slots(&mut self) -> &mut [MaybeUninit<f32>] {
+        &mut self.buffer.spare_capacity_mut()[..self.len]
+    }
+
+    /// # Safety
+    /// Every one of the `len` slots has been written.
+    unsafe fn assume_written(mut self) -> Vec<f32> {
+        // SAFETY: the caller's contract; the capacity is at least `len`.
+        unsafe { self.buffer.set_len(self.len) };
+        self.buffer
+    }
+}
+
 /// A matrix operand as the GEMM reads it: a pointer and the distance, in
 /// values, between rows and between columns.
 #[derive(Clone, Copy)]
@@ -268,9 +294,9 @@ pub fn matmul_weight_t(x: &Tensor, weight: &Tensor) -> Result<Vec<f32>> {
         }
         let rows = x.len() / inputs;
         cpu_slice(weight, |weight| {
-            let mut product = Vec::with_capacity(rows * outputs);
+            let mut product = Unwritten::new(rows * outputs);
             let columns = outputs.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(16);
-            let dst = ColumnsOf(product.as_mut_ptr());
+            let dst = ColumnsOf(product.slots().as_mut_ptr().cast());
             (0..outputs.div_ceil(columns)).into_par_iter().for_each(|task| {
                 let first = task * columns;
                 // SAFETY: dst is (rows x outputs) row-major inside `product`'s
@@ -291,8 +317,7 @@ pub fn matmul_weight_t(x: &Tensor, weight: &Tensor) -> Result<Vec<f32>> {
             });
             // SAFETY: the tasks' columns cover all outputs, and with inputs > 0
             // each product writes every value it covers.
-            unsafe { product.set_len(rows * outputs) };
-            Ok(product)
+            Ok(unsafe { product.assume_written() })
         })
     })
 }
@@ -394,12 +419,11 @@ pub fn layer_norm(x: &Tensor, norm: &Norm) -> Result<Tensor> {
     let norm = NormRows::new(norm)?;
     let chunk = norm.weight.len() * ROWS_PER_TASK;
     let normed = cpu_slice(x, |x| {
-        let mut normed = Vec::with_capacity(x.len());
-        let tasks = x.par_chunks(chunk).zip(normed.spare_capacity_mut()[..x.len()].par_chunks_mut(chunk));
+        let mut normed = Unwritten::new(x.len());
+        let tasks = x.par_chunks(chunk).zip(normed.slots().par_chunks_mut(chunk));
         tasks.for_each(|(x, normed)| norm_rows(x, normed, &norm));
         // SAFETY: the chunks cover all x.len() values and `norm_row` writes each.
-        unsafe { normed.set_len(x.len()) };
-        Ok(normed)
+        Ok(unsafe { normed.assume_written() })
     })?;
     Ok(Tensor::from_vec(normed, x.shape(), x.device())?)
 }
@@ -421,13 +445,11 @@ pub fn residual_layer_norm(
         if update.len() != x.len() {
             bail!("residual update has {} values for {} tokens", update.len(), x.len());
         }
-        let mut normed = Vec::with_capacity(x.len());
-        let tasks = (x.par_chunks(chunk).zip(update.par_chunks_mut(chunk)))
-            .zip(normed.spare_capacity_mut()[..x.len()].par_chunks_mut(chunk));
+        let mut normed = Unwritten::new(x.len());
+        let tasks = (x.par_chunks(chunk).zip(update.par_chunks_mut(chunk))).zip(normed.slots().par_chunks_mut(chunk));
         tasks.for_each(|((x, sum), normed)| residual_norm_rows(x, sum, normed, &residual, &norm));
         // SAFETY: the chunks cover all x.len() values and `norm_row` writes each.
-        unsafe { normed.set_len(x.len()) };
-        Ok(normed)
+        Ok(unsafe { normed.assume_written() })
     })?;
     Ok((Tensor::from_vec(update, x.shape(), x.device())?, Tensor::from_vec(normed, x.shape(), x.device())?))
 }
@@ -448,9 +470,8 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f32, keep_cls_row: bool)
     let head_dim = d / num_heads;
     let mut cls_rows = vec![0f32; if keep_cls_row { batch * num_heads * tokens } else { 0 }];
     let mixed = cpu_slice(qkv, |data| {
-        let mut out = Vec::with_capacity(batch * tokens * d);
-        let blocks = out.spare_capacity_mut()[..batch * tokens * d].chunks_mut(tokens * d);
-        for (b, out) in blocks.enumerate() {
+        let mut out = Unwritten::new(batch * tokens * d);
+        for (b, out) in out.slots().chunks_mut(tokens * d).enumerate() {
             let data = &data[b * tokens * three_d..(b + 1) * tokens * three_d];
             let heads = HeadMajor::new(data, tokens, num_heads, head_dim);
             let rows = block_rows(tokens);
@@ -468,7 +489,7 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f32, keep_cls_row: bool)
             }
         }
         // SAFETY: every block wrote all of its rows, every head its columns.
-        unsafe { out.set_len(batch * tokens * d) };
+        let out = unsafe { out.assume_written() };
         Ok(Tensor::from_vec(out, (batch, tokens, d), qkv.device())?)
     })?;
     let cls =
@@ -493,10 +514,9 @@ impl HeadMajor {
     fn new(qkv: &[f32], tokens: usize, num_heads: usize, head_dim: usize) -> Self {
         let d = num_heads * head_dim;
         let per_head = tokens * head_dim;
-        let mut keys_t = Vec::with_capacity(num_heads * per_head);
-        let mut values = Vec::with_capacity(num_heads * per_head);
-        let per_head_chunks = (keys_t.spare_capacity_mut()[..num_heads * per_head].par_chunks_mut(per_head))
-            .zip(values.spare_capacity_mut()[..num_heads * per_head].par_chunks_mut(per_head));
+        let mut keys_t = Unwritten::new(num_heads * per_head);
+        let mut values = Unwritten::new(num_heads * per_head);
+        let per_head_chunks = keys_t.slots().par_chunks_mut(per_head).zip(values.slots().par_chunks_mut(per_head));
         per_head_chunks.enumerate().for_each(|(head, (keys_t, values))| {
             for (t, row) in qkv.chunks_exact(3 * d).enumerate() {
                 let key = &row[d + head * head_dim..d + (head + 1) * head_dim];
@@ -508,10 +528,7 @@ impl HeadMajor {
             }
         });
         // SAFETY: each head's loop wrote all tokens · head_dim of its keys and values.
-        unsafe {
-            keys_t.set_len(num_heads * per_head);
-            values.set_len(num_heads * per_head);
-        }
+        let (keys_t, values) = unsafe { (keys_t.assume_written(), values.assume_written()) };
         Self { keys_t, values, tokens, num_heads, head_dim }
     }
 }
