@@ -12,6 +12,9 @@ use candle_core::{Storage, Tensor};
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod avx512_attention;
+
 /// `fn name(args) = portable`: `name` runs `portable` compiled for the widest
 /// vectors the CPU has (AVX-512, else AVX2 + FMA, else baseline), chosen at
 /// run time, so one plain-Rust loop gets each machine's vector width.
@@ -465,6 +468,67 @@ fn cpu_slice<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
 /// (token, [q|k|v], head, head_dim). Returns the mixed values (B, tokens,
 /// hidden) and, when `keep_cls_row`, the class token's attention (B, heads, 1, tokens).
 pub fn attention(qkv: &Tensor, num_heads: usize, scale: f32, keep_cls_row: bool) -> Result<(Tensor, Option<Tensor>)> {
+    let head_dim = qkv.dim(2)? / 3 / num_heads;
+    attention_with(AttentionKernel::best(head_dim), qkv, num_heads, scale, keep_cls_row)
+}
+
+/// What computes a block of query rows.
+#[derive(Clone, Copy, Debug)]
+enum AttentionKernel {
+    /// Two GEMMs per head around a softmax pass; any CPU, any head size.
+    Gemm,
+    /// Register tiles of six query rows; AVX-512, 64 dimensions per head.
+    /// ViT-S/16 at 480x640 went from 422–449 to 407–415 ms (3 pairs), and
+    /// attention from ~150–200 ms to 134 ms, 87 % of the FMA peak.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl AttentionKernel {
+    fn best(head_dim: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if avx512_attention::available(head_dim) {
+            return Self::Avx512;
+        }
+        let _ = head_dim;
+        Self::Gemm
+    }
+
+    /// Keys per panel of the packed Kᵀ that the kernel reads.
+    fn key_panel(self, tokens: usize) -> usize {
+        match self {
+            Self::Gemm => tokens,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => avx512_attention::KEY_PANEL,
+        }
+    }
+
+    fn attend_block(
+        self,
+        qkv: &[f32],
+        heads: &HeadMajor,
+        out: &mut [MaybeUninit<f32>],
+        first: usize,
+        scale: f32,
+        keep_first_row: bool,
+    ) -> Vec<f32> {
+        match self {
+            Self::Gemm => attend_block(qkv, heads, out, first, scale, keep_first_row),
+            // SAFETY: `best` chose this kernel on a CPU with AVX-512F for
+            // heads of its size, and `heads` is packed with its key panel.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => unsafe { avx512_attention::attend_block(qkv, heads, out, first, scale, keep_first_row) },
+        }
+    }
+}
+
+fn attention_with(
+    kernel: AttentionKernel,
+    qkv: &Tensor,
+    num_heads: usize,
+    scale: f32,
+    keep_cls_row: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     let (batch, tokens, three_d) = qkv.dims3()?;
     let d = three_d / 3;
     let head_dim = d / num_heads;
@@ -473,14 +537,14 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f32, keep_cls_row: bool)
         let mut out = Unwritten::new(batch * tokens * d);
         for (b, out) in out.slots().chunks_mut(tokens * d).enumerate() {
             let data = &data[b * tokens * three_d..(b + 1) * tokens * three_d];
-            let heads = HeadMajor::new(data, tokens, num_heads, head_dim);
+            let heads = HeadMajor::new(data, tokens, num_heads, head_dim, kernel.key_panel(tokens));
             let rows = block_rows(tokens);
             let first_rows: Vec<Vec<f32>> = out
                 .par_chunks_mut(rows * d)
                 .enumerate()
                 .map(|(block, out)| {
                     let keep = block == 0 && keep_cls_row;
-                    attend_block(data, &heads, out, block * rows, scale, keep)
+                    kernel.attend_block(data, &heads, out, block * rows, scale, keep)
                 })
                 .collect();
             if keep_cls_row {
@@ -497,11 +561,12 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f32, keep_cls_row: bool)
     Ok((mixed, cls))
 }
 
-/// Keys and values copied out of the interleaved qkv rows once per layer, so
-/// that every block's two products are plain row-major GEMMs: Kᵀ per head as
-/// (head_dim, tokens) and V per head as (tokens, head_dim). Read in place,
-/// the keys form a column-major operand that the GEMM re-gathers element by
-/// element for every block.
+/// Keys and values copied out of the interleaved qkv rows once per layer, per
+/// head: Kᵀ in panels of `key_panel` keys, each (head_dim, key_panel) and
+/// zero past the last token, and V as (tokens, head_dim). With one panel of
+/// all tokens, Kᵀ is the plain (head_dim, tokens) operand the GEMM reads.
+/// Read in place, the keys form a column-major operand that the GEMM
+/// re-gathers element by element for every block.
 struct HeadMajor {
     keys_t: Vec<f32>,
     values: Vec<f32>,
@@ -511,23 +576,33 @@ struct HeadMajor {
 }
 
 impl HeadMajor {
-    fn new(qkv: &[f32], tokens: usize, num_heads: usize, head_dim: usize) -> Self {
+    fn new(qkv: &[f32], tokens: usize, num_heads: usize, head_dim: usize, key_panel: usize) -> Self {
         let d = num_heads * head_dim;
-        let per_head = tokens * head_dim;
-        let mut keys_t = Unwritten::new(num_heads * per_head);
-        let mut values = Unwritten::new(num_heads * per_head);
-        let per_head_chunks = keys_t.slots().par_chunks_mut(per_head).zip(values.slots().par_chunks_mut(per_head));
+        let padded = tokens.next_multiple_of(key_panel);
+        let mut keys_t = Unwritten::new(num_heads * padded * head_dim);
+        let mut values = Unwritten::new(num_heads * tokens * head_dim);
+        let per_head_chunks =
+            keys_t.slots().par_chunks_mut(padded * head_dim).zip(values.slots().par_chunks_mut(tokens * head_dim));
         per_head_chunks.enumerate().for_each(|(head, (keys_t, values))| {
+            let key_slots = |t: usize| {
+                let panel_start = (t / key_panel) * head_dim * key_panel + t % key_panel;
+                (0..head_dim).map(move |c| panel_start + c * key_panel)
+            };
             for (t, row) in qkv.chunks_exact(3 * d).enumerate() {
                 let key = &row[d + head * head_dim..d + (head + 1) * head_dim];
-                for (c, &k) in key.iter().enumerate() {
-                    keys_t[c * tokens + t].write(k);
+                for (slot, &k) in key_slots(t).zip(key) {
+                    keys_t[slot].write(k);
                 }
                 let value = &row[2 * d + head * head_dim..2 * d + (head + 1) * head_dim];
                 values[t * head_dim..(t + 1) * head_dim].write_copy_of_slice(value);
             }
+            for slot in (tokens..padded).flat_map(key_slots) {
+                keys_t[slot].write(0.0);
+            }
         });
-        // SAFETY: each head's loop wrote all tokens · head_dim of its keys and values.
+        // SAFETY: each head's loops wrote all padded · head_dim of its keys
+        // (a panel of each key's dimensions per token, zeros past the last)
+        // and all tokens · head_dim of its values.
         let (keys_t, values) = unsafe { (keys_t.assume_written(), values.assume_written()) };
         Self { keys_t, values, tokens, num_heads, head_dim }
     }
@@ -618,6 +693,56 @@ mod tests {
         let ours = scores.chunks(tokens).zip(inv_sums).flat_map(|(row, inv)| row.iter().map(move |p| p * inv));
         for (a, b) in ours.zip(&expected) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    /// softmax(q kᵀ · scale) v per head, one value at a time.
+    fn naive_attention(qkv: &[f32], tokens: usize, num_heads: usize, scale: f32) -> (Vec<f32>, Vec<f32>) {
+        let d = qkv.len() / tokens / 3;
+        let head_dim = d / num_heads;
+        let at = |t: usize, part: usize, head: usize, c: usize| qkv[t * 3 * d + part * d + head * head_dim + c];
+        let mut mixed = vec![0f32; tokens * d];
+        let mut cls = Vec::new();
+        for head in 0..num_heads {
+            for t in 0..tokens {
+                let scores: Vec<f32> = (0..tokens)
+                    .map(|u| (0..head_dim).map(|c| at(t, 0, head, c) * at(u, 1, head, c)).sum::<f32>() * scale)
+                    .collect();
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = scores.iter().map(|s| (s - max).exp()).sum();
+                let probs: Vec<f32> = scores.iter().map(|s| (s - max).exp() / sum).collect();
+                for c in 0..head_dim {
+                    mixed[t * d + head * head_dim + c] = (0..tokens).map(|u| probs[u] * at(u, 2, head, c)).sum();
+                }
+                if t == 0 {
+                    cls.extend(probs);
+                }
+            }
+        }
+        (mixed, cls)
+    }
+
+    #[test]
+    fn attention_kernels_match_the_formula() {
+        let device = candle_core::Device::Cpu;
+        // 37 tokens: a partial key panel and, in blocks of 16 rows, partial
+        // row tiles. Heads of 64 dimensions, the size the AVX-512 tiles take.
+        let (tokens, num_heads) = (37, 2);
+        let qkv = Tensor::randn(0f32, 1.0, (1, tokens, 3 * num_heads * 64), &device).unwrap();
+        let data: Vec<f32> = qkv.flatten_all().unwrap().to_vec1().unwrap();
+        let (expected_mixed, expected_cls) = naive_attention(&data, tokens, num_heads, 0.125);
+        let mut kernels = vec![AttentionKernel::Gemm, AttentionKernel::best(64)];
+        kernels.dedup_by_key(|k| format!("{k:?}"));
+        for kernel in kernels {
+            let (mixed, cls) = attention_with(kernel, &qkv, num_heads, 0.125, true).unwrap();
+            let mixed: Vec<f32> = mixed.flatten_all().unwrap().to_vec1().unwrap();
+            let cls: Vec<f32> = cls.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            for (ours, expected) in [(mixed, &expected_mixed), (cls, &expected_cls)] {
+                assert_eq!(ours.len(), expected.len());
+                for (a, e) in ours.iter().zip(expected) {
+                    assert!((a - e).abs() < 1e-5, "{kernel:?}: {a} vs {e}");
+                }
+            }
         }
     }
 
