@@ -14,6 +14,8 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512_attention;
+#[cfg(target_arch = "x86_64")]
+mod avx512_matmul;
 
 /// `fn name(args) = portable`: `name` runs `portable` compiled for the widest
 /// vectors the CPU has (AVX-512, else AVX2 + FMA, else baseline), chosen at
@@ -274,71 +276,131 @@ impl ColumnsOf {
     }
 }
 
-/// `x · B` for `x` (…, inputs) and B (inputs, outputs) row-major. The
-/// product goes into a fresh buffer that the GEMM writes once: candle's
-/// matmul zeroes its output first, in a serial pass that leaves the other
-/// cores idle.
-///
-/// Each task, two per thread, is a single-threaded GEMM over a slice of the
-/// output columns. The gemm crate's own threading packs B on the calling
-/// thread while the workers wait, then synchronizes them per panel: at 224x224
-/// ViT-S/16 went from 70–74 to 61–66 ms, at 480x640 2–3 % faster.
-pub fn matmul(x: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
-    let (inputs, outputs) = b.dims2()?;
+/// A linear layer's W, (outputs, inputs) as stored, laid out once at load the
+/// way its product reads it: Wᵀ in panels of `width` output columns, each
+/// (inputs, width) row-major and zero past the last output. Read as stored,
+/// W would be packed by the GEMM on every call.
+pub struct PackedWeight {
+    panels: Vec<f32>,
+    kernel: MatmulKernel,
+    inputs: usize,
+    outputs: usize,
+}
+
+/// What computes `x · W`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum MatmulKernel {
+    /// The gemm crate, on Wᵀ as one panel; any CPU.
+    Gemm,
+    /// Register tiles on W in 16-column panels.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl MatmulKernel {
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if avx512_matmul::available() {
+            return Self::Avx512;
+        }
+        Self::Gemm
+    }
+
+    fn panel_width(self, outputs: usize) -> usize {
+        match self {
+            Self::Gemm => outputs,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => avx512_matmul::PANEL,
+        }
+    }
+}
+
+impl PackedWeight {
+    pub fn new(weight: &Tensor) -> Result<Self> {
+        Self::for_kernel(weight, MatmulKernel::best())
+    }
+
+    /// Each task writes 32 rows of the packed panels, one output column at a
+    /// time, so every read is a 128-byte run of a row of W.
+    fn for_kernel(weight: &Tensor, kernel: MatmulKernel) -> Result<Self> {
+        const STRIP: usize = 32;
+        let (outputs, inputs) = weight.dims2()?;
+        let width = kernel.panel_width(outputs).max(1);
+        let panel_rows = outputs.div_ceil(width) * inputs;
+        cpu_slice(weight, |w| {
+            let mut panels = Unwritten::new(panel_rows * width);
+            panels.slots().par_chunks_mut(STRIP * width).enumerate().for_each(|(strip, out)| {
+                let first = strip * STRIP;
+                let rows = (first..first + out.len() / width).map(|q| (q / inputs * width, q % inputs));
+                let rows: Vec<(usize, usize)> = rows.collect();
+                for lane in 0..width {
+                    for (r, &(panel_start, input)) in rows.iter().enumerate() {
+                        let output = panel_start + lane;
+                        out[r * width + lane].write(if output < outputs { w[output * inputs + input] } else { 0.0 });
+                    }
+                }
+            });
+            // SAFETY: each strip wrote every lane of each of its rows.
+            let panels = unsafe { panels.assume_written() };
+            Ok(Self { panels, kernel, inputs, outputs })
+        })
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+}
+
+/// `x · Wᵀ` for `x` (…, inputs). The product goes into a fresh buffer that
+/// the kernel writes once: candle's matmul zeroes its output first, in a
+/// serial pass that leaves the other cores idle.
+pub fn matmul(x: &Tensor, weight: &PackedWeight) -> Result<Vec<f32>> {
+    let PackedWeight { inputs, outputs, .. } = *weight;
     cpu_slice(x, |x| {
         if inputs == 0 || x.len() % inputs != 0 {
             bail!("matmul: {} values are not rows of {inputs}", x.len());
         }
         let rows = x.len() / inputs;
-        cpu_slice(b, |b| {
-            let mut product = Unwritten::new(rows * outputs);
-            let columns = outputs.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(16);
-            let dst = ColumnsOf(product.slots().as_mut_ptr().cast());
-            (0..outputs.div_ceil(columns)).into_par_iter().for_each(|task| {
-                let first = task * columns;
-                // SAFETY: dst is (rows x outputs) row-major inside `product`'s
-                // capacity, of which this task writes columns first..first+width;
-                // lhs (rows x inputs) row-major is `x`; rhs (inputs x width) is
-                // columns first..first+width of B (inputs x outputs).
-                unsafe {
-                    overwrite_product(
-                        (rows, columns.min(outputs - first), inputs),
-                        dst.starting_at(first),
-                        outputs,
-                        Strided::row_major(x.as_ptr(), inputs),
-                        Strided::row_major(b.as_ptr().add(first), outputs),
-                        1.0,
-                    );
-                }
-            });
-            // SAFETY: the tasks' columns cover all outputs, and with inputs > 0
-            // each product writes every value it covers.
-            Ok(unsafe { product.assume_written() })
-        })
+        let mut product = Unwritten::new(rows * outputs);
+        match weight.kernel {
+            MatmulKernel::Gemm => gemm_product(x, inputs, &weight.panels, outputs, product.slots()),
+            // SAFETY: `best` chose this kernel on a CPU with AVX-512F, and
+            // `for_kernel` packed the panels for it.
+            #[cfg(target_arch = "x86_64")]
+            MatmulKernel::Avx512 => unsafe {
+                avx512_matmul::product(x, inputs, &weight.panels, outputs, product.slots())
+            },
+        }
+        // SAFETY: either kernel writes every value of the product when inputs > 0.
+        Ok(unsafe { product.assume_written() })
     })
 }
 
-/// The (columns, rows) transpose of a row-major (rows, columns) matrix. Each
-/// task writes a strip of 32 output rows, sequentially along each: 32 write
-/// streams, and every read a 128-byte run of an input row.
-pub fn transpose(matrix: &Tensor) -> Result<Tensor> {
-    const STRIP: usize = 32;
-    let (rows, columns) = matrix.dims2()?;
-    cpu_slice(matrix, |values| {
-        let mut out = Unwritten::new(rows * columns);
-        out.slots().par_chunks_mut((STRIP * rows).max(1)).enumerate().for_each(|(strip, out)| {
-            let first = strip * STRIP;
-            let width = out.len() / rows;
-            for (r, row) in values.chunks_exact(columns).enumerate() {
-                for (c, &v) in row[first..first + width].iter().enumerate() {
-                    out[c * rows + r].write(v);
-                }
-            }
-        });
-        // SAFETY: each strip wrote every row of its columns.
-        let out = unsafe { out.assume_written() };
-        Ok(Tensor::from_vec(out, (columns, rows), matrix.device())?)
-    })
+/// `out = x · B` for B (inputs, outputs) row-major. Each task, two per
+/// thread, is a single-threaded GEMM over a slice of the output columns. The
+/// gemm crate's own threading packs B on the calling thread while the workers
+/// wait, then synchronizes them per panel: at 224x224 ViT-S/16 went from
+/// 70–74 to 61–66 ms, at 480x640 2–3 % faster.
+fn gemm_product(x: &[f32], inputs: usize, b: &[f32], outputs: usize, out: &mut [MaybeUninit<f32>]) {
+    let rows = x.len() / inputs;
+    let columns = outputs.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(16);
+    let dst = ColumnsOf(out.as_mut_ptr().cast());
+    (0..outputs.div_ceil(columns)).into_par_iter().for_each(|task| {
+        let first = task * columns;
+        // SAFETY: dst is (rows x outputs) row-major `out`, of which this task
+        // writes columns first..first+width; lhs (rows x inputs) row-major is
+        // `x`; rhs (inputs x width) is columns first..first+width of B.
+        unsafe {
+            overwrite_product(
+                (rows, columns.min(outputs - first), inputs),
+                dst.starting_at(first),
+                outputs,
+                Strided::row_major(x.as_ptr(), inputs),
+                Strided::row_major(b.as_ptr().add(first), outputs),
+                1.0,
+            );
+        }
+    });
 }
 
 /// A LayerNorm's parameters, as the layer holds them.
@@ -781,27 +843,25 @@ mod tests {
     }
 
     #[test]
-    fn matmul_matches_candle() {
+    fn matmul_kernels_match_candle() {
         let device = candle_core::Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 37, 19), &device).unwrap();
-        let b = Tensor::randn(0f32, 1.0, (19, 23), &device).unwrap();
-        let ours = matmul(&x, &b).unwrap();
-        let expected = x.reshape((74, 19)).unwrap().matmul(&b).unwrap();
-        let expected: Vec<f32> = expected.flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(ours.len(), expected.len());
-        for (a, e) in ours.iter().zip(&expected) {
-            assert!((a - e).abs() < 1e-4, "{a} vs {e}");
+        // 37 rows: partial row tiles; 23 and 83 outputs: partial panels, and
+        // for 83 a full group of four panels and a partial one.
+        let x = Tensor::randn(0f32, 1.0, (1, 37, 19), &device).unwrap();
+        for outputs in [23, 83] {
+            let weight = Tensor::randn(0f32, 1.0, (outputs, 19), &device).unwrap();
+            let expected = x.squeeze(0).unwrap().matmul(&weight.t().unwrap()).unwrap();
+            let expected: Vec<f32> = expected.flatten_all().unwrap().to_vec1().unwrap();
+            let mut kernels = vec![MatmulKernel::Gemm, MatmulKernel::best()];
+            kernels.dedup();
+            for kernel in kernels {
+                let ours = matmul(&x, &PackedWeight::for_kernel(&weight, kernel).unwrap()).unwrap();
+                assert_eq!(ours.len(), expected.len());
+                for (a, e) in ours.iter().zip(&expected) {
+                    assert!((a - e).abs() < 1e-4, "{kernel:?}, {outputs} outputs: {a} vs {e}");
+                }
+            }
         }
-    }
-
-    #[test]
-    fn transpose_matches_candle() {
-        let device = candle_core::Device::Cpu;
-        // 70 columns: two full strips of 32 and a partial one.
-        let matrix = Tensor::randn(0f32, 1.0, (5, 70), &device).unwrap();
-        let ours: Vec<f32> = transpose(&matrix).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let expected: Vec<f32> = matrix.t().unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(ours, expected);
     }
 
     #[test]

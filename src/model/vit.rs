@@ -15,13 +15,13 @@ use super::fused;
 use super::interpolate::resample_grid;
 use super::weights::{Layout, ModelFiles, QkvNames, TensorStore};
 
-/// `x · Wᵀ + b`, with W transposed once at load to (inputs, outputs): read
-/// as stored, (outputs, inputs), W has to be packed by the GEMM on every
-/// call. Packing fell from 3.1 to 1.2 % of samples; ViT-S/16 went from
+/// `x · Wᵀ + b`, with W laid out once at load for the product's kernel
+/// ([`fused::PackedWeight`]). Read as stored, (outputs, inputs), W had to be
+/// packed by the GEMM on every call: transposed at load, ViT-S/16 went from
 /// 409–418 to 398–401 ms at 480x640 and from 60 to 52 ms at 224x224 (3
 /// pairs each), and load time stayed within its noise (56–75 ms).
 struct Linear {
-    weight_t: Tensor,
+    weight: fused::PackedWeight,
     bias: Tensor,
 }
 
@@ -34,7 +34,7 @@ impl Linear {
 
     /// From W as checkpoints store it, (outputs, inputs).
     fn from_stored(weight: &Tensor, bias: Tensor) -> Result<Self> {
-        Ok(Self { weight_t: fused::transpose(weight)?, bias })
+        Ok(Self { weight: fused::PackedWeight::new(weight)?, bias })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -45,13 +45,13 @@ impl Linear {
 
     /// `x · Wᵀ` alone, as a buffer that callers fuse the bias into in place.
     fn forward_without_bias(&self, x: &Tensor) -> Result<Vec<f32>> {
-        fused::matmul(&x.contiguous()?, &self.weight_t)
+        fused::matmul(&x.contiguous()?, &self.weight)
     }
 
     /// A product of `x` as a (B, tokens, outputs) tensor.
     fn output(&self, product: Vec<f32>, x: &Tensor) -> Result<Tensor> {
         let (batch, tokens, _) = x.dims3()?;
-        Ok(Tensor::from_vec(product, (batch, tokens, self.weight_t.dim(1)?), x.device())?)
+        Ok(Tensor::from_vec(product, (batch, tokens, self.weight.outputs()), x.device())?)
     }
 }
 
