@@ -262,17 +262,18 @@ unsafe fn overwrite_product(
     }
 }
 
-/// The product's buffer, shared by the tasks that each write their own columns of it.
+/// A buffer shared by parallel tasks that each write their own disjoint
+/// part of it (columns, or blocks of rows and columns).
 #[derive(Clone, Copy)]
-struct ColumnsOf(*mut f32);
+struct SharedOut(*mut f32);
 
-// SAFETY: tasks write disjoint columns, and the buffer outlives them.
-unsafe impl Send for ColumnsOf {}
-unsafe impl Sync for ColumnsOf {}
+// SAFETY: tasks write disjoint values, and the buffer outlives them.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
 
-impl ColumnsOf {
-    fn starting_at(self, column: usize) -> *mut f32 {
-        self.0.wrapping_add(column)
+impl SharedOut {
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
     }
 }
 
@@ -384,7 +385,7 @@ pub fn matmul(x: &Tensor, weight: &PackedWeight) -> Result<Vec<f32>> {
 fn gemm_product(x: &[f32], inputs: usize, b: &[f32], outputs: usize, out: &mut [MaybeUninit<f32>]) {
     let rows = x.len() / inputs;
     let columns = outputs.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(16);
-    let dst = ColumnsOf(out.as_mut_ptr().cast());
+    let dst = SharedOut(out.as_mut_ptr().cast());
     (0..outputs.div_ceil(columns)).into_par_iter().for_each(|task| {
         let first = task * columns;
         // SAFETY: dst is (rows x outputs) row-major `out`, of which this task
@@ -393,7 +394,7 @@ fn gemm_product(x: &[f32], inputs: usize, b: &[f32], outputs: usize, out: &mut [
         unsafe {
             overwrite_product(
                 (rows, columns.min(outputs - first), inputs),
-                dst.starting_at(first),
+                dst.at(first),
                 outputs,
                 Strided::row_major(x.as_ptr(), inputs),
                 Strided::row_major(b.as_ptr().add(first), outputs),
@@ -581,21 +582,13 @@ impl AttentionKernel {
         }
     }
 
-    fn attend_block(
-        self,
-        qkv: &[f32],
-        heads: &HeadMajor,
-        out: &mut [MaybeUninit<f32>],
-        first: usize,
-        scale: f32,
-        keep_first_row: bool,
-    ) -> Vec<f32> {
+    fn attend_block(self, block: QueryBlock) -> Vec<f32> {
         match self {
-            Self::Gemm => attend_block(qkv, heads, out, first, scale, keep_first_row),
+            Self::Gemm => attend_block(block),
             // SAFETY: `best` chose this kernel on a CPU with AVX-512F for
             // heads of its size, and `heads` is packed with its key panel.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => unsafe { avx512_attention::attend_block(qkv, heads, out, first, scale, keep_first_row) },
+            Self::Avx512 => unsafe { avx512_attention::attend_block(block) },
         }
     }
 }
@@ -621,8 +614,15 @@ fn attention_with(
                 .par_chunks_mut(rows * d)
                 .enumerate()
                 .map(|(block, out)| {
-                    let keep = block == 0 && keep_cls_row;
-                    kernel.attend_block(data, &heads, out, block * rows, scale, keep)
+                    let keep_first_row = block == 0 && keep_cls_row;
+                    kernel.attend_block(QueryBlock {
+                        qkv: data,
+                        heads: &heads,
+                        out,
+                        first: block * rows,
+                        scale,
+                        keep_first_row,
+                    })
                 })
                 .collect();
             if keep_cls_row {
@@ -686,16 +686,21 @@ impl HeadMajor {
     }
 }
 
-/// One block of query rows starting at `first`, all heads. Returns row 0's
-/// probabilities for every head when `keep_first_row`.
-fn attend_block(
-    qkv: &[f32],
-    heads: &HeadMajor,
-    out: &mut [MaybeUninit<f32>],
+/// Query rows `first..` of all heads, written to `out` (rows x hidden), for
+/// an attention kernel.
+struct QueryBlock<'a> {
+    qkv: &'a [f32],
+    heads: &'a HeadMajor,
+    out: &'a mut [MaybeUninit<f32>],
     first: usize,
     scale: f32,
+    /// Return row 0's probabilities for every head.
     keep_first_row: bool,
-) -> Vec<f32> {
+}
+
+/// The block with two GEMMs per head around a softmax pass.
+fn attend_block(block: QueryBlock) -> Vec<f32> {
+    let QueryBlock { qkv, heads, out, first, scale, keep_first_row } = block;
     let HeadMajor { tokens, num_heads, head_dim, .. } = *heads;
     let d = num_heads * head_dim;
     let rows = out.len() / d;

@@ -7,10 +7,8 @@
 //! scores, softmax and P·V while their scores (six rows x tokens, 29 KB at
 //! 1201 tokens) stay in L1.
 
+use super::{HeadMajor, QueryBlock};
 use std::arch::x86_64::*;
-use std::mem::MaybeUninit;
-
-use super::HeadMajor;
 
 /// Dimensions per head that the tiles are written for: four vectors.
 pub(super) const HEAD_DIM: usize = 64;
@@ -26,23 +24,15 @@ pub(super) fn available(head_dim: usize) -> bool {
     head_dim == HEAD_DIM && std::arch::is_x86_feature_detected!("avx512f")
 }
 
-/// Like the GEMM path's `attend_block`: query rows `first..` of all heads
-/// into `out` (rows x hidden); returns row 0's probabilities for every head
-/// when `keep_first_row`.
+/// The block in tiles of six query rows.
 ///
 /// # Safety
 /// The CPU must have AVX-512F ([`available`]); `heads` packed with
 /// [`KEY_PANEL`]-wide panels of [`HEAD_DIM`] dimensions from `qkv`, and
 /// `first + out.len() / hidden <= heads.tokens`.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn attend_block(
-    qkv: &[f32],
-    heads: &HeadMajor,
-    out: &mut [MaybeUninit<f32>],
-    first: usize,
-    scale: f32,
-    keep_first_row: bool,
-) -> Vec<f32> {
+pub(super) unsafe fn attend_block(block: QueryBlock) -> Vec<f32> {
+    let QueryBlock { qkv, heads, out, first, scale, keep_first_row } = block;
     let HeadMajor { tokens, num_heads, .. } = *heads;
     let d = num_heads * HEAD_DIM;
     let rows = out.len() / d;

@@ -9,6 +9,8 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::SharedOut;
+
 /// Output columns per panel of the packed W: one vector.
 pub(super) const PANEL: usize = 16;
 /// Rows of x per tile.
@@ -19,20 +21,6 @@ const GROUP: usize = 4;
 
 pub(super) fn available() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
-}
-
-/// A task's share of the product, and where it writes.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-
-// SAFETY: tasks write disjoint (rows, columns) blocks of the buffer, which outlives them.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
 }
 
 /// `out` (rows x outputs) = `x` (rows x inputs) · W, with W in
@@ -49,7 +37,7 @@ pub(super) unsafe fn product(x: &[f32], inputs: usize, panels: &[f32], outputs: 
     // of rows, so that the group's panels stay in L2 from tile to tile.
     let splits = (4 * rayon::current_num_threads()).div_ceil(groups);
     let chunk = rows.div_ceil(splits).next_multiple_of(TILE_ROWS);
-    let dst = Out(out.as_mut_ptr().cast());
+    let dst = SharedOut(out.as_mut_ptr().cast());
     (0..groups * rows.div_ceil(chunk)).into_par_iter().for_each(|task| {
         let (group, first_row) = (task % groups, task / groups * chunk);
         let block = Block {
