@@ -17,6 +17,18 @@ mod avx512_attention;
 #[cfg(target_arch = "x86_64")]
 mod avx512_matmul;
 
+/// Whether the AVX-512 kernels run: the CPU has AVX-512F and
+/// SEGATTN_PORTABLE_KERNELS is unset. Set, it keeps any CPU to the kernels
+/// that CPUs without AVX-512 run, so that CI can test those end to end too.
+/// Read once per process.
+#[cfg(target_arch = "x86_64")]
+fn avx512_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        std::env::var_os("SEGATTN_PORTABLE_KERNELS").is_none() && std::arch::is_x86_feature_detected!("avx512f")
+    })
+}
+
 /// `fn name(args) = portable`: `name` runs `portable` compiled for the widest
 /// vectors the CPU has (AVX-512, else AVX2 + FMA, else baseline), chosen at
 /// run time, so one plain-Rust loop gets each machine's vector width.

@@ -21,7 +21,7 @@ const TILE_ROWS: usize = 6;
 const PANELS_PER_STEP: usize = 4;
 
 pub(super) fn available(head_dim: usize) -> bool {
-    head_dim == HEAD_DIM && std::arch::is_x86_feature_detected!("avx512f")
+    head_dim == HEAD_DIM && super::avx512_enabled()
 }
 
 /// The block in tiles of six query rows.

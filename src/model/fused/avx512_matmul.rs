@@ -20,7 +20,7 @@ const TILE_ROWS: usize = 6;
 const GROUP: usize = 4;
 
 pub(super) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    super::avx512_enabled()
 }
 
 /// `out` (rows x outputs) = `x` (rows x inputs) · W, with W in
