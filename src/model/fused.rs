@@ -289,10 +289,19 @@ impl SharedOut {
     }
 }
 
+/// Where (row, column) of a `rows`-row matrix goes when the matrix is laid
+/// out in panels of `width` columns, each (rows, width) row-major, one after
+/// the other: the layout every AVX-512 product reads its right-hand side in
+/// (16 columns a panel), and with one panel as wide as the matrix, plain
+/// row-major.
+fn panel_slot(row: usize, column: usize, rows: usize, width: usize) -> usize {
+    (column / width * rows + row) * width + column % width
+}
+
 /// A linear layer's W, (outputs, inputs) as stored, laid out once at load the
-/// way its product reads it: Wᵀ in panels of `width` output columns, each
-/// (inputs, width) row-major and zero past the last output. Read as stored,
-/// W would be packed by the GEMM on every call.
+/// way its product reads it: Wᵀ (inputs, outputs) in [`panel_slot`]'s column
+/// panels, zero past the last output. Read as stored, W would be packed by
+/// the GEMM on every call.
 pub struct PackedWeight {
     panels: Vec<f32>,
     kernel: MatmulKernel,
@@ -585,12 +594,12 @@ impl AttentionKernel {
         Self::Gemm
     }
 
-    /// Keys per panel of the packed Kᵀ that the kernel reads.
-    fn key_panel(self, tokens: usize) -> usize {
+    /// Widths of the column panels of Kᵀ and of V that the kernel reads.
+    fn panel_widths(self, tokens: usize, head_dim: usize) -> (usize, usize) {
         match self {
-            Self::Gemm => tokens,
+            Self::Gemm => (tokens, head_dim),
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => avx512_attention::KEY_PANEL,
+            Self::Avx512 => (avx512_matmul::PANEL, avx512_matmul::PANEL),
         }
     }
 
@@ -620,7 +629,7 @@ fn attention_with(
         let mut out = Unwritten::new(batch * tokens * d);
         for (b, out) in out.slots().chunks_mut(tokens * d).enumerate() {
             let data = &data[b * tokens * three_d..(b + 1) * tokens * three_d];
-            let heads = HeadMajor::new(data, tokens, num_heads, head_dim, kernel.key_panel(tokens));
+            let heads = HeadMajor::new(data, tokens, num_heads, head_dim, kernel.panel_widths(tokens, head_dim));
             let rows = block_rows(tokens);
             let first_rows: Vec<Vec<f32>> = out
                 .par_chunks_mut(rows * d)
@@ -652,11 +661,11 @@ fn attention_with(
 }
 
 /// Keys and values copied out of the interleaved qkv rows once per layer, per
-/// head: Kᵀ in panels of `key_panel` keys, each (head_dim, key_panel) and
-/// zero past the last token, and V as (tokens, head_dim). With one panel of
-/// all tokens, Kᵀ is the plain (head_dim, tokens) operand the GEMM reads.
-/// Read in place, the keys form a column-major operand that the GEMM
-/// re-gathers element by element for every block.
+/// head: Kᵀ (head_dim, tokens) and V (tokens, head_dim), each in
+/// [`panel_slot`]'s column panels, Kᵀ's zero past the last token. With one
+/// panel as wide as the matrix, they are the plain row-major operands the
+/// GEMM reads. Read in place, the keys form a column-major operand that the
+/// GEMM re-gathers element by element for every block.
 struct HeadMajor {
     keys_t: Vec<f32>,
     values: Vec<f32>,
@@ -666,7 +675,15 @@ struct HeadMajor {
 }
 
 impl HeadMajor {
-    fn new(qkv: &[f32], tokens: usize, num_heads: usize, head_dim: usize, key_panel: usize) -> Self {
+    /// `key_panel` columns (tokens) per panel of Kᵀ, `value_panel` columns
+    /// (dimensions, a divisor of head_dim) per panel of V.
+    fn new(
+        qkv: &[f32],
+        tokens: usize,
+        num_heads: usize,
+        head_dim: usize,
+        (key_panel, value_panel): (usize, usize),
+    ) -> Self {
         let d = num_heads * head_dim;
         let padded = tokens.next_multiple_of(key_panel);
         let mut keys_t = Unwritten::new(num_heads * padded * head_dim);
@@ -674,25 +691,25 @@ impl HeadMajor {
         let per_head_chunks =
             keys_t.slots().par_chunks_mut(padded * head_dim).zip(values.slots().par_chunks_mut(tokens * head_dim));
         per_head_chunks.enumerate().for_each(|(head, (keys_t, values))| {
-            let key_slots = |t: usize| {
-                let panel_start = (t / key_panel) * head_dim * key_panel + t % key_panel;
-                (0..head_dim).map(move |c| panel_start + c * key_panel)
-            };
+            let key_slots = |t: usize| (0..head_dim).map(move |c| panel_slot(c, t, head_dim, key_panel));
             for (t, row) in qkv.chunks_exact(3 * d).enumerate() {
                 let key = &row[d + head * head_dim..d + (head + 1) * head_dim];
                 for (slot, &k) in key_slots(t).zip(key) {
                     keys_t[slot].write(k);
                 }
                 let value = &row[2 * d + head * head_dim..2 * d + (head + 1) * head_dim];
-                values[t * head_dim..(t + 1) * head_dim].write_copy_of_slice(value);
+                for (panel, part) in value.chunks(value_panel).enumerate() {
+                    let start = panel_slot(t, panel * value_panel, tokens, value_panel);
+                    values[start..start + value_panel].write_copy_of_slice(part);
+                }
             }
             for slot in (tokens..padded).flat_map(key_slots) {
                 keys_t[slot].write(0.0);
             }
         });
         // SAFETY: each head's loops wrote all padded · head_dim of its keys
-        // (a panel of each key's dimensions per token, zeros past the last)
-        // and all tokens · head_dim of its values.
+        // (each key's dimensions, zeros past the last) and all
+        // tokens · head_dim of its values.
         let (keys_t, values) = unsafe { (keys_t.assume_written(), values.assume_written()) };
         Self { keys_t, values, tokens, num_heads, head_dim }
     }

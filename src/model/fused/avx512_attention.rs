@@ -2,18 +2,19 @@
 //! register tiles, for heads of 64 dimensions (every DINO and DINOv2 size).
 //!
 //! The GEMM path re-packs all of a head's keys and values for every block,
-//! and its scores (block rows x tokens) live in L2. Here keys are packed once
-//! per layer, in the panels the kernel reads, and six query rows go through
-//! scores, softmax and P·V while their scores (six rows x tokens, 29 KB at
-//! 1201 tokens) stay in L1.
+//! and its scores (block rows x tokens) live in L2. Here Kᵀ and V are packed
+//! once per layer, in the 16-column panels of the matmul kernel, and six
+//! query rows go through scores, softmax and P·V, both products on that
+//! kernel's tiles, while their scores (six rows x tokens, 29 KB at 1201
+//! tokens) stay in L1.
 
-use super::{HeadMajor, QueryBlock};
 use std::arch::x86_64::*;
 
-/// Dimensions per head that the tiles are written for: four vectors.
+use super::avx512_matmul::{PANEL, tile_product};
+use super::{HeadMajor, QueryBlock};
+
+/// Dimensions per head that the tiles are written for: four panels of V.
 pub(super) const HEAD_DIM: usize = 64;
-/// Keys per panel: one vector of scores.
-pub(super) const KEY_PANEL: usize = 16;
 /// Query rows per tile: P·V keeps 6 x 4 accumulators, plus four value
 /// vectors and a broadcast, in the 32 vector registers.
 const TILE_ROWS: usize = 6;
@@ -27,8 +28,8 @@ pub(super) fn available(head_dim: usize) -> bool {
 /// The block in tiles of six query rows.
 ///
 /// # Safety
-/// The CPU must have AVX-512F ([`available`]); `heads` packed with
-/// [`KEY_PANEL`]-wide panels of [`HEAD_DIM`] dimensions from `qkv`, and
+/// The CPU must have AVX-512F ([`available`]); `heads` packed from `qkv` in
+/// [`PANEL`]-wide panels, with heads of [`HEAD_DIM`] dimensions, and
 /// `first + out.len() / hidden <= heads.tokens`.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn attend_block(block: QueryBlock) -> Vec<f32> {
@@ -36,8 +37,8 @@ pub(super) unsafe fn attend_block(block: QueryBlock) -> Vec<f32> {
     let HeadMajor { tokens, num_heads, .. } = *heads;
     let d = num_heads * HEAD_DIM;
     let rows = out.len() / d;
-    let panels = tokens.div_ceil(KEY_PANEL);
-    let padded = panels * KEY_PANEL;
+    let panels = tokens.div_ceil(PANEL);
+    let padded = panels * PANEL;
     let mut scores = vec![0f32; TILE_ROWS * padded];
     let mut first_row = Vec::with_capacity(if keep_first_row { num_heads * tokens } else { 0 });
     for head in 0..num_heads {
@@ -90,7 +91,7 @@ impl Tile {
     /// panels and `tokens` value rows readable.
     #[target_feature(enable = "avx512f")]
     unsafe fn run<const R: usize>(&self, scores: &mut [f32]) -> f32 {
-        let padded = self.panels * KEY_PANEL;
+        let padded = self.panels * PANEL;
         let mut panel = 0;
         // SAFETY: the caller's contract; scores holds TILE_ROWS >= R rows of `padded`.
         unsafe {
@@ -116,24 +117,12 @@ impl Tile {
     unsafe fn scores<const R: usize, const P: usize>(&self, panel: usize, scores: *mut f32, padded: usize) {
         // SAFETY: (all pointer reads and writes) the caller's contract.
         unsafe {
-            let keys = self.keys.add(panel * HEAD_DIM * KEY_PANEL);
-            let mut acc = [[_mm512_setzero_ps(); P]; R];
-            for c in 0..HEAD_DIM {
-                let mut k = [_mm512_setzero_ps(); P];
-                for (p, k) in k.iter_mut().enumerate() {
-                    *k = _mm512_loadu_ps(keys.add((p * HEAD_DIM + c) * KEY_PANEL));
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let q = _mm512_set1_ps(*self.q.add(r * self.q_stride + c));
-                    for (acc, &k) in acc.iter_mut().zip(&k) {
-                        *acc = _mm512_fmadd_ps(q, k, *acc);
-                    }
-                }
-            }
+            let keys = self.keys.add(panel * HEAD_DIM * PANEL);
+            let acc = tile_product::<R, P>(self.q, self.q_stride, keys, HEAD_DIM);
             let scale = _mm512_set1_ps(self.scale);
             for (r, acc) in acc.iter().enumerate() {
                 for (p, &acc) in acc.iter().enumerate() {
-                    _mm512_storeu_ps(scores.add(r * padded + (panel + p) * KEY_PANEL), _mm512_mul_ps(acc, scale));
+                    _mm512_storeu_ps(scores.add(r * padded + (panel + p) * PANEL), _mm512_mul_ps(acc, scale));
                 }
             }
         }
@@ -142,26 +131,13 @@ impl Tile {
     /// out[r] = (Σ_t scores[r][t] · v[t]) / Σ_r.
     #[inline(always)]
     unsafe fn mix<const R: usize>(&self, scores: *const f32, padded: usize, inv_sums: &[f32; R]) {
-        const VECTORS: usize = HEAD_DIM / 16;
         // SAFETY: (all pointer reads and writes) the caller's contract.
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
-            for t in 0..self.tokens {
-                let mut v = [_mm512_setzero_ps(); VECTORS];
-                for (i, v) in v.iter_mut().enumerate() {
-                    *v = _mm512_loadu_ps(self.values.add(t * HEAD_DIM + i * 16));
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let p = _mm512_set1_ps(*scores.add(r * padded + t));
-                    for (acc, &v) in acc.iter_mut().zip(&v) {
-                        *acc = _mm512_fmadd_ps(p, v, *acc);
-                    }
-                }
-            }
+            let acc = tile_product::<R, { HEAD_DIM / PANEL }>(scores, padded, self.values, self.tokens);
             for (r, (acc, &inv_sum)) in acc.iter().zip(inv_sums).enumerate() {
                 let inv_sum = _mm512_set1_ps(inv_sum);
-                for (i, &acc) in acc.iter().enumerate() {
-                    _mm512_storeu_ps(self.out.add(r * self.out_stride + i * 16), _mm512_mul_ps(acc, inv_sum));
+                for (p, &acc) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(self.out.add(r * self.out_stride + p * PANEL), _mm512_mul_ps(acc, inv_sum));
                 }
             }
         }

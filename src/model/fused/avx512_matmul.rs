@@ -104,20 +104,7 @@ impl Block {
         // SAFETY: (all pointer reads and writes) the caller's contract.
         unsafe {
             let x = self.x.add(first * self.inputs);
-            let w = self.panels.add(panel * self.inputs * PANEL);
-            let mut acc = [[_mm512_setzero_ps(); P]; R];
-            for k in 0..self.inputs {
-                let mut wv = [_mm512_setzero_ps(); P];
-                for (p, wv) in wv.iter_mut().enumerate() {
-                    *wv = _mm512_loadu_ps(w.add((p * self.inputs + k) * PANEL));
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xb = _mm512_set1_ps(*x.add(r * self.inputs + k));
-                    for (acc, &wv) in acc.iter_mut().zip(&wv) {
-                        *acc = _mm512_fmadd_ps(xb, wv, *acc);
-                    }
-                }
-            }
+            let acc = tile_product::<R, P>(x, self.inputs, self.panels.add(panel * self.inputs * PANEL), self.inputs);
             for p in 0..P {
                 let column = (panel + p) * PANEL;
                 let mask: __mmask16 =
@@ -127,5 +114,38 @@ impl Block {
                 }
             }
         }
+    }
+}
+
+/// The microkernel of every AVX-512 product, the attention's two included:
+/// Σ_k x[r][k] · B[k][panel p's 16 columns] for R rows of x, `x_stride`
+/// apart, and P panels of a `depth`-row B in [`super::panel_slot`]'s layout.
+/// R x P accumulators stay in registers.
+///
+/// # Safety
+/// AVX-512F; R rows of `depth` values of x and P panels of B readable.
+#[inline(always)]
+pub(super) unsafe fn tile_product<const R: usize, const P: usize>(
+    x: *const f32,
+    x_stride: usize,
+    panels: *const f32,
+    depth: usize,
+) -> [[__m512; P]; R] {
+    // SAFETY: (all pointer reads) the caller's contract.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
+        for k in 0..depth {
+            let mut b = [_mm512_setzero_ps(); P];
+            for (p, b) in b.iter_mut().enumerate() {
+                *b = _mm512_loadu_ps(panels.add((p * depth + k) * PANEL));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xb = _mm512_set1_ps(*x.add(r * x_stride + k));
+                for (acc, &b) in acc.iter_mut().zip(&b) {
+                    *acc = _mm512_fmadd_ps(xb, b, *acc);
+                }
+            }
+        }
+        acc
     }
 }
