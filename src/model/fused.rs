@@ -13,21 +13,14 @@ use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
-mod avx512_attention;
+mod simd;
 #[cfg(target_arch = "x86_64")]
-mod avx512_matmul;
+mod tile_attention;
+#[cfg(target_arch = "x86_64")]
+mod tile_matmul;
 
-/// Whether the AVX-512 kernels run: the CPU has AVX-512F and
-/// SEGATTN_PORTABLE_KERNELS is unset. Set, it keeps any CPU to the kernels
-/// that CPUs without AVX-512 run, so that CI can test those end to end too.
-/// Read once per process.
 #[cfg(target_arch = "x86_64")]
-fn avx512_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        std::env::var_os("SEGATTN_PORTABLE_KERNELS").is_none() && std::arch::is_x86_feature_detected!("avx512f")
-    })
-}
+use simd::{Avx2, Avx512, Isa};
 
 /// `fn name(args) = portable`: `name` runs `portable` compiled for the widest
 /// vectors the CPU has (AVX-512, else AVX2 + FMA, else baseline), chosen at
@@ -63,7 +56,7 @@ macro_rules! widest_vectors {
 /// Most query rows per block. On the GEMM path each block re-packs every key
 /// and value, so bigger blocks pack less per product: 256 rows measured ~5 %
 /// faster than 64 on ViT-S/8 at 4801 tokens (scores 4.9 MB, in L3). The
-/// AVX-512 path packs once per layer; for it blocks only share out the work.
+/// tiles pack once per layer; for them blocks only share out the work.
 const MAX_BLOCK: usize = 256;
 
 /// Query rows per block: at most [`MAX_BLOCK`], in a number of blocks that
@@ -292,8 +285,8 @@ impl SharedOut {
 
 /// Where (row, column) of a `rows`-row matrix goes when the matrix is laid
 /// out in panels of `width` columns, each (rows, width) row-major, one after
-/// the other: the layout every AVX-512 product reads its right-hand side in
-/// (16 columns a panel), and with one panel as wide as the matrix, plain
+/// the other: the layout every tiled product reads its right-hand side in
+/// (one vector a panel), and with one panel as wide as the matrix, plain
 /// row-major.
 fn panel_slot(row: usize, column: usize, rows: usize, width: usize) -> usize {
     (column / width * rows + row) * width + column % width
@@ -315,25 +308,34 @@ pub struct PackedWeight {
 enum MatmulKernel {
     /// The gemm crate, on Wᵀ as one panel; any CPU.
     Gemm,
-    /// Register tiles on W in 16-column panels.
+    /// Register tiles on W in one-vector panels.
     #[cfg(target_arch = "x86_64")]
-    Avx512,
+    Tiles(Isa),
 }
 
 impl MatmulKernel {
     fn best() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if avx512_matmul::available() {
-            return Self::Avx512;
+        if let Some(isa) = simd::widest() {
+            return Self::Tiles(isa);
         }
         Self::Gemm
+    }
+
+    /// Every kernel this CPU can run, for tests.
+    #[cfg(test)]
+    fn usable() -> Vec<Self> {
+        #[cfg(target_arch = "x86_64")]
+        return std::iter::once(Self::Gemm).chain(simd::usable().map(Self::Tiles)).collect();
+        #[cfg(not(target_arch = "x86_64"))]
+        vec![Self::Gemm]
     }
 
     fn panel_width(self, outputs: usize) -> usize {
         match self {
             Self::Gemm => outputs,
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => avx512_matmul::PANEL,
+            Self::Tiles(isa) => isa.lanes(),
         }
     }
 }
@@ -387,11 +389,15 @@ pub fn matmul(x: &Tensor, weight: &PackedWeight) -> Result<Vec<f32>> {
         let mut product = Unwritten::new(rows * outputs);
         match weight.kernel {
             MatmulKernel::Gemm => gemm_product(x, inputs, &weight.panels, outputs, product.slots()),
-            // SAFETY: `best` chose this kernel on a CPU with AVX-512F, and
+            // SAFETY: `best` chose the instruction set from the CPU's, and
             // `for_kernel` packed the panels for it.
             #[cfg(target_arch = "x86_64")]
-            MatmulKernel::Avx512 => unsafe {
-                avx512_matmul::product(x, inputs, &weight.panels, outputs, product.slots())
+            MatmulKernel::Tiles(Isa::Avx512) => unsafe {
+                tile_matmul::product::<Avx512, 4>(x, inputs, &weight.panels, outputs, product.slots())
+            },
+            #[cfg(target_arch = "x86_64")]
+            MatmulKernel::Tiles(Isa::Avx2) => unsafe {
+                tile_matmul::product::<Avx2, 2>(x, inputs, &weight.panels, outputs, product.slots())
             },
         }
         // SAFETY: either kernel writes every value of the product when inputs > 0.
@@ -578,21 +584,30 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f32, keep_cls_row: bool)
 enum AttentionKernel {
     /// Two GEMMs per head around a softmax pass; any CPU, any head size.
     Gemm,
-    /// Register tiles of six query rows; AVX-512, 64 dimensions per head.
-    /// ViT-S/16 at 480x640 went from 422–449 to 407–415 ms (3 pairs), and
-    /// attention from ~150–200 ms to 134 ms, 87 % of the FMA peak.
+    /// Register tiles of six query rows, for 64 dimensions per head. On
+    /// AVX-512, ViT-S/16 at 480x640 went from 422–449 to 407–415 ms (3
+    /// pairs), and attention from ~150–200 ms to 134 ms, 87 % of the FMA peak.
     #[cfg(target_arch = "x86_64")]
-    Avx512,
+    Tiles(Isa),
 }
 
 impl AttentionKernel {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     fn best(head_dim: usize) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if avx512_attention::available(head_dim) {
-            return Self::Avx512;
+        if let Some(isa) = simd::widest().filter(|_| head_dim == tile_attention::HEAD_DIM) {
+            return Self::Tiles(isa);
         }
         Self::Gemm
+    }
+
+    /// Every kernel this CPU can run, for tests.
+    #[cfg(test)]
+    fn usable() -> Vec<Self> {
+        #[cfg(target_arch = "x86_64")]
+        return std::iter::once(Self::Gemm).chain(simd::usable().map(Self::Tiles)).collect();
+        #[cfg(not(target_arch = "x86_64"))]
+        vec![Self::Gemm]
     }
 
     /// Widths of the column panels of Kᵀ and of V that the kernel reads.
@@ -600,17 +615,19 @@ impl AttentionKernel {
         match self {
             Self::Gemm => (tokens, head_dim),
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => (avx512_matmul::PANEL, avx512_matmul::PANEL),
+            Self::Tiles(isa) => (isa.lanes(), isa.lanes()),
         }
     }
 
     fn attend_block(self, block: QueryBlock) -> Vec<f32> {
         match self {
             Self::Gemm => attend_block(block),
-            // SAFETY: `best` chose this kernel on a CPU with AVX-512F for
-            // heads of its size, and `heads` is packed with its key panel.
+            // SAFETY: `best` chose the instruction set from the CPU's, for
+            // heads of the tiles' size, and `heads` is packed with its panels.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => unsafe { avx512_attention::attend_block(block) },
+            Self::Tiles(Isa::Avx512) => unsafe { tile_attention::attend_block::<Avx512, 4>(block) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Tiles(Isa::Avx2) => unsafe { tile_attention::attend_block::<Avx2, 2>(block) },
         }
     }
 }
@@ -839,14 +856,12 @@ mod tests {
     fn attention_kernels_match_the_formula() {
         let device = candle_core::Device::Cpu;
         // 37 tokens: a partial key panel and, in blocks of 16 rows, partial
-        // row tiles. Heads of 64 dimensions, the size the AVX-512 tiles take.
+        // row tiles. Heads of 64 dimensions, the size the tiles take.
         let (tokens, num_heads) = (37, 2);
         let qkv = Tensor::randn(0f32, 1.0, (1, tokens, 3 * num_heads * 64), &device).unwrap();
         let data: Vec<f32> = qkv.flatten_all().unwrap().to_vec1().unwrap();
         let (expected_mixed, expected_cls) = naive_attention(&data, tokens, num_heads, 0.125);
-        let mut kernels = vec![AttentionKernel::Gemm, AttentionKernel::best(64)];
-        kernels.dedup();
-        for kernel in kernels {
+        for kernel in AttentionKernel::usable() {
             let (mixed, cls) = attention_with(kernel, &qkv, num_heads, 0.125, true).unwrap();
             let mixed: Vec<f32> = mixed.flatten_all().unwrap().to_vec1().unwrap();
             let cls: Vec<f32> = cls.unwrap().flatten_all().unwrap().to_vec1().unwrap();
@@ -881,15 +896,13 @@ mod tests {
     fn matmul_kernels_match_candle() {
         let device = candle_core::Device::Cpu;
         // 37 rows: partial row tiles; 23 and 83 outputs: partial panels, and
-        // for 83 a full group of four panels and a partial one.
+        // for 83 full groups of panels and a partial one.
         let x = Tensor::randn(0f32, 1.0, (1, 37, 19), &device).unwrap();
         for outputs in [23, 83] {
             let weight = Tensor::randn(0f32, 1.0, (outputs, 19), &device).unwrap();
             let expected = x.squeeze(0).unwrap().matmul(&weight.t().unwrap()).unwrap();
             let expected: Vec<f32> = expected.flatten_all().unwrap().to_vec1().unwrap();
-            let mut kernels = vec![MatmulKernel::Gemm, MatmulKernel::best()];
-            kernels.dedup();
-            for kernel in kernels {
+            for kernel in MatmulKernel::usable() {
                 let ours = matmul(&x, &PackedWeight::for_kernel(&weight, kernel).unwrap()).unwrap();
                 assert_eq!(ours.len(), expected.len());
                 for (a, e) in ours.iter().zip(&expected) {

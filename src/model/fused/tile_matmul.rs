@@ -1,0 +1,159 @@
+//! x · W for the linear layers with register tiles, W packed once at load in
+//! the panels the tiles read, so no call packs anything: the gemm crate packs
+//! its operands in every task of every call (1.4 % of samples). On AVX-512,
+//! ViT-S/16 went from 411–455 to 407–415 ms at 480x640 and from 53–62 to
+//! 49–52 ms at 224x224 (3 interleaved pairs each).
+//!
+//! A tile is six rows of x by P panels of W, one vector wide each: 6 x P
+//! accumulators, P panel vectors and a broadcast must fit the vector
+//! registers, so P is 4 on AVX-512 (32 registers) and 2 on AVX2 (16).
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::SharedOut;
+use super::simd::Vector;
+
+/// Rows of x per tile.
+pub(super) const TILE_ROWS: usize = 6;
+
+/// `out` (rows x outputs) = `x` (rows x inputs) · W, with W in panels of
+/// (inputs, V::LANES), zero past the last output, and P panels per tile.
+///
+/// # Safety
+/// The CPU must have V's instruction set; `panels` must hold
+/// ceil(outputs / V::LANES) panels of `inputs` rows.
+pub(super) unsafe fn product<V: Vector, const P: usize>(
+    x: &[f32],
+    inputs: usize,
+    panels: &[f32],
+    outputs: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let rows = out.len() / outputs;
+    assert!(x.len() == rows * inputs && panels.len() == outputs.div_ceil(V::LANES) * inputs * V::LANES);
+    let group = P * V::LANES;
+    let groups = outputs.div_ceil(group);
+    // Enough tasks to share out evenly, each a group of columns over a run
+    // of rows, so that the group's panels stay in L2 from tile to tile.
+    let splits = (4 * rayon::current_num_threads()).div_ceil(groups);
+    let chunk = rows.div_ceil(splits).next_multiple_of(TILE_ROWS);
+    let dst = SharedOut(out.as_mut_ptr().cast());
+    (0..groups * rows.div_ceil(chunk)).into_par_iter().for_each(|task| {
+        let (index, first_row) = (task % groups, task / groups * chunk);
+        let block = Block {
+            x: x[first_row * inputs..].as_ptr(),
+            inputs,
+            panels: panels[index * group * inputs..].as_ptr(),
+            out: dst.at(first_row * outputs + index * group),
+            outputs,
+            columns: (outputs - index * group).min(group),
+        };
+        // SAFETY: V's instruction set by the caller's contract; the block's
+        // rows and columns are inside x, panels and out, and no other task's.
+        unsafe {
+            V::enter(
+                #[inline(always)]
+                || block.run::<V, P>(chunk.min(rows - first_row)),
+            )
+        };
+    });
+}
+
+/// Up to P panels' columns of the product, over rows of x.
+struct Block {
+    x: *const f32,
+    inputs: usize,
+    panels: *const f32,
+    out: *mut f32,
+    outputs: usize,
+    columns: usize,
+}
+
+impl Block {
+    /// # Safety
+    /// V's instruction set; `rows` rows of x and out, and the block's
+    /// panels, readable.
+    #[inline(always)]
+    unsafe fn run<V: Vector, const P: usize>(&self, rows: usize) {
+        for first in (0..rows).step_by(TILE_ROWS) {
+            // SAFETY: the caller's contract.
+            unsafe {
+                match rows - first {
+                    1 => self.tile::<V, 1, P>(first),
+                    2 => self.tile::<V, 2, P>(first),
+                    3 => self.tile::<V, 3, P>(first),
+                    4 => self.tile::<V, 4, P>(first),
+                    5 => self.tile::<V, 5, P>(first),
+                    _ => self.tile::<V, TILE_ROWS, P>(first),
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile<V: Vector, const R: usize, const P: usize>(&self, first: usize) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if self.columns == P * V::LANES {
+                self.panels::<V, R, P>(first, 0);
+            } else {
+                for panel in 0..self.columns.div_ceil(V::LANES) {
+                    self.panels::<V, R, 1>(first, panel);
+                }
+            }
+        }
+    }
+
+    /// out[R rows from `first`][P panels from `panel`] = x · W.
+    #[inline(always)]
+    unsafe fn panels<V: Vector, const R: usize, const P: usize>(&self, first: usize, panel: usize) {
+        // SAFETY: (all pointer reads and writes) the caller's contract.
+        unsafe {
+            let x = self.x.add(first * self.inputs);
+            let acc =
+                tile_product::<V, R, P>(x, self.inputs, self.panels.add(panel * self.inputs * V::LANES), self.inputs);
+            for p in 0..P {
+                let column = (panel + p) * V::LANES;
+                for (r, acc) in acc.iter().enumerate() {
+                    acc[p].store_first(self.out.add((first + r) * self.outputs + column), self.columns - column);
+                }
+            }
+        }
+    }
+}
+
+/// The microkernel of every tiled product, the attention's two included:
+/// Σ_k x[r][k] · B[k][panel p's V::LANES columns] for R rows of x,
+/// `x_stride` apart, and P panels of a `depth`-row B in
+/// [`super::panel_slot`]'s layout. R x P accumulators stay in registers.
+///
+/// # Safety
+/// V's instruction set; R rows of `depth` values of x and P panels of B
+/// readable.
+#[inline(always)]
+pub(super) unsafe fn tile_product<V: Vector, const R: usize, const P: usize>(
+    x: *const f32,
+    x_stride: usize,
+    panels: *const f32,
+    depth: usize,
+) -> [[V; P]; R] {
+    // SAFETY: (all pointer reads) the caller's contract.
+    unsafe {
+        let mut acc = [[V::zero(); P]; R];
+        for k in 0..depth {
+            let mut b = [V::zero(); P];
+            for (p, b) in b.iter_mut().enumerate() {
+                *b = V::load(panels.add((p * depth + k) * V::LANES));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xb = V::splat(*x.add(r * x_stride + k));
+                for (acc, &b) in acc.iter_mut().zip(&b) {
+                    *acc = xb.mul_add(b, *acc);
+                }
+            }
+        }
+        acc
+    }
+}
