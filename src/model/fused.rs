@@ -322,15 +322,6 @@ impl MatmulKernel {
         Self::Gemm
     }
 
-    /// Every kernel this CPU can run, for tests.
-    #[cfg(test)]
-    fn usable() -> Vec<Self> {
-        #[cfg(target_arch = "x86_64")]
-        return std::iter::once(Self::Gemm).chain(simd::usable().map(Self::Tiles)).collect();
-        #[cfg(not(target_arch = "x86_64"))]
-        vec![Self::Gemm]
-    }
-
     fn panel_width(self, outputs: usize) -> usize {
         match self {
             Self::Gemm => outputs,
@@ -601,15 +592,6 @@ impl AttentionKernel {
         Self::Gemm
     }
 
-    /// Every kernel this CPU can run, for tests.
-    #[cfg(test)]
-    fn usable() -> Vec<Self> {
-        #[cfg(target_arch = "x86_64")]
-        return std::iter::once(Self::Gemm).chain(simd::usable().map(Self::Tiles)).collect();
-        #[cfg(not(target_arch = "x86_64"))]
-        vec![Self::Gemm]
-    }
-
     /// Widths of the column panels of Kᵀ and of V that the kernel reads.
     fn panel_widths(self, tokens: usize, head_dim: usize) -> (usize, usize) {
         match self {
@@ -806,6 +788,12 @@ fn attend_block(block: QueryBlock) -> Vec<f32> {
 mod tests {
     use super::*;
 
+    /// `gemm`, then `tiles` on every instruction set this CPU can run.
+    #[cfg(target_arch = "x86_64")]
+    fn usable<K>(gemm: K, tiles: fn(Isa) -> K) -> Vec<K> {
+        std::iter::once(gemm).chain(simd::usable().map(tiles)).collect()
+    }
+
     #[test]
     fn softmax_numerators_over_their_sums_match_the_exact_formula() {
         let tokens = 37;
@@ -861,7 +849,11 @@ mod tests {
         let qkv = Tensor::randn(0f32, 1.0, (1, tokens, 3 * num_heads * 64), &device).unwrap();
         let data: Vec<f32> = qkv.flatten_all().unwrap().to_vec1().unwrap();
         let (expected_mixed, expected_cls) = naive_attention(&data, tokens, num_heads, 0.125);
-        for kernel in AttentionKernel::usable() {
+        #[cfg(target_arch = "x86_64")]
+        let kernels = usable(AttentionKernel::Gemm, AttentionKernel::Tiles);
+        #[cfg(not(target_arch = "x86_64"))]
+        let kernels = vec![AttentionKernel::Gemm];
+        for kernel in kernels {
             let (mixed, cls) = attention_with(kernel, &qkv, num_heads, 0.125, true).unwrap();
             let mixed: Vec<f32> = mixed.flatten_all().unwrap().to_vec1().unwrap();
             let cls: Vec<f32> = cls.unwrap().flatten_all().unwrap().to_vec1().unwrap();
@@ -902,7 +894,11 @@ mod tests {
             let weight = Tensor::randn(0f32, 1.0, (outputs, 19), &device).unwrap();
             let expected = x.squeeze(0).unwrap().matmul(&weight.t().unwrap()).unwrap();
             let expected: Vec<f32> = expected.flatten_all().unwrap().to_vec1().unwrap();
-            for kernel in MatmulKernel::usable() {
+            #[cfg(target_arch = "x86_64")]
+            let kernels = usable(MatmulKernel::Gemm, MatmulKernel::Tiles);
+            #[cfg(not(target_arch = "x86_64"))]
+            let kernels = vec![MatmulKernel::Gemm];
+            for kernel in kernels {
                 let ours = matmul(&x, &PackedWeight::for_kernel(&weight, kernel).unwrap()).unwrap();
                 assert_eq!(ours.len(), expected.len());
                 for (a, e) in ours.iter().zip(&expected) {
