@@ -375,6 +375,16 @@ fn info_reports_the_inferred_config() {
     );
     assert_eq!(info["registers"], 0);
     assert!(info["parameters"].as_u64().unwrap() > 30_000);
+    // The fixture's heads have 8 dimensions, which only the gemm path takes.
+    assert_eq!(info["attention_kernel"], "gemm crate around a softmax pass");
+}
+
+#[test]
+fn info_names_the_kernels_that_segattn_kernels_allows() {
+    let result = segattn(&["info", "--json"]).env("SEGATTN_KERNELS", "portable").output().unwrap();
+    assert!(result.status.success(), "{}", stderr(&result));
+    let info: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    assert_eq!(info["linear_kernel"], "gemm crate");
 }
 
 #[test]

@@ -19,6 +19,7 @@ pub fn run(args: InfoArgs) -> Result<u8> {
     let model = args.model.load()?;
     let c = model.config();
     let files = model.files();
+    let (linear_kernel, attention_kernel) = model.kernel_names();
     let info = json!({
         "weights": files.weights.display().to_string(),
         "config_json": files.config.as_ref().map(|p| p.display().to_string()),
@@ -35,6 +36,8 @@ pub fn run(args: InfoArgs) -> Result<u8> {
         "train_resolution": c.train_resolution(),
         "position_interpolation": format!("{:?}", c.pos_interpolation),
         "input_short_side": crate::preprocess::input_size(1, 1, args.model.size, c.patch_size).0,
+        "linear_kernel": linear_kernel,
+        "attention_kernel": attention_kernel,
     });
     if args.json {
         println!("{info}");

@@ -313,6 +313,16 @@ enum MatmulKernel {
     Tiles(Isa),
 }
 
+impl std::fmt::Display for MatmulKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Gemm => f.write_str("gemm crate"),
+            #[cfg(target_arch = "x86_64")]
+            Self::Tiles(isa) => write!(f, "register tiles, {isa}"),
+        }
+    }
+}
+
 impl MatmulKernel {
     fn best() -> Self {
         #[cfg(target_arch = "x86_64")]
@@ -570,6 +580,12 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f32, keep_cls_row: bool)
     attention_with(AttentionKernel::best(head_dim), qkv, num_heads, scale, keep_cls_row)
 }
 
+/// The kernels that compute the linear layers and the attention of heads of
+/// `head_dim` dimensions on this machine, in words, for `segattn info`.
+pub fn kernel_names(head_dim: usize) -> (String, String) {
+    (MatmulKernel::best().to_string(), AttentionKernel::best(head_dim).to_string())
+}
+
 /// What computes a block of query rows.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum AttentionKernel {
@@ -580,6 +596,16 @@ enum AttentionKernel {
     /// pairs), and attention from ~150–200 ms to 134 ms, 87 % of the FMA peak.
     #[cfg(target_arch = "x86_64")]
     Tiles(Isa),
+}
+
+impl std::fmt::Display for AttentionKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Gemm => f.write_str("gemm crate around a softmax pass"),
+            #[cfg(target_arch = "x86_64")]
+            Self::Tiles(isa) => write!(f, "register tiles, {isa}"),
+        }
+    }
 }
 
 impl AttentionKernel {

@@ -432,6 +432,12 @@ impl Vit {
         &self.files
     }
 
+    /// What computes the linear layers and the attention on this machine,
+    /// in words.
+    pub fn kernel_names(&self) -> (String, String) {
+        fused::kernel_names(self.config.head_dim())
+    }
+
     /// Parameters stored in the checkpoint (all of its tensors).
     pub fn num_parameters(&self) -> usize {
         self.num_parameters

@@ -39,6 +39,15 @@ pub(crate) fn usable() -> impl Iterator<Item = Isa> {
     [Isa::Avx2, Isa::Avx512].into_iter().filter(|&isa| Some(isa) <= widest())
 }
 
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Avx2 => "AVX2",
+            Self::Avx512 => "AVX-512",
+        })
+    }
+}
+
 impl Isa {
     /// Floats per vector, and so columns per panel of a tile's right-hand side.
     pub(crate) fn lanes(self) -> usize {
