@@ -20,7 +20,7 @@ mod tile_attention;
 mod tile_matmul;
 
 #[cfg(target_arch = "x86_64")]
-use simd::{Avx2, Avx512, Isa};
+use simd::{Avx2, Avx512, Isa, Vector};
 
 /// `fn name(args) = portable`: `name` runs `portable` compiled for the widest
 /// vectors the CPU has (AVX-512, else AVX2 + FMA, else baseline), chosen at
@@ -394,11 +394,17 @@ pub fn matmul(x: &Tensor, weight: &PackedWeight) -> Result<Vec<f32>> {
             // `for_kernel` packed the panels for it.
             #[cfg(target_arch = "x86_64")]
             MatmulKernel::Tiles(Isa::Avx512) => unsafe {
-                tile_matmul::product::<Avx512, 4>(x, inputs, &weight.panels, outputs, product.slots())
+                tile_matmul::product::<Avx512, { Avx512::TILE_PANELS }>(
+                    x,
+                    inputs,
+                    &weight.panels,
+                    outputs,
+                    product.slots(),
+                )
             },
             #[cfg(target_arch = "x86_64")]
             MatmulKernel::Tiles(Isa::Avx2) => unsafe {
-                tile_matmul::product::<Avx2, 2>(x, inputs, &weight.panels, outputs, product.slots())
+                tile_matmul::product::<Avx2, { Avx2::TILE_PANELS }>(x, inputs, &weight.panels, outputs, product.slots())
             },
         }
         // SAFETY: either kernel writes every value of the product when inputs > 0.
@@ -633,9 +639,11 @@ impl AttentionKernel {
             // SAFETY: `best` chose the instruction set from the CPU's, for
             // heads of the tiles' size, and `heads` is packed with its panels.
             #[cfg(target_arch = "x86_64")]
-            Self::Tiles(Isa::Avx512) => unsafe { tile_attention::attend_block::<Avx512, 4>(block) },
+            Self::Tiles(Isa::Avx512) => unsafe {
+                tile_attention::attend_block::<Avx512, { Avx512::TILE_PANELS }>(block)
+            },
             #[cfg(target_arch = "x86_64")]
-            Self::Tiles(Isa::Avx2) => unsafe { tile_attention::attend_block::<Avx2, 2>(block) },
+            Self::Tiles(Isa::Avx2) => unsafe { tile_attention::attend_block::<Avx2, { Avx2::TILE_PANELS }>(block) },
         }
     }
 }

@@ -65,6 +65,10 @@ impl Isa {
 /// establish by running the kernel inside [`Vector::enter`].
 pub(super) trait Vector: Copy {
     const LANES: usize;
+    /// Panels, one vector wide each, that a six-row tile spans: its 6 x P
+    /// accumulators, P panel vectors and a broadcast must fit the vector
+    /// registers.
+    const TILE_PANELS: usize;
 
     /// Runs `kernel` compiled for this instruction set (write it
     /// `#[inline(always)] || ...`, so that all of it is).
@@ -89,6 +93,8 @@ pub(super) struct Avx512(__m512);
 // SAFETY (all methods): the caller runs them on a CPU with AVX-512F.
 impl Vector for Avx512 {
     const LANES: usize = 16;
+    /// 6 x 4 + 4 + 1 of the 32 registers.
+    const TILE_PANELS: usize = 4;
 
     #[target_feature(enable = "avx512f")]
     unsafe fn enter<T>(kernel: impl FnOnce() -> T) -> T {
@@ -135,6 +141,8 @@ pub(super) struct Avx2(__m256);
 // SAFETY (all methods): the caller runs them on a CPU with AVX2 and FMA.
 impl Vector for Avx2 {
     const LANES: usize = 8;
+    /// 6 x 2 + 2 + 1 of the 16 registers.
+    const TILE_PANELS: usize = 2;
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn enter<T>(kernel: impl FnOnce() -> T) -> T {

@@ -4,9 +4,8 @@
 //! ViT-S/16 went from 411–455 to 407–415 ms at 480x640 and from 53–62 to
 //! 49–52 ms at 224x224 (3 interleaved pairs each).
 //!
-//! A tile is six rows of x by P panels of W, one vector wide each: 6 x P
-//! accumulators, P panel vectors and a broadcast must fit the vector
-//! registers, so P is 4 on AVX-512 (32 registers) and 2 on AVX2 (16).
+//! A tile is six rows of x by P panels of W, one vector wide each, P being
+//! what fits the vector registers ([`Vector::TILE_PANELS`]).
 
 use std::mem::MaybeUninit;
 
