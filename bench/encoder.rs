@@ -3,11 +3,13 @@
 //! line with the load time and the median forward time.
 //!
 //! cargo bench --bench encoder -- WEIGHTS HEIGHT WIDTH RUNS [cls|none|all]
+//!
+//! WEIGHTS `segattn-s16` is the built-in model.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use segattn::model::{Capture, Vit};
+use segattn::model::{Capture, Vit, builtin};
 
 fn main() -> anyhow::Result<()> {
     // SAFETY: first statement of main; no other thread exists yet.
@@ -18,7 +20,10 @@ fn main() -> anyhow::Result<()> {
     };
     let (height, width, runs): (usize, usize, usize) = (height.parse()?, width.parse()?, runs.parse()?);
     let start = Instant::now();
-    let model = Vit::load(weights.as_ref(), &Device::Cpu)?;
+    let model = match weights.as_str() {
+        builtin::NAME => Vit::builtin(&Device::Cpu)?,
+        path => Vit::load(path.as_ref(), &Device::Cpu)?,
+    };
     let load_ms = start.elapsed().as_secs_f64() * 1000.0;
     let last = model.config().num_layers - 1;
     // What the attention-mass head asks for, by default.

@@ -18,10 +18,6 @@ use serde::Deserialize;
 
 use crate::model::WEIGHT_FILES;
 
-/// The model used when a command is given neither `--weights` nor `--model`:
-/// the checkpoint of DINO's attention-map figures.
-pub const DEFAULT_MODEL: &str = "dino-vits8";
-
 /// Short names of the published DINO checkpoints and their Hub repositories.
 pub const KNOWN_MODELS: [(&str, &str); 8] = [
     ("dino-vits8", "facebook/dino-vits8"),

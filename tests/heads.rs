@@ -81,14 +81,19 @@ fn linear_head_errors_name_the_file() {
     );
     assert_eq!(result.status.code(), Some(2));
     assert!(
-        stderr(&result).contains("wide.safetensors: `head.weight` has shape [1, 64], expected [1, 32]"),
+        stderr(&result)
+            .contains("wide.safetensors: `head.weight` has shape [1, 64], expected [s², 32] for this backbone"),
         "{}",
         stderr(&result)
     );
     // A backbone without a head.
     let result = segattn(&["run", s(&cat), "--out", s(&out), "--head", "linear"], &fixture("dino_vit"));
     assert_eq!(result.status.code(), Some(2));
-    assert!(stderr(&result).contains("no `head.weight` tensor"), "{}", stderr(&result));
+    assert!(
+        stderr(&result).contains("model.safetensors: no trained head (head.weight, head.bias) in the model"),
+        "{}",
+        stderr(&result)
+    );
     assert!(!out.exists());
 }
 

@@ -93,7 +93,7 @@ fn attention_maps(
     layer: usize,
     photo: &DynamicImage,
 ) -> Result<Vec<(String, PatchMap)>> {
-    let pixels = preprocess::model_input(photo, args.model.size, model.config().patch_size, &Device::Cpu)?;
+    let pixels = preprocess::model_input(photo, args.model.short_side(model), model.config().patch_size, &Device::Cpu)?;
     let capture = if args.rollout {
         Capture { head_mean_attention_layers: (0..model.config().num_layers).collect(), ..Capture::default() }
     } else {

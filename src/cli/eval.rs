@@ -1,15 +1,17 @@
-//! `segattn eval`: score a head against ground-truth masks.
+//! `segattn eval`: score a head, or another tool's masks, against ground truth.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use image::{DynamicImage, GrayImage};
 use serde_json::json;
 
 use super::jobs::Pair;
 use super::{EXIT_OK, EXIT_SOME_FAILED, HeadArgs, ModelArgs, PairArgs, batch};
-use crate::head::SegmentationHead;
+use crate::attention::PatchMap;
+use crate::head::{self, SegmentationHead};
 use crate::image_io::{self, Source};
 use crate::metrics::{self, ImageScores};
 use crate::model::Vit;
@@ -22,6 +24,10 @@ pub struct EvalArgs {
     model: ModelArgs,
     #[command(flatten)]
     head: HeadArgs,
+    /// Score the soft masks in this directory (8-bit gray, 255 = object,
+    /// matched by stem; from any tool) instead of running a model.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["weights", "model", "size"])]
+    predictions: Option<PathBuf>,
     /// Also write the scores, with one row per image, as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -33,27 +39,54 @@ pub struct EvalArgs {
     max_pixels: u64,
 }
 
+/// What makes the soft map that is scored.
+enum Scorer<'a> {
+    Model { model: &'a Vit, head: &'a dyn SegmentationHead },
+    Predictions(&'a Path),
+}
+
+/// One image's scores, and for a model the share of its last layer's
+/// class-token attention that falls on the object.
+struct Scored {
+    scores: ImageScores,
+    attention_inside: Option<f64>,
+}
+
 pub fn run(args: EvalArgs) -> Result<u8> {
     let (pairs, missing) = args.pairs.pair()?;
     for line in &missing {
         eprintln!("segattn: {line}");
     }
-    let model = args.model.load()?;
-    let head = args.head.build(&model)?;
-    let scored: Mutex<Vec<(String, ImageScores)>> = Mutex::new(Vec::new());
+    let loaded = match &args.predictions {
+        Some(_) => None,
+        None => {
+            let model = args.model.load()?;
+            let head = args.head.build(&model)?;
+            Some((model, head))
+        }
+    };
+    let scorer = match (&loaded, &args.predictions) {
+        (Some((model, head)), _) => Scorer::Model { model, head: head.as_ref() },
+        (None, Some(dir)) => Scorer::Predictions(dir),
+        (None, None) => unreachable!("a model is loaded unless predictions are given"),
+    };
+    let scored: Mutex<Vec<(String, Scored)>> = Mutex::new(Vec::new());
     let unreadable: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let work = |pair: &Pair| {
-        let result = score_pair(&model, head.as_ref(), &args, pair);
-        match result {
-            Ok(scores) => {
-                let row = json!({ "name": pair.stem, "iou": scores.iou, "mae": scores.mae, "max_f": scores.max_f() });
-                scored.lock().expect("no panics while held").push((pair.stem.clone(), scores));
-                Ok(row)
-            }
-            Err(err) => {
-                unreadable.lock().expect("no panics while held").push(pair.image.display().to_string());
-                Err(err)
-            }
+    let work = |pair: &Pair| match score_pair(&scorer, &args, pair) {
+        Ok(s) => {
+            let row = json!({
+                "name": pair.stem,
+                "iou": s.scores.iou,
+                "mae": s.scores.mae,
+                "max_f": s.scores.max_f(),
+                "attention_inside": s.attention_inside,
+            });
+            scored.lock().expect("no panics while held").push((pair.stem.clone(), s));
+            Ok(row)
+        }
+        Err(err) => {
+            unreadable.lock().expect("no panics while held").push(pair.image.display().to_string());
+            Err(err)
         }
     };
     let rows = Mutex::new(Vec::new());
@@ -67,23 +100,33 @@ pub fn run(args: EvalArgs) -> Result<u8> {
 
     let mut scored = scored.into_inner().expect("workers finished");
     scored.sort_by(|a, b| a.0.cmp(&b.0));
-    let summary = metrics::summarize(&scored.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>());
+    let summary = metrics::summarize(&scored.iter().map(|(_, s)| s.scores.clone()).collect::<Vec<_>>());
+    let inside: Vec<f64> = scored.iter().filter_map(|(_, s)| s.attention_inside).collect();
+    let attention_inside = (!inside.is_empty()).then(|| inside.iter().sum::<f64>() / inside.len() as f64);
     println!("images    {}", summary.images);
     println!("mean IoU  {:.4}", summary.mean_iou);
     println!("max F     {:.4}", summary.max_f);
     println!("MAE       {:.4}", summary.mae);
+    if let Some(share) = attention_inside {
+        println!("attention inside the object  {share:.4}");
+    }
 
     let unreadable = unreadable.into_inner().expect("workers finished");
     if let Some(path) = &args.json {
         let mut rows = rows.into_inner().expect("workers finished");
         rows.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        let head = match &loaded {
+            Some((model, _)) => format!("{:?}", args.head.name(model)).to_lowercase(),
+            None => "predictions".to_string(),
+        };
         let report = json!({
-            "head": format!("{:?}", args.head.head).to_lowercase(),
+            "head": head,
             "threshold": args.head.threshold,
             "images": summary.images,
             "mean_iou": summary.mean_iou,
             "max_f": summary.max_f,
             "mae": summary.mae,
+            "attention_inside": attention_inside,
             "per_image": rows,
             "missing": missing,
             "unreadable": unreadable,
@@ -93,22 +136,60 @@ pub fn run(args: EvalArgs) -> Result<u8> {
     Ok(if unreadable.is_empty() { EXIT_OK } else { EXIT_SOME_FAILED })
 }
 
-fn score_pair(model: &Vit, head: &dyn SegmentationHead, args: &EvalArgs, pair: &Pair) -> Result<ImageScores> {
+fn score_pair(scorer: &Scorer, args: &EvalArgs, pair: &Pair) -> Result<Scored> {
     let photo = image_io::read_image(&Source::File(pair.image.clone()), args.max_pixels)?;
-    let truth = image_io::read_image(&Source::File(pair.mask.clone()), args.max_pixels)
-        .with_context(|| format!("mask {}", pair.mask.display()))?
+    let truth = read_gray(&pair.mask, &photo, args.max_pixels, "mask")?;
+    let truth: Vec<bool> = truth.pixels().map(|p| p[0] >= 128).collect();
+    let (soft, attention_inside) = match scorer {
+        Scorer::Model { model, head } => {
+            let size = args.model.short_side(model);
+            let (map, looks) = head::segment_and_attention(model, *head, &photo, size)?;
+            let soft = args.head.pixel_map(model, &map, &photo, size).values;
+            (soft, Some(share_inside(&looks, &truth, photo.width() as usize)))
+        }
+        Scorer::Predictions(dir) => {
+            let path = dir.join(format!("{}.png", pair.stem));
+            let predicted = read_gray(&path, &photo, args.max_pixels, "prediction")?;
+            (predicted.pixels().map(|p| p[0] as f32 / 255.0).collect(), None)
+        }
+    };
+    Ok(Scored { scores: metrics::score(&soft, &truth, args.head.threshold), attention_inside })
+}
+
+/// A gray PNG that must be the size of `photo`.
+fn read_gray(path: &Path, photo: &DynamicImage, max_pixels: u64, what: &str) -> Result<GrayImage> {
+    let gray = image_io::read_image(&Source::File(path.to_path_buf()), max_pixels)
+        .with_context(|| format!("{what} {}", path.display()))?
         .to_luma8();
-    if truth.dimensions() != (photo.width(), photo.height()) {
+    if gray.dimensions() != (photo.width(), photo.height()) {
         bail!(
-            "mask {} is {}x{}, the photo {}x{}",
-            pair.mask.display(),
-            truth.width(),
-            truth.height(),
+            "{what} {} is {}x{}, the photo {}x{}",
+            path.display(),
+            gray.width(),
+            gray.height(),
             photo.width(),
             photo.height()
         );
     }
-    let soft = args.head.pixel_map(model, head, &photo, args.model.size)?;
-    let truth: Vec<bool> = truth.pixels().map(|p| p[0] >= 128).collect();
-    Ok(metrics::score(&soft.values, &truth, args.head.threshold))
+    Ok(gray)
+}
+
+/// The share of `looks` (attention over the patch grid, which covers the
+/// photo) that falls on patches of the object, each patch counting the
+/// fraction of its pixels that `truth` marks.
+fn share_inside(looks: &PatchMap, truth: &[bool], width: usize) -> f64 {
+    let height = truth.len() / width.max(1);
+    let (rows, cols) = (looks.grid.rows, looks.grid.cols);
+    let mut object = vec![0u64; rows * cols];
+    let mut pixels = vec![0u64; rows * cols];
+    for (i, &t) in truth.iter().enumerate() {
+        let cell = (i / width * rows / height) * cols + (i % width) * cols / width;
+        object[cell] += t as u64;
+        pixels[cell] += 1;
+    }
+    let total: f64 = looks.values.iter().map(|&v| v as f64).sum();
+    let inside: f64 = (looks.values.iter().zip(object.iter().zip(&pixels)))
+        .map(|(&v, (&o, &n))| v as f64 * o as f64 / n.max(1) as f64)
+        .sum();
+    if total > 0.0 { inside / total } else { 0.0 }
 }

@@ -6,8 +6,8 @@ use clap::Args;
 use serde_json::json;
 
 use super::{EXIT_OK, EXIT_SOME_FAILED, batch};
-use crate::hub::{self, DEFAULT_MODEL, Hub, KNOWN_MODELS};
-use crate::model::Vit;
+use crate::hub::{self, Hub, KNOWN_MODELS};
+use crate::model::{Vit, builtin};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Environment, as for huggingface_hub:
@@ -25,12 +25,16 @@ pub struct FetchArgs {
 /// Fetches every name, reporting each failure and going on; prints each
 /// snapshot directory on standard output.
 pub fn fetch(args: FetchArgs) -> Result<u8> {
-    for name in &args.names {
+    for name in args.names.iter().filter(|name| *name != builtin::NAME) {
         hub::repo_id(name)?;
     }
     let hub = Hub::from_env();
     let mut failed = 0;
     for name in &args.names {
+        if name == builtin::NAME {
+            eprintln!("{name}: built into segattn, nothing to fetch");
+            continue;
+        }
         match fetch_one(&hub, name) {
             Ok(snapshot) => println!("{snapshot}"),
             Err(err) => {
@@ -72,24 +76,33 @@ pub fn list(args: ListArgs) -> Result<u8> {
         .iter()
         .filter(|m| !KNOWN_MODELS.iter().any(|(_, repo)| *repo == m.repo))
         .map(|m| (m.repo.clone(), m.repo.clone()));
-    let rows: Vec<serde_json::Value> = known
-        .chain(others)
-        .map(|(name, repo)| {
+    let builtin_row = json!({
+        "name": builtin::NAME,
+        "repo": null,
+        "default": true,
+        "cached": true,
+        "builtin": true,
+        "bytes": builtin::SAFETENSORS.len(),
+        "snapshot": null,
+    });
+    let rows: Vec<serde_json::Value> = std::iter::once(builtin_row)
+        .chain(known.chain(others).map(|(name, repo)| {
             let model = cached.iter().find(|m| m.repo == repo);
             json!({
                 "name": name,
                 "repo": repo,
-                "default": name == DEFAULT_MODEL,
+                "default": false,
                 "cached": model.is_some(),
+                "builtin": false,
                 "bytes": model.map(|m| m.bytes),
                 "snapshot": model.map(|m| m.snapshot.display().to_string()),
             })
-        })
+        }))
         .collect();
     if args.json {
         println!(
             "{}",
-            json!({ "cache_dir": hub.cache_dir.display().to_string(), "default": DEFAULT_MODEL, "models": rows })
+            json!({ "cache_dir": hub.cache_dir.display().to_string(), "default": builtin::NAME, "models": rows })
         );
         return Ok(EXIT_OK);
     }
@@ -100,11 +113,11 @@ pub fn list(args: ListArgs) -> Result<u8> {
         println!(
             "{:<20} {:<40} {cached}{default}",
             row["name"].as_str().unwrap_or(""),
-            row["repo"].as_str().unwrap_or("")
+            row["repo"].as_str().unwrap_or("(built in)")
         );
     }
     println!("\ncache: {}", hub.cache_dir.display());
-    println!("default model (used when neither --weights nor --model is given): {DEFAULT_MODEL}");
+    println!("default model (used when neither --weights nor --model is given): {}", builtin::NAME);
     Ok(EXIT_OK)
 }
 

@@ -35,7 +35,11 @@ pub fn run(args: InfoArgs) -> Result<u8> {
         "activation": format!("{:?}", c.activation),
         "train_resolution": c.train_resolution(),
         "position_interpolation": format!("{:?}", c.pos_interpolation),
-        "input_short_side": crate::preprocess::input_size(1, 1, args.model.size, c.patch_size).0,
+        "trained_head": model.bundled_head().map(|(weight, _)| {
+            let cells = weight.elem_count() / c.hidden_size;
+            format!("linear, {0}x{0} cells per patch", cells.isqrt())
+        }),
+        "input_short_side": crate::preprocess::input_size(1, 1, args.model.short_side(&model), c.patch_size).0,
         "linear_kernel": linear_kernel,
         "attention_kernel": attention_kernel,
     });

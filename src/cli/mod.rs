@@ -19,10 +19,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use image::DynamicImage;
 
 use crate::attention::PixelMap;
-use crate::head::{self, AttentionMass, LinearHead, NormalizedCut, SegmentationHead};
-use crate::hub::{DEFAULT_MODEL, Hub};
+use crate::head::{self, AttentionMass, HeadMap, LinearHead, NormalizedCut, SegmentationHead};
+use crate::hub::Hub;
 use crate::image_io::DEFAULT_MAX_PIXELS;
-use crate::model::Vit;
+use crate::model::{Vit, builtin};
 use crate::preprocess;
 
 /// Exit codes: every input done; some inputs failed; usage or model error.
@@ -65,36 +65,34 @@ struct ModelArgs {
     /// snapshot directory (model.safetensors + config.json).
     #[arg(long, env = "SEGATTN_WEIGHTS", value_name = "PATH")]
     weights: Option<PathBuf>,
-    /// A fetched model by name (see `segattn list`), read from the Hugging Face
-    /// cache without network [default: dino-vits8].
+    /// segattn-s16 (built in), or a fetched model by name (see `segattn list`),
+    /// read from the Hugging Face cache without network [default: segattn-s16].
     #[arg(long, env = "SEGATTN_MODEL", value_name = "NAME")]
     model: Option<String>,
-    /// Short side of the image fed to the model, in pixels (rounded to whole patches).
-    #[arg(long, value_name = "N", default_value_t = crate::preprocess::DEFAULT_SHORT_SIDE)]
-    size: usize,
+    /// Short side of the image fed to the model, in pixels, rounded to whole
+    /// patches [default: the model's own (224 for segattn-s16), else 480].
+    #[arg(long, value_name = "N")]
+    size: Option<usize>,
 }
 
 impl ModelArgs {
     fn load(&self) -> Result<Vit> {
-        let path = match (&self.weights, &self.model) {
+        let path = match (&self.weights, self.model.as_deref()) {
             (Some(_), Some(_)) => {
                 bail!("give --weights or --model, not both (SEGATTN_WEIGHTS and SEGATTN_MODEL count as given)")
             }
             (Some(path), None) => path.clone(),
+            (None, None) => return Vit::builtin(&Device::Cpu),
+            (None, Some(name)) if name == builtin::NAME => return Vit::builtin(&Device::Cpu),
             (None, Some(name)) => Hub::from_env().resolve(name)?,
-            (None, None) => {
-                let hub = Hub::from_env();
-                let model = hub.cached(DEFAULT_MODEL)?.with_context(|| {
-                    format!(
-                        "no model given and the default model {DEFAULT_MODEL} is not in the Hugging Face cache {}: \
-                         run `segattn fetch {DEFAULT_MODEL}`, or pass --model NAME or --weights PATH",
-                        hub.cache_dir.display()
-                    )
-                })?;
-                model.snapshot
-            }
         };
         Vit::load(&path, &Device::Cpu)
+    }
+
+    /// The input's short side: `--size`, else what the model was trained
+    /// for, else the resolution of the DINO paper's attention figures.
+    fn short_side(&self, model: &Vit) -> usize {
+        self.size.or(model.default_short_side()).unwrap_or(preprocess::DEFAULT_SHORT_SIDE)
     }
 }
 
@@ -149,16 +147,17 @@ enum HeadName {
     Attn,
     /// TokenCut: a normalized cut of the last layer's key similarities.
     Ncut,
-    /// A trained per-patch classifier (head.weight / head.bias).
+    /// A trained classifier on the patch tokens (head.weight / head.bias).
     Linear,
 }
 
 /// How a foreground map is made and thresholded (run and eval).
 #[derive(Debug, Args)]
 struct HeadArgs {
-    /// Segmentation head.
-    #[arg(long, value_enum, default_value_t = HeadName::Attn)]
-    head: HeadName,
+    /// Segmentation head [default: linear when the model carries a trained
+    /// head, as segattn-s16 does, else attn].
+    #[arg(long, value_enum)]
+    head: Option<HeadName>,
     /// Foreground where the head's probability is at least this.
     #[arg(long, default_value_t = 0.5)]
     threshold: f32,
@@ -171,7 +170,7 @@ struct HeadArgs {
     /// ncut head: key similarity above which two patches are linked.
     #[arg(long, default_value_t = 0.2)]
     tau: f64,
-    /// linear head: safetensors file with head.weight / head.bias (default: the --weights file).
+    /// linear head: safetensors file with head.weight / head.bias (default: the model's own).
     #[arg(long, value_name = "FILE")]
     head_weights: Option<PathBuf>,
     /// Make mask edges follow the photo's edges (guided filter) instead of the patch grid.
@@ -184,33 +183,38 @@ impl HeadArgs {
         if !(0.0..=1.0).contains(&self.threshold) {
             bail!("--threshold must be between 0 and 1, got {}", self.threshold);
         }
-        Ok(match self.head {
+        Ok(match self.name(model) {
             HeadName::Attn => Box::new(AttentionMass { mass: self.mass, min_heads: self.min_heads }),
             HeadName::Ncut => Box::new(NormalizedCut { tau: self.tau }),
-            HeadName::Linear => {
-                let path = self.head_weights.as_deref().unwrap_or(&model.files().weights);
-                Box::new(LinearHead::load(path, model)?)
-            }
+            HeadName::Linear => match &self.head_weights {
+                Some(path) => Box::new(LinearHead::load(path, model)?),
+                None => Box::new(LinearHead::bundled(model)?.with_context(|| {
+                    format!(
+                        "{}: no trained head (head.weight, head.bias) in the model; give --head-weights FILE",
+                        model.files().weights.display()
+                    )
+                })?),
+            },
         })
     }
 
-    /// Foreground probability per pixel of `photo`.
-    fn pixel_map(
-        &self,
-        model: &Vit,
-        head: &dyn SegmentationHead,
-        photo: &DynamicImage,
-        size: usize,
-    ) -> Result<PixelMap> {
-        let map = head::segment(model, head, photo, size)?.to_pixels(photo.width(), photo.height());
+    /// The head asked for, or the model's own when it carries one.
+    fn name(&self, model: &Vit) -> HeadName {
+        let bundled = model.bundled_head().is_some() || self.head_weights.is_some();
+        self.head.unwrap_or(if bundled { HeadName::Linear } else { HeadName::Attn })
+    }
+
+    /// Foreground probability per pixel of `photo`, from the head's `map` of it.
+    fn pixel_map(&self, model: &Vit, map: &HeadMap, photo: &DynamicImage, size: usize) -> PixelMap {
+        let map = map.to_pixels(photo.width(), photo.height());
         if !self.refine {
-            return Ok(map);
+            return map;
         }
         // About half a patch, in photo pixels: enough to move an edge to the
         // photo's own, not enough to invent new ones.
         let short = photo.width().min(photo.height()) as usize;
         let radius = (model.config().patch_size * short / size.max(1) / 2).max(2);
-        Ok(head::guided_filter(&map, &preprocess::to_rgb(photo), radius, 1e-3))
+        head::guided_filter(&map, &preprocess::to_rgb(photo), radius, 1e-3)
     }
 }
 

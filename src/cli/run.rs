@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::jobs::{ExtraOutput, Job};
 use super::{BatchArgs, HeadArgs, ModelArgs, batch, jobs};
-use crate::head::SegmentationHead;
+use crate::head::{self, SegmentationHead};
 use crate::image_io::{self, Sink};
 use crate::model::Vit;
 use crate::{preprocess, render};
@@ -52,7 +52,8 @@ fn segment_one(model: &Vit, head: &dyn SegmentationHead, args: &RunArgs, job: &J
     let start = Instant::now();
     let photo = image_io::read_image(&job.source, args.batch.max_pixels)?;
     let (width, height) = (photo.width(), photo.height());
-    let soft = args.head.pixel_map(model, head, &photo, args.model.size)?;
+    let size = args.model.short_side(model);
+    let soft = args.head.pixel_map(model, &head::segment(model, head, &photo, size)?, &photo, size);
     let binary = render::mask(&soft, args.head.threshold, false);
     let written = if args.soft { render::mask(&soft, args.head.threshold, true) } else { binary.clone() };
     image_io::write_png(&DynamicImage::ImageLuma8(written.clone()), &job.out)?;

@@ -68,7 +68,7 @@ pub fn run(args: TrainHeadArgs) -> Result<u8> {
         |(_, pair)| pair.image.display().to_string(),
         args.jobs,
         |&(i, pair)| {
-            let examples = examples_of(&model, pair, args.model.size)?;
+            let examples = examples_of(&model, pair, args.model.short_side(&model))?;
             extracted.lock().expect("no panics while held")[i] = Some(examples);
             Ok(serde_json::Value::Null)
         },

@@ -1,7 +1,9 @@
-//! A learned per-patch classifier on the final tokens: what trained models ship.
+//! A learned classifier on the final patch tokens: what trained models ship.
+//!
+//! Each patch token gets `s²` logits, one per cell of an `s x s` split of
+//! the patch (`s` = 1 for the plain per-patch head `train-head` makes), so a
+//! head can draw edges finer than the patch grid.
 
-use std::collections::HashMap;
-use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Result, anyhow, bail};
@@ -10,7 +12,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{HeadMap, SegmentationHead};
 use crate::attention::PatchMap;
-use crate::model::{Capture, EncoderOutput, Vit};
+use crate::model::weights::safetensors_metadata;
+use crate::model::{Capture, EncoderOutput, PatchGrid, Vit};
 
 pub const WEIGHT: &str = "head.weight";
 pub const BIAS: &str = "head.bias";
@@ -19,19 +22,21 @@ pub const FINGERPRINT_KEY: &str = "segattn_backbone_fingerprint";
 
 #[derive(Debug, Clone)]
 pub struct LinearHead {
-    /// (hidden, 1)
+    /// (hidden, s²)
     weight: Tensor,
-    bias: f32,
+    /// (s²)
+    bias: Tensor,
+    /// Cells per patch side.
+    split: usize,
 }
 
 impl LinearHead {
-    /// Reads `head.weight` ([1, hidden] or [hidden]) and `head.bias` ([1] or
-    /// []) from `path`: a side file, or the backbone's own checkpoint. A head
-    /// that records the backbone it was trained on must be used with that one.
+    /// Reads `head.weight` ([s², hidden], or [hidden] for s = 1) and
+    /// `head.bias` ([s²]) from a side file. A head that records the backbone
+    /// it was trained on must be used with that one.
     pub fn load(path: &Path, model: &Vit) -> Result<Self> {
         let file = path.display();
-        let hidden_size = model.config().hidden_size;
-        if let Some(trained_on) = metadata(path)?.remove(FINGERPRINT_KEY)
+        if let Some(trained_on) = safetensors_metadata(path)?.remove(FINGERPRINT_KEY)
             && trained_on != model.fingerprint()
         {
             bail!(
@@ -51,39 +56,36 @@ impl LinearHead {
                 .and_then(|t| t.to_dtype(DType::F32))
                 .map_err(|e| anyhow!("{file}: cannot read `{name}`: {e}"))
         };
-        let weight = read(WEIGHT)?;
-        if weight.elem_count() != hidden_size || weight.dims().iter().filter(|&&d| d != 1).count() > 1 {
-            bail!("{file}: `{WEIGHT}` has shape {:?}, expected [1, {hidden_size}] for this backbone", weight.dims());
-        }
-        let bias = read(BIAS)?;
-        if bias.elem_count() != 1 {
-            bail!("{file}: `{BIAS}` has shape {:?}, expected [1]", bias.dims());
-        }
-        Ok(Self { weight: weight.reshape((hidden_size, 1))?, bias: bias.flatten_all()?.to_vec1::<f32>()?[0] })
+        Self::new(&read(WEIGHT)?, &read(BIAS)?, model).map_err(|e| anyhow!("{file}: {e}"))
     }
-}
 
-/// The `__metadata__` of a safetensors file, read from its header only.
-fn metadata(path: &Path) -> Result<HashMap<String, String>> {
-    let file = path.display();
-    let mut reader = std::fs::File::open(path).map_err(|e| anyhow!("{file}: cannot open: {e}"))?;
-    let mut length = [0u8; 8];
-    reader.read_exact(&mut length).map_err(|_| anyhow!("{file}: not a readable safetensors file"))?;
-    let length = u64::from_le_bytes(length);
-    if length > 100_000_000 {
-        bail!("{file}: not a readable safetensors file (header of {length} bytes)");
+    /// The head that came inside the model's own checkpoint, if it has one.
+    pub fn bundled(model: &Vit) -> Result<Option<Self>> {
+        model
+            .bundled_head()
+            .map(|(weight, bias)| {
+                Self::new(weight, bias, model).map_err(|e| anyhow!("{}: {e}", model.files().weights.display()))
+            })
+            .transpose()
     }
-    let mut header = vec![0u8; length as usize];
-    reader
-        .read_exact(&mut header)
-        .map_err(|_| anyhow!("{file}: not a readable safetensors file (truncated header)"))?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| anyhow!("{file}: not a readable safetensors file: {e}"))?;
-    Ok(header
-        .get("__metadata__")
-        .and_then(|m| m.as_object())
-        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
-        .unwrap_or_default())
+
+    fn new(weight: &Tensor, bias: &Tensor, model: &Vit) -> Result<Self> {
+        let hidden_size = model.config().hidden_size;
+        let cells = weight.elem_count() / hidden_size.max(1);
+        let split = cells.isqrt();
+        let shape_ok = match weight.dims() {
+            [h] => *h == hidden_size,
+            [c, h] => *h == hidden_size && *c == cells,
+            _ => false,
+        };
+        if !shape_ok || split * split != cells || cells == 0 {
+            bail!("`{WEIGHT}` has shape {:?}, expected [s², {hidden_size}] for this backbone", weight.dims());
+        }
+        if bias.elem_count() != cells {
+            bail!("`{BIAS}` has shape {:?}, expected [{cells}]", bias.dims());
+        }
+        Ok(Self { weight: weight.reshape((cells, hidden_size))?.t()?.contiguous()?, bias: bias.flatten_all()?, split })
+    }
 }
 
 impl SegmentationHead for LinearHead {
@@ -93,7 +95,11 @@ impl SegmentationHead for LinearHead {
 
     fn predict(&self, _model: &Vit, out: &EncoderOutput) -> Result<HeadMap> {
         let patches = out.tokens.get(0)?.narrow(0, out.num_prefix_tokens, out.grid.len())?;
-        let logits = (patches.matmul(&self.weight)?.squeeze(1)? + self.bias as f64)?;
-        Ok(HeadMap::logits(PatchMap::new(out.grid, logits.to_vec1()?)?))
+        // (patches, s²): row r, column c, cell (i, j) goes to fine row r·s + i, column c·s + j.
+        let logits = patches.matmul(&self.weight)?.broadcast_add(&self.bias)?;
+        let (rows, cols, s) = (out.grid.rows, out.grid.cols, self.split);
+        let fine = logits.reshape((rows, cols, s, s))?.permute((0, 2, 1, 3))?.flatten_all()?;
+        let grid = PatchGrid { rows: rows * s, cols: cols * s };
+        Ok(HeadMap::logits(PatchMap::new(grid, fine.to_vec1()?)?))
     }
 }

@@ -19,7 +19,7 @@ pub use mass::{AttentionMass, mass_keep};
 pub use ncut::{Affinity, NormalizedCut, fiedler_vector, fiedler_vector_dense, foreground_component};
 pub use refine::guided_filter;
 
-use crate::attention::{PatchMap, PixelMap};
+use crate::attention::{self, PatchMap, PixelMap};
 use crate::model::{Capture, EncoderOutput, Vit};
 use crate::preprocess;
 
@@ -70,4 +70,21 @@ pub fn segment(model: &Vit, head: &dyn SegmentationHead, image: &DynamicImage, s
     let pixels = preprocess::model_input(image, short_side, model.config().patch_size, &Device::Cpu)?;
     let out = model.forward(&pixels, &head.capture(model))?;
     head.predict(model, &out)
+}
+
+/// [`segment`], and from the same forward pass the class token's attention
+/// in the last layer, averaged over heads: where the model looks.
+pub fn segment_and_attention(
+    model: &Vit,
+    head: &dyn SegmentationHead,
+    image: &DynamicImage,
+    short_side: usize,
+) -> Result<(HeadMap, PatchMap)> {
+    let pixels = preprocess::model_input(image, short_side, model.config().patch_size, &Device::Cpu)?;
+    let last = model.config().num_layers - 1;
+    let mut capture = head.capture(model);
+    capture.cls_attention_layers.push(last);
+    let out = model.forward(&pixels, &capture)?;
+    let looks = attention::mean_map(&attention::cls_attention(&out, last)?)?;
+    Ok((head.predict(model, &out)?, looks))
 }

@@ -19,7 +19,11 @@ pub enum Activation {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct VitConfig {
+    /// Pixels per patch side, the stem's downsampling included.
     pub patch_size: usize,
+    /// Output channels of each 3x3 stride-2 convolution before the patch
+    /// projection; empty for the published DINO models, which have none.
+    pub stem_channels: Vec<usize>,
     pub hidden_size: usize,
     pub num_layers: usize,
     pub num_heads: usize,
@@ -63,7 +67,12 @@ pub struct HfConfig {
 impl HfConfig {
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{}: not a valid config.json", path.display()))
+        Self::parse(&text, path)
+    }
+
+    /// `text` is a config.json's contents, from `source`.
+    pub fn parse(text: &str, source: &Path) -> Result<Self> {
+        serde_json::from_str(text).with_context(|| format!("{}: not a valid config.json", source.display()))
     }
 
     pub fn activation(&self, path: &Path) -> Result<Activation> {
@@ -80,14 +89,22 @@ impl VitConfig {
     /// shapes cannot (head count, LayerNorm epsilon, activation).
     pub fn infer(store: &TensorStore, layout: &Layout, hf: &HfConfig, hf_path: Option<&Path>) -> Result<Self> {
         let file = store.path().display();
+        let stem_channels = stem_channels(store, layout)?;
+        let in_channels = stem_channels.last().copied().unwrap_or(3);
         let patch_name = format!("{}.weight", layout.patch_embed);
         let patch_shape = store.shape(&patch_name).unwrap_or_default();
-        let [hidden_size, 3, patch_size, patch_w] = patch_shape[..] else {
-            bail!("{file}: tensor `{patch_name}` has shape {patch_shape:?}, expected [hidden, 3, patch, patch]");
+        let [hidden_size, channels, projection_size, projection_w] = patch_shape[..] else {
+            bail!(
+                "{file}: tensor `{patch_name}` has shape {patch_shape:?}, expected [hidden, {in_channels}, patch, patch]"
+            );
         };
-        if patch_size != patch_w || patch_size == 0 {
+        if channels != in_channels {
+            bail!("{file}: tensor `{patch_name}` has shape {patch_shape:?}, expected {in_channels} input channels");
+        }
+        if projection_size != projection_w || projection_size == 0 {
             bail!("{file}: non-square patches {patch_shape:?} are not supported");
         }
+        let patch_size = projection_size << stem_channels.len();
         if hf.use_swiglu_ffn == Some(true) || store.has(&layout.block(0, "mlp.weights_in.weight")) {
             bail!("{file}: SwiGLU MLPs (DINOv2 giant) are not supported");
         }
@@ -113,7 +130,12 @@ impl VitConfig {
             bail!("{file}: no transformer blocks (`{}0.*`) found", layout.block_prefix);
         }
         let layer_scale = store.has(&layout.block(0, layout.layer_scale[0]));
-        store.check_complete(&required_tensors(layout, num_layers, num_registers > 0, layer_scale))?;
+        let mut required = required_tensors(layout, num_layers, num_registers > 0, layer_scale);
+        required.extend(
+            (0..store_stem_len(store, layout))
+                .flat_map(|i| [format!("{}.{i}.weight", layout.stem), format!("{}.{i}.bias", layout.stem)]),
+        );
+        store.check_complete(&required)?;
 
         let mlp_name = format!("{}.weight", layout.block(0, layout.fc1));
         let mlp_hidden_size = match store.shape(&mlp_name).as_deref() {
@@ -136,6 +158,7 @@ impl VitConfig {
         let config_path = hf_path.unwrap_or(store.path());
         Ok(Self {
             patch_size,
+            stem_channels,
             hidden_size,
             num_layers,
             num_heads,
@@ -153,6 +176,29 @@ impl VitConfig {
             },
         })
     }
+}
+
+/// Convolutions in the stem: `{stem}.0.weight`, `{stem}.1.weight`, ... present.
+fn store_stem_len(store: &TensorStore, layout: &Layout) -> usize {
+    (0..).take_while(|i| store.has(&format!("{}.{i}.weight", layout.stem))).count()
+}
+
+/// Output channels of each stem convolution, checking that each is 3x3 and
+/// takes the previous one's output.
+fn stem_channels(store: &TensorStore, layout: &Layout) -> Result<Vec<usize>> {
+    let mut channels = Vec::new();
+    for i in 0..store_stem_len(store, layout) {
+        let name = format!("{}.{i}.weight", layout.stem);
+        let inputs = channels.last().copied().unwrap_or(3);
+        match store.shape(&name).as_deref() {
+            Some(&[outputs, c, 3, 3]) if c == inputs => channels.push(outputs),
+            shape => bail!(
+                "{}: tensor `{name}` has shape {shape:?}, expected [channels, {inputs}, 3, 3]",
+                store.path().display()
+            ),
+        }
+    }
+    Ok(channels)
 }
 
 fn is_square(n: usize) -> bool {

@@ -1,5 +1,6 @@
 //! The ViT encoder and how its weights are found and read.
 
+pub mod builtin;
 pub mod config;
 mod fused;
 pub mod interpolate;

@@ -7,13 +7,20 @@
 
 use std::path::Path;
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 use candle_core::{Device, Tensor};
 
+use super::builtin;
 use super::config::{Activation, HfConfig, VitConfig};
 use super::fused;
 use super::interpolate::resample_grid;
-use super::weights::{Layout, ModelFiles, QkvNames, TensorStore};
+use super::weights::{CONFIG_METADATA_KEY, Layout, ModelFiles, QkvNames, TensorStore};
+
+/// A trained segmentation head stored beside the encoder's tensors.
+const HEAD_WEIGHT: &str = "head.weight";
+const HEAD_BIAS: &str = "head.bias";
+/// Safetensors metadata key: the input's short side the model was trained for.
+pub const SHORT_SIDE_METADATA_KEY: &str = "segattn_short_side";
 
 /// `x · Wᵀ + b`, with W laid out once at load for the product's kernel
 /// ([`fused::PackedWeight`]). Read as stored, (outputs, inputs), W had to be
@@ -79,19 +86,51 @@ impl LayerNorm {
     }
 }
 
-/// Non-overlapping patches, so the stride-p convolution is a reshape and one GEMM.
+/// A 3x3 convolution with stride 2 and padding 1, then ReLU (its batch norm
+/// folded in by the exporter).
+struct StemConv {
+    weight: Tensor,
+    /// (channels, 1, 1), to broadcast over the image.
+    bias: Tensor,
+}
+
+impl StemConv {
+    fn new(store: &TensorStore, name: &str, inputs: usize, outputs: usize) -> Result<Self> {
+        Ok(Self {
+            weight: store.tensor(&format!("{name}.weight"), &[outputs, inputs, 3, 3])?,
+            bias: store.tensor(&format!("{name}.bias"), &[outputs])?.reshape((outputs, 1, 1))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.conv2d(&self.weight, 1, 2, 1, 1)?.broadcast_add(&self.bias)?.relu()?)
+    }
+}
+
+/// An optional convolutional stem, then non-overlapping patches, so the
+/// stride-q projection is a reshape and one GEMM.
 struct PatchEmbed {
+    stem: Vec<StemConv>,
     projection: Linear,
+    /// Side of the projection's patches, in the stem's output.
+    projection_size: usize,
     patch_size: usize,
 }
 
 impl PatchEmbed {
     fn new(store: &TensorStore, layout: &Layout, config: &VitConfig) -> Result<Self> {
-        let (d, p) = (config.hidden_size, config.patch_size);
-        let weight = store.tensor(&format!("{}.weight", layout.patch_embed), &[d, 3, p, p])?;
+        let mut inputs = 3;
+        let mut stem = Vec::with_capacity(config.stem_channels.len());
+        for (i, &outputs) in config.stem_channels.iter().enumerate() {
+            stem.push(StemConv::new(store, &format!("{}.{i}", layout.stem), inputs, outputs)?);
+            inputs = outputs;
+        }
+        let d = config.hidden_size;
+        let q = config.patch_size >> stem.len();
+        let weight = store.tensor(&format!("{}.weight", layout.patch_embed), &[d, inputs, q, q])?;
         let bias = store.tensor(&format!("{}.bias", layout.patch_embed), &[d])?;
-        let projection = Linear::from_stored(&weight.reshape((d, 3 * p * p))?, bias)?;
-        Ok(Self { projection, patch_size: p })
+        let projection = Linear::from_stored(&weight.reshape((d, inputs * q * q))?, bias)?;
+        Ok(Self { stem, projection, projection_size: q, patch_size: config.patch_size })
     }
 
     /// (B, 3, H, W) -> (B, rows·cols, D). Trailing pixels that do not fill a
@@ -106,13 +145,16 @@ impl PatchEmbed {
         if grid.rows == 0 || grid.cols == 0 {
             bail!("image {width}x{height} is smaller than one {p}x{p} patch");
         }
-        let patches = pixels
-            .narrow(2, 0, grid.rows * p)?
-            .narrow(3, 0, grid.cols * p)?
-            .reshape((batch, 3, grid.rows, p, grid.cols, p))?
+        let mut x = pixels.narrow(2, 0, grid.rows * p)?.narrow(3, 0, grid.cols * p)?;
+        for conv in &self.stem {
+            x = conv.forward(&x)?;
+        }
+        let (q, channels) = (self.projection_size, x.dim(1)?);
+        let patches = x
+            .reshape((batch, channels, grid.rows, q, grid.cols, q))?
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
-            .reshape((batch, grid.len(), 3 * p * p))?;
+            .reshape((batch, grid.len(), channels * q * q))?;
         Ok((self.projection.forward(&patches)?, grid))
     }
 }
@@ -384,6 +426,9 @@ pub struct Vit {
     blocks: Vec<Block>,
     norm: LayerNorm,
     num_parameters: usize,
+    /// (weight, bias) of a head trained with this backbone, from its own file.
+    bundled_head: Option<(Tensor, Tensor)>,
+    default_short_side: Option<usize>,
     fingerprint: String,
 }
 
@@ -391,11 +436,23 @@ impl Vit {
     /// Loads a checkpoint from a `.safetensors` file or a Hugging Face snapshot directory.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let files = ModelFiles::locate(path)?;
-        let hf = match &files.config {
-            Some(config_path) => HfConfig::read(config_path)?,
-            None => HfConfig::default(),
-        };
         let store = TensorStore::open(&files.weights, device)?;
+        Self::from_store(store, files)
+    }
+
+    /// segattn's own model, compiled into the binary ([`builtin`]).
+    pub fn builtin(device: &Device) -> Result<Self> {
+        let store = TensorStore::embedded(builtin::DISPLAY_NAME, builtin::SAFETENSORS, device)?;
+        Self::from_store(store, ModelFiles { weights: builtin::DISPLAY_NAME.into(), config: None })
+    }
+
+    fn from_store(store: TensorStore, files: ModelFiles) -> Result<Self> {
+        // A config.json beside the weights, else one carried in the file's metadata.
+        let hf = match (&files.config, store.metadata(CONFIG_METADATA_KEY)) {
+            (Some(config_path), _) => HfConfig::read(config_path)?,
+            (None, Some(text)) => HfConfig::parse(text, store.path())?,
+            (None, None) => HfConfig::default(),
+        };
         let layout = store.layout();
         let config = VitConfig::infer(&store, &layout, &hf, files.config.as_deref())?;
         let d = config.hidden_size;
@@ -410,6 +467,16 @@ impl Vit {
         let patch_embed = PatchEmbed::new(&store, &layout, &config)?;
         let fingerprint = fingerprint(&[&cls_token, &patch_embed.projection.bias])?;
         let num_parameters = store.names().filter_map(|n| store.shape(n)).map(|s| s.iter().product::<usize>()).sum();
+        let bundled_head = match (store.shape(HEAD_WEIGHT), store.shape(HEAD_BIAS)) {
+            (Some(weight), Some(bias)) => Some((store.tensor(HEAD_WEIGHT, &weight)?, store.tensor(HEAD_BIAS, &bias)?)),
+            _ => None,
+        };
+        let default_short_side = match store.metadata(SHORT_SIDE_METADATA_KEY) {
+            None => None,
+            Some(text) => Some(text.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                anyhow!("{}: metadata {SHORT_SIDE_METADATA_KEY} is {text:?}, not a size", store.path().display())
+            })?),
+        };
         Ok(Self {
             patch_embed,
             cls_token,
@@ -419,9 +486,21 @@ impl Vit {
             blocks,
             norm: LayerNorm::new(&store, layout.final_norm, d, config.layer_norm_eps)?,
             num_parameters,
+            bundled_head,
+            default_short_side,
             config,
             files,
         })
+    }
+
+    /// `head.weight` and `head.bias`, when the checkpoint carries a trained head.
+    pub fn bundled_head(&self) -> Option<(&Tensor, &Tensor)> {
+        self.bundled_head.as_ref().map(|(weight, bias)| (weight, bias))
+    }
+
+    /// The input's short side the model was trained for, when its file says.
+    pub fn default_short_side(&self) -> Option<usize> {
+        self.default_short_side
     }
 
     pub fn config(&self) -> &VitConfig {

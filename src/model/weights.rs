@@ -9,12 +9,13 @@
 //! Weights are read from safetensors (memory-mapped) or, for repositories
 //! that never converted, from a PyTorch `pytorch_model.bin` / `.pth` archive.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::pickle::PthTensors;
-use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::safetensors::{Load, MmapedSafetensors, SliceSafetensors};
 use candle_core::{DType, Device, Tensor};
 
 /// Where the weights (and optionally their `config.json`) live.
@@ -50,6 +51,8 @@ pub const WEIGHT_FILES: [&str; 2] = ["model.safetensors", "pytorch_model.bin"];
 const PREFIXES: [&str; 5] = ["", "model.", "vit.", "dinov2.", "backbone."];
 const HF_PATCH: &str = "embeddings.patch_embeddings.projection";
 const HUB_PATCH: &str = "patch_embed.proj";
+/// Safetensors metadata key holding a `config.json`, for a model that is one file.
+pub const CONFIG_METADATA_KEY: &str = "config";
 
 /// Names of a checkpoint that no encoder tensor maps to, and that are fine to carry.
 fn is_ignorable(name: &str) -> bool {
@@ -78,6 +81,8 @@ pub struct Layout {
     pub pos_embed: &'static str,
     pub register_tokens: &'static str,
     pub patch_embed: &'static str,
+    /// Convolutions before the patch projection, `{stem}.{i}` (segattn's own model).
+    pub stem: &'static str,
     pub final_norm: &'static str,
     pub block_prefix: &'static str,
     pub norm1: &'static str,
@@ -95,9 +100,11 @@ impl Layout {
     }
 }
 
-/// Both formats read a tensor only when asked for it.
+/// Every format reads a tensor only when asked for it.
 enum Tensors {
     Safetensors(MmapedSafetensors),
+    /// A safetensors file compiled into the binary.
+    Embedded(SliceSafetensors<'static>),
     Pickle(PthTensors),
 }
 
@@ -124,6 +131,7 @@ impl Tensors {
     fn names(&self) -> BTreeSet<String> {
         match self {
             Self::Safetensors(t) => t.tensors().into_iter().map(|(name, _)| name).collect(),
+            Self::Embedded(t) => t.tensors().into_iter().map(|(name, _)| name).collect(),
             Self::Pickle(t) => t.tensor_infos().keys().cloned().collect(),
         }
     }
@@ -131,6 +139,7 @@ impl Tensors {
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         match self {
             Self::Safetensors(t) => t.get(name).ok().map(|v| v.shape().to_vec()),
+            Self::Embedded(t) => t.get(name).ok().map(|v| v.shape().to_vec()),
             Self::Pickle(t) => t.tensor_infos().get(name).map(|info| info.layout.dims().to_vec()),
         }
     }
@@ -138,6 +147,7 @@ impl Tensors {
     fn dtype(&self, name: &str) -> Option<DType> {
         match self {
             Self::Safetensors(t) => t.get(name).ok().and_then(|v| DType::try_from(v.dtype()).ok()),
+            Self::Embedded(t) => t.get(name).ok().and_then(|v| DType::try_from(v.dtype()).ok()),
             Self::Pickle(t) => t.tensor_infos().get(name).map(|info| info.dtype),
         }
     }
@@ -145,6 +155,7 @@ impl Tensors {
     fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
         match self {
             Self::Safetensors(t) => t.get(name)?.load(device),
+            Self::Embedded(t) => t.load(name, device),
             Self::Pickle(t) => {
                 t.get(name)?.ok_or_else(|| candle_core::Error::Msg(format!("no tensor {name}")))?.to_device(device)
             }
@@ -158,12 +169,32 @@ pub struct TensorStore {
     tensors: Tensors,
     names: BTreeSet<String>,
     prefix: &'static str,
+    metadata: HashMap<String, String>,
     device: Device,
 }
 
 impl TensorStore {
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
         let tensors = Tensors::open(path)?;
+        let metadata = match tensors {
+            Tensors::Safetensors(_) => safetensors_metadata(path)?,
+            _ => HashMap::new(),
+        };
+        Self::new(path.to_path_buf(), tensors, metadata, device)
+    }
+
+    /// A safetensors file held in memory for the life of the program, named
+    /// `name` in messages.
+    pub fn embedded(name: &str, bytes: &'static [u8], device: &Device) -> Result<Self> {
+        let tensors =
+            SliceSafetensors::new(bytes).map_err(|e| anyhow!("{name}: not a readable safetensors file: {e}"))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| anyhow!("{name}: not a readable safetensors file: {e}"))?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        Self::new(PathBuf::from(name), Tensors::Embedded(tensors), metadata, device)
+    }
+
+    fn new(path: PathBuf, tensors: Tensors, metadata: HashMap<String, String>, device: &Device) -> Result<Self> {
         let names = tensors.names();
         let prefix = PREFIXES
             .iter()
@@ -176,7 +207,12 @@ impl TensorStore {
                     list_some(names.iter())
                 )
             })?;
-        Ok(Self { path: path.to_path_buf(), tensors, names, prefix, device: device.clone() })
+        Ok(Self { path, tensors, names, prefix, metadata, device: device.clone() })
+    }
+
+    /// The safetensors `__metadata__` entry `key`.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
     }
 
     pub fn path(&self) -> &Path {
@@ -252,6 +288,7 @@ impl TensorStore {
                     pos_embed: "embeddings.position_embeddings",
                     register_tokens: "embeddings.register_tokens",
                     patch_embed: HF_PATCH,
+                    stem: "embeddings.patch_embeddings.stem",
                     final_norm: "layernorm",
                     block_prefix,
                     norm1: pick(&["layernorm_before", "norm1"]),
@@ -269,6 +306,7 @@ impl TensorStore {
                 pos_embed: "pos_embed",
                 register_tokens: "register_tokens",
                 patch_embed: HUB_PATCH,
+                stem: "patch_embed.stem",
                 final_norm: "norm",
                 block_prefix: "blocks.",
                 norm1: "norm1",
@@ -311,6 +349,29 @@ impl TensorStore {
         }
         Err(anyhow!(message))
     }
+}
+
+/// The `__metadata__` of a safetensors file, read from its header only.
+pub fn safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let file = path.display();
+    let mut reader = std::fs::File::open(path).map_err(|e| anyhow!("{file}: cannot open: {e}"))?;
+    let mut length = [0u8; 8];
+    reader.read_exact(&mut length).map_err(|_| anyhow!("{file}: not a readable safetensors file"))?;
+    let length = u64::from_le_bytes(length);
+    if length > 100_000_000 {
+        bail!("{file}: not a readable safetensors file (header of {length} bytes)");
+    }
+    let mut header = vec![0u8; length as usize];
+    reader
+        .read_exact(&mut header)
+        .map_err(|_| anyhow!("{file}: not a readable safetensors file (truncated header)"))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| anyhow!("{file}: not a readable safetensors file: {e}"))?;
+    Ok(header
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default())
 }
 
 /// Up to ten names, then how many more.

@@ -1,0 +1,146 @@
+//! segattn's own model, compiled into the binary, against PyTorch outputs of
+//! the same file (`train/make_reference.py`), on the path `segattn run`
+//! takes; and the command line using it when no model is named.
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use segattn::head::{LinearHead, SegmentationHead};
+use segattn::model::{Capture, Vit};
+use segattn::preprocess;
+
+mod common;
+use common::{fixture, s, sample, stderr};
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn reference() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture("builtin/reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// The reference's resized photo, normalized by segattn.
+fn input(rgb: &Tensor) -> Tensor {
+    let (h, w, _) = rgb.dims3().unwrap();
+    let bytes: Vec<u8> = rgb.flatten_all().unwrap().to_vec1().unwrap();
+    preprocess::normalize(&image::RgbImage::from_raw(w as u32, h as u32, bytes).unwrap(), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn builtin_model_matches_pytorch() {
+    let model = Vit::builtin(&Device::Cpu).unwrap();
+    let head = LinearHead::bundled(&model).unwrap().expect("the built-in model carries its head");
+    let expected = reference();
+    let last = model.config().num_layers - 1;
+    for name in ["cat", "astronaut"] {
+        let x = input(&expected[&format!("{name}.rgb")]);
+        let (_, _, h, w) = x.dims4().unwrap();
+        // What `run` does: nothing captured, fused attention throughout.
+        let out = model.forward(&x, &Capture::default()).unwrap();
+        let tokens_err = max_abs_diff(&out.tokens.squeeze(0).unwrap(), &expected[&format!("{name}.tokens")]);
+        let map = head.predict(&model, &out).unwrap().to_pixels(w as u32, h as u32);
+        let soft = Tensor::from_vec(map.values, (h, w), &Device::Cpu).unwrap();
+        let soft_err = max_abs_diff(&soft, &expected[&format!("{name}.soft")]);
+        // What `attn-map` does: the class token's row of the last layer.
+        let looks = Capture { cls_attention_layers: vec![last], ..Capture::default() };
+        let out = model.forward(&x, &looks).unwrap();
+        let cls = out.attention(last).unwrap().squeeze(0).unwrap().squeeze(1).unwrap();
+        let attention_err = max_abs_diff(&cls, &expected[&format!("{name}.cls_attention")]);
+        println!(
+            "{name}: max abs error tokens {tokens_err:.2e}, soft mask {soft_err:.2e}, attention {attention_err:.2e}"
+        );
+        assert!(tokens_err <= 1e-4, "{name}: tokens differ by {tokens_err}");
+        assert!(soft_err <= 1e-3, "{name}: soft masks differ by {soft_err}");
+        assert!(attention_err <= 1e-5, "{name}: class-token attention differs by {attention_err}");
+    }
+}
+
+/// `segattn` with no model named anywhere.
+fn segattn(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_segattn"));
+    cmd.args(args).env_remove("SEGATTN_WEIGHTS").env_remove("SEGATTN_MODEL");
+    cmd
+}
+
+fn iou(a: &image::GrayImage, b: &image::GrayImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let (mut inter, mut union) = (0u64, 0u64);
+    for (p, q) in a.pixels().zip(b.pixels()) {
+        let (x, y) = (p[0] >= 128, q[0] >= 128);
+        inter += (x && y) as u64;
+        union += (x || y) as u64;
+    }
+    inter as f64 / union.max(1) as f64
+}
+
+#[test]
+fn run_with_no_model_finds_the_cat() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cat_mask.png");
+    let result = segattn(&["run", s(&sample("cat.jpg")), "--out", s(&out)]).output().unwrap();
+    assert!(result.status.success(), "{}", stderr(&result));
+    let mask = image::open(&out).unwrap().to_luma8();
+    assert_eq!(mask.dimensions(), (451, 300), "mask at the photo's size");
+    // The IS-Net teacher's mask of the same photo (tests/fixtures/builtin/teacher).
+    let teacher = image::open(fixture("builtin/teacher/cat.png")).unwrap().to_luma8();
+    let score = iou(&mask, &teacher);
+    println!("cat: IoU with the teacher's mask {score:.3}");
+    assert!(score >= 0.8, "the mask does not cover the cat: IoU {score:.3} with the teacher's");
+}
+
+#[test]
+fn eval_scores_the_builtin_model_and_other_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("scores.json");
+    let teacher = fixture("builtin/teacher");
+    let result =
+        segattn(&["eval", "--images", s(&sample("")), "--masks", s(&teacher), "--json", s(&report)]).output().unwrap();
+    assert!(result.status.success(), "{}", stderr(&result));
+    let scores: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    println!("{scores}");
+    assert_eq!(scores["head"], "linear", "the built-in model's own head is the default");
+    assert_eq!(scores["images"], 4);
+    assert!(scores["mean_iou"].as_f64().unwrap() >= 0.7, "{scores}");
+    // Where the model looks: most of the class token's attention on the object.
+    assert!(scores["attention_inside"].as_f64().unwrap() >= 0.6, "{scores}");
+
+    // The same scoring of another tool's masks: the teacher against itself.
+    let result = segattn(&["eval", "--images", s(&sample("")), "--masks", s(&teacher)])
+        .args(["--predictions", s(&teacher), "--json", s(&report)])
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", stderr(&result));
+    let scores: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(scores["mean_iou"], 1.0, "{scores}");
+    assert!(scores["attention_inside"].is_null());
+}
+
+#[test]
+fn info_and_list_name_the_builtin_model() {
+    let info = segattn(&["info", "--json"]).output().unwrap();
+    assert!(info.status.success(), "{}", stderr(&info));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["weights"], "segattn-s16 (built in)");
+    assert_eq!(info["trained_head"], "linear, 4x4 cells per patch");
+    assert_eq!(info["input_short_side"], 224);
+    assert_eq!(info["heads"], 3);
+    assert_eq!(info["hidden_size"], 192);
+
+    let home = tempfile::tempdir().unwrap();
+    let list = segattn(&["list", "--json"]).env("HF_HOME", home.path()).env_remove("HF_HUB_CACHE").output().unwrap();
+    assert!(list.status.success(), "{}", stderr(&list));
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list["default"], "segattn-s16");
+    assert_eq!(list["models"][0]["name"], "segattn-s16");
+    assert_eq!(list["models"][0]["builtin"], true);
+
+    // Named explicitly, it is the same model; it has nothing to fetch.
+    let named = segattn(&["info", "--json", "--model", "segattn-s16"]).output().unwrap();
+    assert!(named.status.success(), "{}", stderr(&named));
+    let fetch = segattn(&["fetch", "segattn-s16"]).env("HF_HUB_OFFLINE", "1").output().unwrap();
+    assert!(fetch.status.success(), "{}", stderr(&fetch));
+    assert!(stderr(&fetch).contains("built into segattn"), "{}", stderr(&fetch));
+}

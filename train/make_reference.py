@@ -1,0 +1,57 @@
+"""Reference outputs of the shipped model for the Rust parity test
+(tests/builtin_model.rs), computed in PyTorch from the exported file itself.
+
+    train/.venv/bin/python train/make_reference.py   # after train/run
+
+For each photo: the resized RGB input (u8, so both sides normalize the same
+bytes), the final tokens, the last layer's class-token attention per head,
+and the soft mask at the input's size (sub-patch logits upsampled
+bilinearly, then the sigmoid, as segattn does).
+"""
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import ExportedViT
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..")
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+PHOTOS = ["cat", "astronaut"]
+
+
+def main():
+    path = os.path.join(ROOT, "weights", "segattn-s16.safetensors")
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    model = ExportedViT(tensors, json.loads(meta["config"]))
+    short = int(meta["segattn_short_side"])
+    out = {}
+    for name in PHOTOS:
+        img = ImageOps.exif_transpose(Image.open(os.path.join(ROOT, "samples", name + ".jpg"))).convert("RGB")
+        w, h = img.size
+        s = short / min(w, h)
+        cols, rows = max(1, round(w * s / 16)), max(1, round(h * s / 16))
+        rgb = np.asarray(img.resize((16 * cols, 16 * rows), Image.BICUBIC))
+        x = (torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255 - MEAN) / STD
+        tokens, fine, cls_attention = model(x)
+        soft = F.interpolate(fine, size=(16 * rows, 16 * cols), mode="bilinear", align_corners=False).sigmoid()
+        out[f"{name}.rgb"] = torch.from_numpy(rgb.copy())
+        out[f"{name}.tokens"] = tokens[0].contiguous()
+        out[f"{name}.cls_attention"] = cls_attention[0].contiguous()
+        out[f"{name}.soft"] = soft[0, 0].contiguous()
+    dst = os.path.join(ROOT, "tests", "fixtures", "builtin", "reference.safetensors")
+    save_file(out, dst)
+    print(f"wrote {dst}: {', '.join(PHOTOS)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""segattn's own model: a small ViT with a convolutional stem and a sub-patch
+segmentation head, in PyTorch for training. Rust's `segattn` reads what
+`export()` writes (Hugging Face ViT names, batch norms folded into the stem).
+"""
+import json
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConvStem(nn.Module):
+    """Three 3x3 stride-2 convolutions (Xiao et al., 2021: early convolutions
+    help ViTs learn from few images); the patch projection adds the last 2x."""
+
+    def __init__(self, widths=(32, 64, 128)):
+        super().__init__()
+        layers, c = [], 3
+        for w in widths:
+            layers.append(nn.Sequential(nn.Conv2d(c, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()))
+            c = w
+        self.layers = nn.ModuleList(layers)
+        self.out_channels = c
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, keep_cls_attention=False):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if not keep_cls_attention:
+            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)), None
+        scores = (q * (d // self.heads) ** -0.5) @ k.transpose(-2, -1)
+        probs = scores.float().softmax(-1)
+        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, d)
+        return self.proj(out), probs[:, :, 0, :]  # (B, heads, tokens): the class token's row
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio=4, eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.fc1 = nn.Linear(dim, dim * mlp_ratio)
+        self.fc2 = nn.Linear(dim * mlp_ratio, dim)
+
+    def forward(self, x, keep_cls_attention=False):
+        a, cls_attention = self.attn(self.norm1(x), keep_cls_attention)
+        x = x + a
+        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return x, cls_attention
+
+
+class SegAttnViT(nn.Module):
+    def __init__(self, dim=192, depth=6, heads=3, pos_grid=14, subpatch=4, eps=1e-6):
+        super().__init__()
+        self.patch_size, self.subpatch, self.eps, self.heads = 16, subpatch, eps, heads
+        self.stem = ConvStem()
+        self.proj = nn.Conv2d(self.stem.out_channels, dim, 2, 2)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + pos_grid * pos_grid, dim) * 0.02)
+        self.pos_grid = pos_grid
+        self.blocks = nn.ModuleList(Block(dim, heads, eps=eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        # Sub-patch head: subpatch² logits per patch, laid out as a finer grid.
+        self.head = nn.Linear(dim, subpatch * subpatch)
+        # The plain per-patch head, trained beside it to measure which is better.
+        self.patch_head = nn.Linear(dim, 1)
+        self.apply(self._init)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    def positions(self, rows, cols):
+        """transformers' ViT interpolation: bicubic to (rows, cols), align_corners=False."""
+        g, d = self.pos_grid, self.pos_embed.shape[-1]
+        cls, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        if (rows, cols) != (g, g):
+            grid = grid.reshape(1, g, g, d).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
+            grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, d)
+        return torch.cat([cls, grid], 1)
+
+    def forward(self, pixels, keep_cls_attention=False):
+        """pixels (B, 3, H, W), H and W multiples of 16. Returns the final tokens
+        (B, 1 + N, D), the sub-patch logits (B, 1, 4R, 4C), the per-patch logits
+        (B, 1, R, C) and the last layer's class-token attention (B, heads, 1 + N)."""
+        x = self.proj(self.stem(pixels))
+        b, d, rows, cols = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x], 1) + self.positions(rows, cols)
+        cls_attention = None
+        for i, block in enumerate(self.blocks):
+            x, a = block(x, keep_cls_attention and i == len(self.blocks) - 1)
+            cls_attention = a if a is not None else cls_attention
+        x = self.norm(x)
+        patches = x[:, 1:]
+        s = self.subpatch
+        fine = self.head(patches).float().reshape(b, rows, cols, s, s).permute(0, 1, 3, 2, 4).reshape(b, 1, rows * s, cols * s)
+        coarse = self.patch_head(patches).float().reshape(b, 1, rows, cols)
+        return x, fine, coarse, cls_attention
+
+
+def export_tensors(model):
+    """The Rust loader's tensors (transformers' ViTModel names plus the stem),
+    batch norms folded into the stem's convolutions."""
+    m = model.eval()
+    t = {}
+    for i, layer in enumerate(m.stem.layers):
+        conv, bn = layer[0], layer[1]
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        t[f"embeddings.patch_embeddings.stem.{i}.weight"] = conv.weight * scale[:, None, None, None]
+        t[f"embeddings.patch_embeddings.stem.{i}.bias"] = bn.bias - bn.running_mean * scale
+    t["embeddings.patch_embeddings.projection.weight"] = m.proj.weight
+    t["embeddings.patch_embeddings.projection.bias"] = m.proj.bias
+    t["embeddings.cls_token"] = m.cls_token
+    t["embeddings.position_embeddings"] = m.pos_embed
+    d = m.cls_token.shape[-1]
+    for i, blk in enumerate(m.blocks):
+        p = f"encoder.layer.{i}."
+        t[p + "layernorm_before.weight"], t[p + "layernorm_before.bias"] = blk.norm1.weight, blk.norm1.bias
+        for j, name in enumerate(["query", "key", "value"]):
+            t[p + f"attention.attention.{name}.weight"] = blk.attn.qkv.weight[j * d:(j + 1) * d]
+            t[p + f"attention.attention.{name}.bias"] = blk.attn.qkv.bias[j * d:(j + 1) * d]
+        t[p + "attention.output.dense.weight"], t[p + "attention.output.dense.bias"] = blk.attn.proj.weight, blk.attn.proj.bias
+        t[p + "layernorm_after.weight"], t[p + "layernorm_after.bias"] = blk.norm2.weight, blk.norm2.bias
+        t[p + "intermediate.dense.weight"], t[p + "intermediate.dense.bias"] = blk.fc1.weight, blk.fc1.bias
+        t[p + "output.dense.weight"], t[p + "output.dense.bias"] = blk.fc2.weight, blk.fc2.bias
+    t["layernorm.weight"], t["layernorm.bias"] = m.norm.weight, m.norm.bias
+    t["head.weight"], t["head.bias"] = m.head.weight, m.head.bias
+    return {k: v.detach().contiguous() for k, v in t.items()}
+
+
+def config_json(model):
+    return json.dumps({
+        "model_type": "vit",
+        "num_attention_heads": model.heads,
+        "num_hidden_layers": len(model.blocks),
+        "layer_norm_eps": model.eps,
+        "hidden_act": "gelu",
+    })
+
+
+class ExportedViT(nn.Module):
+    """The exported file, run the way segattn runs it (folded stem, f16 weights
+    widened to f32): the reference for the Rust parity test."""
+
+    def __init__(self, tensors, config):
+        super().__init__()
+        self.t = {k: v.float() for k, v in tensors.items()}
+        self.heads, self.eps = config["num_attention_heads"], config["layer_norm_eps"]
+        self.depth = config["num_hidden_layers"]
+
+    @torch.no_grad()
+    def forward(self, pixels):
+        t = self.t
+        x = pixels
+        i = 0
+        while f"embeddings.patch_embeddings.stem.{i}.weight" in t:
+            x = F.relu(F.conv2d(x, t[f"embeddings.patch_embeddings.stem.{i}.weight"], t[f"embeddings.patch_embeddings.stem.{i}.bias"], 2, 1))
+            i += 1
+        x = F.conv2d(x, t["embeddings.patch_embeddings.projection.weight"], t["embeddings.patch_embeddings.projection.bias"], 2)
+        b, d, rows, cols = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        pos = t["embeddings.position_embeddings"]
+        g = math.isqrt(pos.shape[1] - 1)
+        grid = pos[:, 1:]
+        if (rows, cols) != (g, g):
+            grid = F.interpolate(grid.reshape(1, g, g, d).permute(0, 3, 1, 2), size=(rows, cols), mode="bicubic", align_corners=False)
+            grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, d)
+        x = torch.cat([t["embeddings.cls_token"].expand(b, -1, -1), x], 1) + torch.cat([pos[:, :1], grid], 1)
+        ln = lambda x, n: F.layer_norm(x, (d,), t[n + ".weight"], t[n + ".bias"], self.eps)
+        lin = lambda x, n: F.linear(x, t[n + ".weight"], t[n + ".bias"])
+        h = self.heads
+        cls_attention = None
+        for l in range(self.depth):
+            p = f"encoder.layer.{l}."
+            y = ln(x, p + "layernorm_before")
+            q, k, v = (lin(y, p + f"attention.attention.{n}").reshape(b, -1, h, d // h).transpose(1, 2) for n in ("query", "key", "value"))
+            probs = ((q @ k.transpose(-2, -1)) * (d // h) ** -0.5).softmax(-1)
+            cls_attention = probs[:, :, 0, :]
+            x = x + lin((probs @ v).transpose(1, 2).reshape(b, -1, d), p + "attention.output.dense")
+            y = ln(x, p + "layernorm_after")
+            x = x + lin(F.gelu(lin(y, p + "intermediate.dense")), p + "output.dense")
+        x = ln(x, "layernorm")
+        k = t["head.weight"].shape[0]
+        s = math.isqrt(k)
+        fine = F.linear(x[:, 1:], t["head.weight"], t["head.bias"]).reshape(b, rows, cols, s, s).permute(0, 1, 3, 2, 4).reshape(b, 1, rows * s, cols * s)
+        return x, fine, cls_attention
