@@ -394,3 +394,75 @@ fn piped_stderr_has_no_progress_bar() {
     assert!(result.status.success());
     assert!(result.stderr.is_empty(), "{}", stderr(&result));
 }
+
+#[test]
+fn numbers_are_checked_when_the_command_line_is_read() {
+    let cat = sample("cat.jpg");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mask.png");
+    let cases: [(&[&str], &str); 14] = [
+        (&["--size", "0"], "--size <N>': must be 32 to 4096 pixels, got 0"),
+        (&["--size", "1"], "must be 32 to 4096 pixels, got 1"),
+        (&["--size", "18446744073709551615"], "must be 32 to 4096 pixels"),
+        (&["--size", "-5"], "is not a whole number of pixels"),
+        (&["--jobs", "0"], "--jobs <N>': must be at least 1"),
+        (&["--mass", "0"], "--mass <MASS>': must be above 0 and at most 1, got 0"),
+        (&["--mass", "5"], "must be above 0 and at most 1, got 5"),
+        (&["--mass", "-1"], "must be above 0 and at most 1, got -1"),
+        (&["--min-heads", "0"], "--min-heads <N>': must be at least 1"),
+        (&["--tau", "nan"], "--tau <TAU>': must be at least 0 and below 1, got NaN"),
+        (&["--tau", "5"], "must be at least 0 and below 1, got 5"),
+        (&["--threshold", "-0.5"], "must be between 0 and 1, got -0.5"),
+        (&["--suffix", "/../../escaped"], "may not hold a path separator"),
+        (&["--min-heads", "7"], "--min-heads must be between 1 and 4 for this model, got 7"),
+    ];
+    for (extra, message) in cases {
+        let mut args = vec!["run", s(&cat), "--out", s(&out)];
+        if extra[0] == "--suffix" {
+            args = vec!["run", s(&cat), "--out-dir", s(dir.path())];
+        }
+        args.extend(extra);
+        let result = run(&args);
+        let text = stderr(&result);
+        assert_eq!(result.status.code(), Some(2), "{extra:?}: {text}");
+        assert!(text.contains(message), "{extra:?}: {text}");
+        assert_eq!(text.trim_end().lines().filter(|l| l.starts_with("error") || l.starts_with("segattn")).count(), 1);
+        assert!(!text.contains("to pass '-"), "{extra:?}: clap's tip instead of the range: {text}");
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn too_many_jobs_are_capped_with_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mask.png");
+    let result = run(&["run", s(&sample("cat.jpg")), "--out", s(&out), "--jobs", "100000"]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(stderr(&result).contains("--jobs 100000 capped at"), "{}", stderr(&result));
+    assert!(out.exists());
+}
+
+#[test]
+fn a_folder_without_photos_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::write(empty.join("notes.txt"), "not a photo").unwrap();
+    let result = run(&["run", s(&empty), "--out-dir", s(&dir.path().join("masks"))]);
+    assert_eq!(result.status.code(), Some(1), "{}", stderr(&result));
+    assert!(stderr(&result).contains("empty: no photos (jpg, jpeg, png"), "{}", stderr(&result));
+}
+
+#[test]
+fn a_file_name_with_a_newline_stays_on_one_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    std::fs::write(photos.join("bad\nname.jpg"), b"not a jpeg").unwrap();
+    std::fs::copy(sample("cat.jpg"), photos.join("cat.jpg")).unwrap();
+    let result = run(&["run", s(&photos), "--out-dir", s(&dir.path().join("masks"))]);
+    assert_eq!(result.status.code(), Some(1));
+    let text = stderr(&result);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("bad\\nname.jpg: "), "{text}");
+}

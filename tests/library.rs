@@ -5,11 +5,13 @@ use segattn::{head, image_io, model::Vit, render};
 #[test]
 fn readme_library_example_runs() -> anyhow::Result<()> {
     std::env::set_current_dir(env!("CARGO_MANIFEST_DIR"))?;
-    let model = Vit::load("tests/fixtures/dino_vit".as_ref(), &candle_core::Device::Cpu)?;
+    let model = Vit::builtin(&candle_core::Device::Cpu)?;
+    let own_head = head::LinearHead::bundled(&model)?.expect("segattn-s16 carries its head");
     let photo = image_io::read_image(&image_io::Source::File("samples/cat.jpg".into()), image_io::DEFAULT_MAX_PIXELS)?;
-    let soft = head::segment(&model, &head::AttentionMass::default(), &photo, 480)?;
+    let soft = head::segment(&model, &own_head, &photo, 224)?;
     let mask = render::mask(&soft.to_pixels(photo.width(), photo.height()), 0.5, false);
     assert_eq!(mask.dimensions(), (451, 300));
-    assert_eq!((soft.patches.grid.rows, soft.patches.grid.cols), (60, 90));
+    // 14 x 21 patches of 16 pixels, each split 4 x 4 by the head.
+    assert_eq!((soft.patches.grid.rows, soft.patches.grid.cols), (56, 84));
     Ok(())
 }

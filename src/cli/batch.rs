@@ -37,7 +37,7 @@ where
             .expect("valid template"),
     );
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.unwrap_or(0))
+        .num_threads(super::values::worker_threads(threads))
         .build()
         .context("cannot start worker threads")?;
     let failed = AtomicUsize::new(0);
@@ -47,7 +47,7 @@ where
                 Ok(value) => record(value),
                 Err(err) => {
                     failed.fetch_add(1, Ordering::Relaxed);
-                    progress.suspend(|| eprintln!("segattn: {}: {}", name(item), one_line(&err)));
+                    progress.suspend(|| eprintln!("segattn: {}: {}", escaped(&name(item)), one_line(&err)));
                 }
             }
             progress.inc(1);
@@ -64,7 +64,7 @@ where
     F: Fn(&Job) -> Result<serde_json::Value> + Sync,
 {
     for r in &rejected {
-        eprintln!("segattn: {}: {}", r.name, r.reason.replace('\n', " "));
+        eprintln!("segattn: {}: {}", escaped(&r.name), r.reason.replace('\n', " "));
     }
     let print = |value: serde_json::Value| {
         if json {
@@ -74,6 +74,12 @@ where
     };
     let failed = for_each(&jobs, |job| job.source.display_name(), threads, work, print)?;
     Ok(if failed + rejected.len() == 0 { EXIT_OK } else { EXIT_SOME_FAILED })
+}
+
+/// A file name as it can be printed on one line: control characters (a
+/// newline in a name, say) escaped as Rust writes them, the rest unchanged.
+pub fn escaped(name: &str) -> String {
+    name.chars().map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() }).collect()
 }
 
 /// An error and its causes on one line: decoders put line breaks in their

@@ -26,13 +26,13 @@ pub struct EvalArgs {
     head: HeadArgs,
     /// Score the soft masks in this directory (8-bit gray, 255 = object,
     /// matched by stem; from any tool) instead of running a model.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["weights", "model", "size"])]
+    #[arg(long, value_name = "DIR")]
     predictions: Option<PathBuf>,
     /// Also write the scores, with one row per image, as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Images processed in parallel (default: all cores).
-    #[arg(long, short = 'j', value_name = "N")]
+    /// Images processed in parallel (default: all cores; at most twice the cores).
+    #[arg(long, short = 'j', value_name = "N", allow_negative_numbers = true, value_parser = super::values::jobs)]
     jobs: Option<usize>,
     /// Refuse images with more pixels than this.
     #[arg(long, value_name = "N", default_value_t = image_io::DEFAULT_MAX_PIXELS)]

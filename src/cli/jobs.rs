@@ -83,6 +83,11 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<(Vec<Job>, Vec<R
             Source::File(path) if path.is_dir() => {
                 let mut found = Vec::new();
                 match list_dir(path, args.recursive, &mut found, path) {
+                    Ok(()) if found.is_empty() => {
+                        let below = if args.recursive { " or below it" } else { " (--recursive looks below it)" };
+                        let reason = format!("no photos ({}) in this directory{below}", IMAGE_EXTENSIONS.join(", "));
+                        rejected.push(Rejected { name: path.display().to_string(), reason })
+                    }
                     Ok(()) => {
                         sources.extend(found.into_iter().map(|(p, rel)| (Source::File(p), rel.with_extension(""))))
                     }

@@ -9,6 +9,7 @@ mod info;
 mod jobs;
 mod run;
 mod train_head;
+mod values;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,7 +72,7 @@ struct ModelArgs {
     model: Option<String>,
     /// Short side of the image fed to the model, in pixels, rounded to whole
     /// patches [default: the model's own (224 for segattn-s16), else 480].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = values::short_side)]
     size: Option<usize>,
 }
 
@@ -108,13 +109,13 @@ struct BatchArgs {
     #[arg(long, value_name = "DIR")]
     out_dir: Option<PathBuf>,
     /// Appended to each output's stem in --out-dir, e.g. _mask.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", value_parser = values::suffix)]
     suffix: String,
     /// Descend into subdirectories of directory inputs.
     #[arg(long, short = 'r')]
     recursive: bool,
-    /// Images processed in parallel (default: all cores).
-    #[arg(long, short = 'j', value_name = "N")]
+    /// Images processed in parallel (default: all cores; at most twice the cores).
+    #[arg(long, short = 'j', value_name = "N", allow_negative_numbers = true, value_parser = values::jobs)]
     jobs: Option<usize>,
     /// Refuse images with more pixels than this.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PIXELS)]
@@ -159,16 +160,16 @@ struct HeadArgs {
     #[arg(long, value_enum)]
     head: Option<HeadName>,
     /// Foreground where the head's probability is at least this.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true, value_parser = values::unit_interval)]
     threshold: f32,
     /// attn head: share of each attention head's mass kept.
-    #[arg(long, default_value_t = 0.6)]
+    #[arg(long, default_value_t = 0.6, allow_negative_numbers = true, value_parser = values::mass)]
     mass: f32,
     /// attn head: attention heads that must agree on a patch (default: half).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = values::min_heads)]
     min_heads: Option<usize>,
     /// ncut head: key similarity above which two patches are linked.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, allow_negative_numbers = true, value_parser = values::tau)]
     tau: f64,
     /// linear head: safetensors file with head.weight / head.bias (default: the model's own).
     #[arg(long, value_name = "FILE")]
@@ -180,8 +181,9 @@ struct HeadArgs {
 
 impl HeadArgs {
     fn build(&self, model: &Vit) -> Result<Box<dyn SegmentationHead>> {
-        if !(0.0..=1.0).contains(&self.threshold) {
-            bail!("--threshold must be between 0 and 1, got {}", self.threshold);
+        let heads = model.config().num_heads;
+        if let Some(n) = self.min_heads.filter(|&n| n > heads) {
+            bail!("--min-heads must be between 1 and {heads} for this model, got {n}");
         }
         Ok(match self.name(model) {
             HeadName::Attn => Box::new(AttentionMass { mass: self.mass, min_heads: self.min_heads }),

@@ -32,8 +32,8 @@ pub struct TrainHeadArgs {
     /// Seed of the train/validation split and the shuffling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Images processed in parallel while extracting tokens (default: all cores).
-    #[arg(long, short = 'j', value_name = "N")]
+    /// Images processed in parallel while extracting tokens (default: all cores; at most twice the cores).
+    #[arg(long, short = 'j', value_name = "N", allow_negative_numbers = true, value_parser = super::values::jobs)]
     jobs: Option<usize>,
 }
 
