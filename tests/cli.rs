@@ -466,3 +466,31 @@ fn a_file_name_with_a_newline_stays_on_one_error_line() {
     assert_eq!(text.lines().count(), 1, "{text}");
     assert!(text.contains("bad\\nname.jpg: "), "{text}");
 }
+
+#[test]
+fn symlink_loops_are_followed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir_all(photos.join("sub")).unwrap();
+    std::fs::copy(sample("cat.jpg"), photos.join("sub/cat.jpg")).unwrap();
+    std::os::unix::fs::symlink("..", photos.join("sub/up")).unwrap();
+    std::os::unix::fs::symlink(".", photos.join("sub/here")).unwrap();
+    let masks = dir.path().join("masks");
+    let result = run(&["run", s(&photos), "--out-dir", s(&masks), "--recursive"]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let mut written = Vec::new();
+    for entry in walk(&masks) {
+        written.push(entry.strip_prefix(&masks).unwrap().to_path_buf());
+    }
+    assert_eq!(written, [PathBuf::from("sub/cat.png")]);
+}
+
+/// Every file under `dir`, without following links.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if std::fs::symlink_metadata(&path).unwrap().is_dir() { files.extend(walk(&path)) } else { files.push(path) }
+    }
+    files
+}

@@ -2,6 +2,7 @@
 //! naming outputs, and refusing outputs that would overwrite an input.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -41,14 +42,25 @@ fn is_image_file(path: &Path) -> bool {
 }
 
 /// Image files in `dir` (and below, with `recursive`), sorted, each with its
-/// path relative to `dir`.
-fn list_dir(dir: &Path, recursive: bool, found: &mut Vec<(PathBuf, PathBuf)>, root: &Path) -> std::io::Result<()> {
+/// path relative to `root`. Each directory is read once, known by device and
+/// inode, so symbolic links that loop back are not followed round again.
+fn list_dir(
+    dir: &Path,
+    recursive: bool,
+    found: &mut Vec<(PathBuf, PathBuf)>,
+    root: &Path,
+    visited: &mut HashSet<(u64, u64)>,
+) -> std::io::Result<()> {
+    let meta = std::fs::metadata(dir)?;
+    if !visited.insert((meta.dev(), meta.ino())) {
+        return Ok(());
+    }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
     entries.sort();
     for path in entries {
         if path.is_dir() {
             if recursive {
-                list_dir(&path, recursive, found, root)?;
+                list_dir(&path, recursive, found, root, visited)?;
             }
         } else if is_image_file(&path) {
             let relative = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
@@ -82,7 +94,7 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<(Vec<Job>, Vec<R
             Source::Stdin => sources.push((source, PathBuf::from("stdin"))),
             Source::File(path) if path.is_dir() => {
                 let mut found = Vec::new();
-                match list_dir(path, args.recursive, &mut found, path) {
+                match list_dir(path, args.recursive, &mut found, path, &mut HashSet::new()) {
                     Ok(()) if found.is_empty() => {
                         let below = if args.recursive { " or below it" } else { " (--recursive looks below it)" };
                         let reason = format!("no photos ({}) in this directory{below}", IMAGE_EXTENSIONS.join(", "));
@@ -202,7 +214,8 @@ pub struct Pair {
 /// Image files of `dir` by stem.
 fn by_stem(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     let mut found = Vec::new();
-    list_dir(dir, false, &mut found, dir).with_context(|| format!("{}: cannot list directory", dir.display()))?;
+    list_dir(dir, false, &mut found, dir, &mut HashSet::new())
+        .with_context(|| format!("{}: cannot list directory", dir.display()))?;
     Ok(found
         .into_iter()
         .filter_map(|(path, _)| Some((path.file_stem()?.to_string_lossy().into_owned(), path)))
