@@ -32,7 +32,7 @@ pub struct EvalArgs {
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
     /// Images processed in parallel (default: all cores; at most twice the cores).
-    #[arg(long, short = 'j', value_name = "N", allow_negative_numbers = true, value_parser = super::values::jobs)]
+    #[arg(long, short = 'j', value_name = "N", allow_negative_numbers = true, value_parser = super::values::at_least_one)]
     jobs: Option<usize>,
     /// Refuse images with more pixels than this.
     #[arg(long, value_name = "N", default_value_t = image_io::DEFAULT_MAX_PIXELS)]

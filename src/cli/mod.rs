@@ -115,7 +115,7 @@ struct BatchArgs {
     #[arg(long, short = 'r')]
     recursive: bool,
     /// Images processed in parallel (default: all cores; at most twice the cores).
-    #[arg(long, short = 'j', value_name = "N", allow_negative_numbers = true, value_parser = values::jobs)]
+    #[arg(long, short = 'j', value_name = "N", allow_negative_numbers = true, value_parser = values::at_least_one)]
     jobs: Option<usize>,
     /// Refuse images with more pixels than this.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PIXELS)]
@@ -166,7 +166,7 @@ struct HeadArgs {
     #[arg(long, default_value_t = 0.6, allow_negative_numbers = true, value_parser = values::mass)]
     mass: f32,
     /// attn head: attention heads that must agree on a patch (default: half).
-    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = values::min_heads)]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = values::at_least_one)]
     min_heads: Option<usize>,
     /// ncut head: key similarity above which two patches are linked.
     #[arg(long, default_value_t = 0.2, allow_negative_numbers = true, value_parser = values::tau)]

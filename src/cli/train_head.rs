@@ -33,7 +33,7 @@ pub struct TrainHeadArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Images processed in parallel while extracting tokens (default: all cores; at most twice the cores).
-    #[arg(long, short = 'j', value_name = "N", allow_negative_numbers = true, value_parser = super::values::jobs)]
+    #[arg(long, short = 'j', value_name = "N", allow_negative_numbers = true, value_parser = super::values::at_least_one)]
     jobs: Option<usize>,
 }
 

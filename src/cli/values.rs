@@ -22,8 +22,10 @@ pub fn short_side(text: &str) -> Result<usize, String> {
     Ok(n)
 }
 
-/// `--jobs`: at least one worker (the cap on too many is [`worker_threads`]).
-pub fn jobs(text: &str) -> Result<usize, String> {
+/// A count of at least one: `--jobs` (the cap on too many is
+/// [`worker_threads`]) and `--min-heads` (its upper bound depends on the
+/// model and is checked when the head is built).
+pub fn at_least_one(text: &str) -> Result<usize, String> {
     let n: usize = number(text, "a whole number")?;
     if n == 0 {
         return Err("must be at least 1".into());
@@ -58,16 +60,6 @@ pub fn tau(text: &str) -> Result<f64, String> {
     Ok(x)
 }
 
-/// `--min-heads`: at least one head must agree (the upper bound depends on
-/// the model and is checked when the head is built).
-pub fn min_heads(text: &str) -> Result<usize, String> {
-    let n: usize = number(text, "a whole number")?;
-    if n == 0 {
-        return Err("must be at least 1".into());
-    }
-    Ok(n)
-}
-
 /// `--suffix`: appended to a file name, so it may not lead anywhere else.
 pub fn suffix(text: &str) -> Result<String, String> {
     if text.contains(['/', '\\']) || text.contains('\0') {
@@ -100,12 +92,11 @@ mod tests {
         for bad in ["0", "1", "31", "4097", "18446744073709551615", "-1", "x"] {
             assert!(short_side(bad).is_err(), "{bad}");
         }
-        assert!(jobs("0").is_err() && jobs("3") == Ok(3));
+        assert!(at_least_one("0").is_err() && at_least_one("3") == Ok(3));
         assert!(mass("0").is_err() && mass("5").is_err() && mass("-1").is_err() && mass("nan").is_err());
         assert_eq!(mass("1"), Ok(1.0));
         assert!(tau("nan").is_err() && tau("5").is_err() && tau("1").is_err() && tau("0.2").is_ok());
         assert!(unit_interval("1.5").is_err() && unit_interval("0").is_ok());
-        assert!(min_heads("0").is_err());
         assert!(suffix("/../../x").is_err() && suffix("_mask").is_ok());
     }
 }
