@@ -15,8 +15,7 @@ use crate::attention::PatchMap;
 use crate::model::weights::safetensors_metadata;
 use crate::model::{Capture, EncoderOutput, PatchGrid, Vit};
 
-pub const WEIGHT: &str = "head.weight";
-pub const BIAS: &str = "head.bias";
+pub use crate::model::vit::{HEAD_BIAS as BIAS, HEAD_WEIGHT as WEIGHT};
 /// Safetensors metadata key holding [`Vit::fingerprint`] of the training backbone.
 pub const FINGERPRINT_KEY: &str = "segattn_backbone_fingerprint";
 

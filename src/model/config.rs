@@ -132,7 +132,7 @@ impl VitConfig {
         let layer_scale = store.has(&layout.block(0, layout.layer_scale[0]));
         let mut required = required_tensors(layout, num_layers, num_registers > 0, layer_scale);
         required.extend(
-            (0..store_stem_len(store, layout))
+            (0..stem_channels.len())
                 .flat_map(|i| [format!("{}.{i}.weight", layout.stem), format!("{}.{i}.bias", layout.stem)]),
         );
         store.check_complete(&required)?;
@@ -178,16 +178,12 @@ impl VitConfig {
     }
 }
 
-/// Convolutions in the stem: `{stem}.0.weight`, `{stem}.1.weight`, ... present.
-fn store_stem_len(store: &TensorStore, layout: &Layout) -> usize {
-    (0..).take_while(|i| store.has(&format!("{}.{i}.weight", layout.stem))).count()
-}
-
-/// Output channels of each stem convolution, checking that each is 3x3 and
+/// Output channels of each stem convolution (`{stem}.0.weight`,
+/// `{stem}.1.weight`, ... while present), checking that each is 3x3 and
 /// takes the previous one's output.
 fn stem_channels(store: &TensorStore, layout: &Layout) -> Result<Vec<usize>> {
     let mut channels = Vec::new();
-    for i in 0..store_stem_len(store, layout) {
+    for i in (0..).take_while(|i| store.has(&format!("{}.{i}.weight", layout.stem))) {
         let name = format!("{}.{i}.weight", layout.stem);
         let inputs = channels.last().copied().unwrap_or(3);
         match store.shape(&name).as_deref() {

@@ -17,8 +17,8 @@ use super::interpolate::resample_grid;
 use super::weights::{CONFIG_METADATA_KEY, Layout, ModelFiles, QkvNames, TensorStore};
 
 /// A trained segmentation head stored beside the encoder's tensors.
-const HEAD_WEIGHT: &str = "head.weight";
-const HEAD_BIAS: &str = "head.bias";
+pub const HEAD_WEIGHT: &str = "head.weight";
+pub const HEAD_BIAS: &str = "head.bias";
 /// Safetensors metadata key: the input's short side the model was trained for.
 pub const SHORT_SIDE_METADATA_KEY: &str = "segattn_short_side";
 
