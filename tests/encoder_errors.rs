@@ -123,3 +123,41 @@ fn bad_config_json_is_reported() {
     let message = load_error(dir.path());
     assert!(message.contains("config.json") && message.contains("not a valid config.json"), "{message}");
 }
+
+#[test]
+fn nan_or_infinite_weights_are_refused() {
+    for bad in [f32::NAN, f32::INFINITY] {
+        let dir = tempfile::tempdir().unwrap();
+        let name = "encoder.layer.0.attention.attention.key.bias";
+        let path = edited(dir.path(), |t| {
+            let mut values = vec![0.1f32; 32];
+            values[7] = bad;
+            t.insert(name.into(), Tensor::new(values, &Device::Cpu).unwrap());
+        });
+        let message = load_error(&path);
+        assert!(
+            message.contains(&format!("model.safetensors: tensor `{name}` holds NaN or infinite values")),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn config_json_must_agree_with_the_tensors() {
+    let cases = [
+        ("\"hidden_size\": 32", "\"hidden_size\": 64", "hidden_size is 64, but the tensors of"),
+        ("\"patch_size\": 8", "\"patch_size\": 16", "patch_size is 16, but the tensors of"),
+        ("\"intermediate_size\": 128", "\"intermediate_size\": 96", "intermediate_size is 96"),
+        ("\"layer_norm_eps\": 1e-12", "\"layer_norm_eps\": -1", "layer_norm_eps must be a positive number, got -1"),
+        ("\"layer_norm_eps\": 1e-12", "\"layer_norm_eps\": 0", "layer_norm_eps must be a positive number, got 0"),
+    ];
+    for (good, bad, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        edited(dir.path(), |_| {});
+        let config = std::fs::read_to_string(fixture("dino_vit/config.json")).unwrap();
+        assert!(config.contains(good), "{good}");
+        std::fs::write(dir.path().join("config.json"), config.replace(good, bad)).unwrap();
+        let message = load_error(dir.path());
+        assert!(message.contains("config.json: ") && message.contains(expected), "{bad}: {message}");
+    }
+}

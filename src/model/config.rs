@@ -57,6 +57,9 @@ impl VitConfig {
 #[derive(Debug, Default, Deserialize)]
 pub struct HfConfig {
     pub model_type: Option<String>,
+    pub hidden_size: Option<usize>,
+    pub patch_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
     pub num_attention_heads: Option<usize>,
     pub num_hidden_layers: Option<usize>,
     pub layer_norm_eps: Option<f64>,
@@ -156,6 +159,21 @@ impl VitConfig {
         }
         let vit_v1_names = layout.norm1 == "layernorm_before";
         let config_path = hf_path.unwrap_or(store.path());
+        let config_file = config_path.display();
+        // What config.json says and the tensors can tell must agree.
+        for (field, said, found) in [
+            ("hidden_size", hf.hidden_size, hidden_size),
+            ("patch_size", hf.patch_size, patch_size),
+            ("intermediate_size", hf.intermediate_size, mlp_hidden_size),
+        ] {
+            if let Some(said) = said.filter(|&said| said != found) {
+                bail!("{config_file}: {field} is {said}, but the tensors of {file} have {found}");
+            }
+        }
+        let layer_norm_eps = hf.layer_norm_eps.unwrap_or(if vit_v1_names { 1e-12 } else { 1e-6 });
+        if !(layer_norm_eps > 0.0 && layer_norm_eps.is_finite()) {
+            bail!("{config_file}: layer_norm_eps must be a positive number, got {layer_norm_eps}");
+        }
         Ok(Self {
             patch_size,
             stem_channels,
@@ -165,8 +183,8 @@ impl VitConfig {
             mlp_hidden_size,
             num_registers,
             layer_scale,
-            // transformers' ViTConfig default; the DINOv2 family uses 1e-6.
-            layer_norm_eps: hf.layer_norm_eps.unwrap_or(if vit_v1_names { 1e-12 } else { 1e-6 }),
+            // transformers' ViTConfig default is 1e-12; the DINOv2 family uses 1e-6.
+            layer_norm_eps,
             activation: hf.activation(config_path)?,
             pos_grid,
             pos_interpolation: match (num_registers > 0, layout.naming) {

@@ -253,6 +253,13 @@ impl TensorStore {
             .load(&full, &self.device)
             .and_then(|t| t.to_dtype(DType::F32))
             .with_context(|| format!("{}: cannot read tensor `{full}`", self.path.display()))?;
+        // One NaN or infinity anywhere makes every output NaN: a broken
+        // checkpoint, not a mask. The sum is infinite or NaN exactly then
+        // (finite weights summing past f32's 3e38 do not occur).
+        let sum = tensor.sum_all().and_then(|s| s.to_scalar::<f32>())?;
+        if !sum.is_finite() {
+            bail!("{}: tensor `{full}` holds NaN or infinite values", self.path.display());
+        }
         Ok(tensor)
     }
 
