@@ -494,3 +494,41 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     files
 }
+
+#[test]
+fn eval_and_train_head_never_write_over_their_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for file in ["model.safetensors", "config.json"] {
+        std::fs::copy(weights().join(file), model.join(file)).unwrap();
+    }
+    let (photos, masks) = (dir.path().join("photos"), dir.path().join("masks"));
+    std::fs::create_dir(&photos).unwrap();
+    std::fs::create_dir(&masks).unwrap();
+    for name in ["a", "b"] {
+        std::fs::copy(sample("cat.jpg"), photos.join(format!("{name}.jpg"))).unwrap();
+        save(
+            &DynamicImage::ImageLuma8(image::GrayImage::new(451, 300)),
+            &masks.join(format!("{name}.png")),
+            ImageFormat::Png,
+        );
+    }
+    let weights_file = model.join("model.safetensors");
+    let before = std::fs::read(&weights_file).unwrap();
+    let pairs = ["--images", s(&photos), "--masks", s(&masks)];
+    let targets = [weights_file.clone(), model.join("config.json"), masks.join("a.png"), photos.join("b.jpg")];
+    for target in &targets {
+        let kept = std::fs::read(target).unwrap();
+        for (command, flag) in [("eval", "--json"), ("train-head", "--out")] {
+            let mut args = vec![command];
+            args.extend(pairs);
+            args.extend([flag, s(target)]);
+            let result = segattn_with(&args, &model, 64).output().unwrap();
+            assert_eq!(result.status.code(), Some(2), "{command} {flag} {}: {}", target.display(), stderr(&result));
+            assert!(stderr(&result).contains("one of this command's inputs"), "{}", stderr(&result));
+            assert_eq!(std::fs::read(target).unwrap(), kept, "{command} wrote over {}", target.display());
+        }
+    }
+    assert_eq!(std::fs::read(&weights_file).unwrap(), before);
+}

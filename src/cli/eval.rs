@@ -8,7 +8,7 @@ use clap::Args;
 use image::{DynamicImage, GrayImage};
 use serde_json::json;
 
-use super::jobs::Pair;
+use super::jobs::{self, Pair};
 use super::{EXIT_OK, EXIT_SOME_FAILED, HeadArgs, ModelArgs, PairArgs, batch};
 use crate::attention::PatchMap;
 use crate::head::{self, SegmentationHead};
@@ -65,6 +65,19 @@ pub fn run(args: EvalArgs) -> Result<u8> {
             Some((model, head))
         }
     };
+    if let Some(report) = &args.json {
+        let mut read: Vec<&Path> = pairs.iter().flat_map(|p| [p.image.as_path(), p.mask.as_path()]).collect();
+        let predicted: Vec<PathBuf> = match &args.predictions {
+            Some(dir) => pairs.iter().map(|p| dir.join(format!("{}.png", p.stem))).collect(),
+            None => Vec::new(),
+        };
+        read.extend(predicted.iter().map(PathBuf::as_path));
+        if let Some((model, _)) = &loaded {
+            read.extend(ModelArgs::files_of(model));
+        }
+        read.extend(args.head.head_weights.as_deref());
+        jobs::refuse_overwrite(report, read)?;
+    }
     let scorer = match (&loaded, &args.predictions) {
         (Some((model, head)), _) => Scorer::Model { model, head: head.as_ref() },
         (None, Some(dir)) => Scorer::Predictions(dir),

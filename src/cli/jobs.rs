@@ -204,6 +204,20 @@ fn check_outputs(jobs: Vec<Job>, rejected: &mut Vec<Rejected>) -> Result<Vec<Job
     Ok(kept)
 }
 
+/// Fails when `output` is one of `inputs`, by whatever path: a command never
+/// writes over a file it reads, its model and head included.
+pub fn refuse_overwrite<'a>(output: &Path, inputs: impl IntoIterator<Item = &'a Path>) -> Result<()> {
+    let Some(target) = comparable(output) else {
+        return Ok(());
+    };
+    for input in inputs {
+        if input.is_file() && comparable(input).as_ref() == Some(&target) {
+            bail!("refusing to write {} over {}, one of this command's inputs", output.display(), input.display());
+        }
+    }
+    Ok(())
+}
+
 /// A photo and its ground-truth mask, matched by file stem.
 pub struct Pair {
     pub stem: String,

@@ -90,6 +90,12 @@ impl ModelArgs {
         Vit::load(&path, &Device::Cpu)
     }
 
+    /// The files a loaded model was read from, which no output may replace.
+    fn files_of(model: &Vit) -> Vec<&std::path::Path> {
+        let files = model.files();
+        std::iter::once(files.weights.as_path()).chain(files.config.as_deref()).collect()
+    }
+
     /// The input's short side: `--size`, else what the model was trained
     /// for, else the resolution of the DINO paper's attention figures.
     fn short_side(&self, model: &Vit) -> usize {

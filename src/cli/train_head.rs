@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use super::jobs::Pair;
+use super::jobs::{self, Pair};
 use super::{EXIT_OK, EXIT_SOME_FAILED, ModelArgs, PairArgs, batch};
 use crate::image_io::{self, Source};
 use crate::model::Vit;
@@ -55,6 +55,8 @@ pub fn run(args: TrainHeadArgs) -> Result<u8> {
         eprintln!("segattn: {line}");
     }
     let model = args.model.load()?;
+    let read = pairs.iter().flat_map(|p| [p.image.as_path(), p.mask.as_path()]);
+    jobs::refuse_overwrite(&args.out, read.chain(ModelArgs::files_of(&model)))?;
     let (train_ids, val_ids) = train::split(pairs.len(), args.val_split, args.seed);
     if val_ids.is_empty() {
         bail!("need at least two photo/mask pairs to train and validate");
