@@ -125,16 +125,23 @@ impl Hub {
         Ok(self.cached_repo(&repo_id(name)?))
     }
 
-    /// The cached snapshot directory of `name`, or an error that says how to get it.
-    pub fn resolve(&self, name: &str) -> Result<PathBuf> {
+    /// The snapshot directory of `name`: the cached one, else downloaded now
+    /// (with a progress bar when `show_progress`), as `transformers` does on
+    /// first use. Offline, a model not cached is an error that says how to get it.
+    pub fn resolve(&self, name: &str, show_progress: bool) -> Result<PathBuf> {
         let repo = repo_id(name)?;
-        match self.cached_repo(&repo) {
-            Some(model) => Ok(model.snapshot),
-            None => bail!(
-                "model `{name}` ({repo}) is not in the Hugging Face cache {}: run `segattn fetch {name}` first",
-                self.cache_dir.display()
-            ),
+        if let Some(model) = self.cached_repo(&repo) {
+            return Ok(model.snapshot);
         }
+        if self.offline {
+            bail!(
+                "model `{name}` ({repo}) is not in the Hugging Face cache {} and the network is off \
+                 (--offline or HF_HUB_OFFLINE): run `segattn fetch {name}` where the Hub is reachable",
+                self.cache_dir.display()
+            );
+        }
+        eprintln!("segattn: downloading `{name}` ({repo}) into {}", self.cache_dir.display());
+        Ok(self.fetch(name, show_progress)?.model.snapshot)
     }
 
     /// Every cached model repository whose current snapshot holds weights.
@@ -350,8 +357,8 @@ mod tests {
             (listed[0].repo.as_str(), listed[0].weights_file.as_str()),
             ("facebook/dino-vits16", "model.safetensors")
         );
-        assert_eq!(hub.resolve("dino-vits16").unwrap(), snapshot);
-        let message = hub.resolve("dino-vitb8").unwrap_err().to_string();
-        assert!(message.contains("run `segattn fetch dino-vitb8` first"), "{message}");
+        assert_eq!(hub.resolve("dino-vits16", false).unwrap(), snapshot);
+        let message = hub.resolve("dino-vitb8", false).unwrap_err().to_string();
+        assert!(message.contains("network is off") && message.contains("segattn fetch dino-vitb8"), "{message}");
     }
 }

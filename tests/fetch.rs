@@ -228,6 +228,42 @@ fn fetch_then_run_offline_from_the_cache() {
 }
 
 #[test]
+fn first_use_of_a_named_model_downloads_it() {
+    let hub = standard_hub();
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cat = sample("cat.jpg");
+    let (first, second, by_path) = (dir.path().join("first.png"), dir.path().join("second.png"), dir.path().join("by_path.png"));
+    let args = ["run", s(&cat), "--out", s(&first), "--size", "64", "--model", "dino-vits8"];
+    let result = output(&mut segattn(home.path(), &hub.endpoint, &args));
+    assert_eq!(result.status.code(), Some(0), "{}", stderr(&result));
+    assert!(stderr(&result).contains("downloading `dino-vits8` (facebook/dino-vits8)"), "{}", stderr(&result));
+    assert!(snapshot(home.path(), "facebook/dino-vits8").join("model.safetensors").is_file());
+    assert!(hub.requests().iter().any(|r| r.contains("/resolve/main/model.safetensors")), "{:?}", hub.requests());
+
+    // The second use reads the cache, with no network to reach.
+    let args = ["run", s(&cat), "--out", s(&second), "--size", "64", "--model", "dino-vits8"];
+    let result = output(&mut segattn(home.path(), NO_NETWORK, &args));
+    assert_eq!(result.status.code(), Some(0), "{}", stderr(&result));
+    assert!(!stderr(&result).contains("downloading"), "{}", stderr(&result));
+    let weights = fixture("dino_vit");
+    let args = ["run", s(&cat), "--out", s(&by_path), "--size", "64", "--weights", s(&weights)];
+    assert_eq!(output(&mut segattn(home.path(), NO_NETWORK, &args)).status.code(), Some(0));
+    let reference = std::fs::read(&by_path).unwrap();
+    assert_eq!(std::fs::read(&first).unwrap(), reference);
+    assert_eq!(std::fs::read(&second).unwrap(), reference);
+
+    // With no Hub to reach, the first use fails on one line and writes nothing.
+    let other = tempfile::tempdir().unwrap();
+    let args = ["run", s(&cat), "--out", s(&first), "--size", "64", "--model", "dino-vits8"];
+    let _ = std::fs::remove_file(&first);
+    let unreachable = output(&mut segattn(other.path(), NO_NETWORK, &args));
+    assert_eq!(unreachable.status.code(), Some(2), "{}", stderr(&unreachable));
+    assert_eq!(stderr(&unreachable).trim().lines().count(), 2, "{}", stderr(&unreachable));
+    assert!(!first.exists());
+}
+
+#[test]
 fn repository_with_only_a_pytorch_pickle_is_fetched_and_used() {
     let hub = standard_hub();
     let home = tempfile::tempdir().unwrap();
@@ -279,13 +315,20 @@ fn unknown_and_missing_models_are_explained() {
 
     let cat = sample("cat.jpg");
     let out = home.path().join("mask.png");
-    let args = ["run", s(&cat), "--out", s(&out), "--model", "dino-vitb16"];
-    let not_cached = output(&mut segattn(home.path(), NO_NETWORK, &args));
-    assert_eq!(not_cached.status.code(), Some(2));
-    let message = stderr(&not_cached);
-    assert!(message.contains("`dino-vitb16` (facebook/dino-vitb16) is not in the Hugging Face cache"), "{message}");
-    assert!(message.contains("run `segattn fetch dino-vitb16` first"), "{message}");
-    assert_eq!(message.lines().count(), 1, "{message}");
+    // Not cached and offline (by flag or environment): one line that says how to get it.
+    let args = ["run", s(&cat), "--out", s(&out), "--model", "dino-vitb16", "--offline"];
+    for not_cached in [output(&mut segattn(home.path(), NO_NETWORK, &args)), {
+        let args = &args[..args.len() - 1];
+        output(segattn(home.path(), NO_NETWORK, args).env("HF_HUB_OFFLINE", "1"))
+    }] {
+        assert_eq!(not_cached.status.code(), Some(2));
+        let message = stderr(&not_cached);
+        assert!(message.contains("`dino-vitb16` (facebook/dino-vitb16) is not in the Hugging Face cache"), "{message}");
+        assert!(message.contains("network is off (--offline or HF_HUB_OFFLINE)"), "{message}");
+        assert!(message.contains("run `segattn fetch dino-vitb16` where the Hub is reachable"), "{message}");
+        assert_eq!(message.lines().count(), 1, "{message}");
+    }
+    assert!(!out.exists());
 
     let offline = output(segattn(home.path(), &hub.endpoint, &["fetch", "dino-vits8"]).env("HF_HUB_OFFLINE", "1"));
     assert_eq!(offline.status.code(), Some(1));
@@ -322,8 +365,8 @@ fn dropped_connection_leaves_no_corrupt_file_and_the_next_fetch_resumes() {
     assert!(partial > 0 && partial < weights.len() as u64, "partial download of {partial} bytes");
     let cat = sample("cat.jpg");
     let out = home.path().join("mask.png");
-    let run =
-        output(&mut segattn(home.path(), NO_NETWORK, &["run", s(&cat), "--out", s(&out), "--model", "dino-vits8"]));
+    let args = ["run", s(&cat), "--out", s(&out), "--model", "dino-vits8", "--offline"];
+    let run = output(&mut segattn(home.path(), NO_NETWORK, &args));
     assert_eq!(run.status.code(), Some(2));
     assert!(stderr(&run).contains("is not in the Hugging Face cache"));
 

@@ -7,7 +7,7 @@ fn readme_library_example_runs() -> anyhow::Result<()> {
     std::env::set_current_dir(env!("CARGO_MANIFEST_DIR"))?;
     let model = Vit::builtin(&candle_core::Device::Cpu)?;
     let own_head = head::LinearHead::bundled(&model)?.expect("segattn-s16 carries its head");
-    let photo = image_io::read_image(&image_io::Source::File("samples/cat.jpg".into()), image_io::DEFAULT_MAX_PIXELS)?;
+    let photo = image_io::read_image(&image_io::Source::File("samples/cat.jpg".into()), image_io::Decoding::default())?;
     let soft = head::segment(&model, &own_head, &photo, 224)?;
     let mask = render::mask(&soft.to_pixels(photo.width(), photo.height()), 0.5, false);
     assert_eq!(mask.dimensions(), (451, 300));

@@ -49,7 +49,8 @@ pub struct AttnMapArgs {
     /// Layer whose attention to show; negative counts from the end.
     #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
     layer: i64,
-    /// A head number (from 0), mean, or all (a grid of every head plus the mean).
+    /// A head number (from 0), mean, or all (a grid of every head plus the
+    /// mean, scaled down to fit 16 megapixels).
     #[arg(long, default_value = "mean")]
     head: HeadChoice,
     /// Attention rollout through all layers instead of one layer's attention.
@@ -71,8 +72,10 @@ pub fn run(args: AttnMapArgs) -> Result<u8> {
     if !(0.0..=1.0).contains(&args.alpha) {
         bail!("--alpha must be between 0 and 1, got {}", args.alpha);
     }
-    let (jobs, rejected) = jobs::plan(&args.batch, &[])?;
+    let plan = jobs::plan(&args.batch, &[])?;
     let model = args.model.load()?;
+    let model_files = ModelArgs::files_of(&model);
+    jobs::refuse_to_write_over(&plan, model_files.iter().copied())?;
     let layer = model.resolve_layer(args.layer)?;
     if let HeadChoice::Index(h) = args.head
         && h >= model.config().num_heads
@@ -83,7 +86,7 @@ pub fn run(args: AttnMapArgs) -> Result<u8> {
             model.config().num_heads - 1
         );
     }
-    batch::run(jobs, rejected, args.batch.jobs, args.batch.json, |job| map_one(&model, &args, layer, colormap, job))
+    batch::run(plan, &args.batch, &model_files, |job| map_one(&model, &args, layer, colormap, job))
 }
 
 /// The maps to draw, each with its tile label.
@@ -117,18 +120,45 @@ fn attention_maps(
     })
 }
 
+/// The largest grid `--head all` draws, in pixels: each tile is scaled down
+/// to fit. At the photo's size, a grid of 7 tiles of a 32-megapixel photo
+/// would be a 288-megapixel PNG that few programs (segattn included) open.
+pub const GRID_MAX_PIXELS: u64 = 16_000_000;
+
+/// The size of each tile so that `tiles` of them, laid out by
+/// [`render::tile_grid`], stay within [`GRID_MAX_PIXELS`].
+fn tile_size(width: u32, height: u32, tiles: usize) -> (u32, u32) {
+    let columns = (tiles as f64).sqrt().ceil() as u64;
+    let rows = (tiles as u64).div_ceil(columns);
+    let grid = columns * rows * u64::from(width) * u64::from(height);
+    if grid <= GRID_MAX_PIXELS {
+        return (width, height);
+    }
+    let scale = (GRID_MAX_PIXELS as f64 / grid as f64).sqrt();
+    let scaled = |side: u32| ((f64::from(side) * scale).floor() as u32).max(1);
+    (scaled(width), scaled(height))
+}
+
 fn map_one(model: &Vit, args: &AttnMapArgs, layer: usize, colormap: Colormap, job: &Job) -> Result<serde_json::Value> {
     let start = Instant::now();
-    let photo = image_io::read_image(&job.source, args.batch.max_pixels)?;
+    let photo = image_io::read_image(&job.source, args.batch.decoding())?;
     let (width, height) = (photo.width(), photo.height());
-    // The photo under the heat map; --raw draws the map alone.
-    let rgb = (!args.raw).then(|| preprocess::to_rgb(&photo));
     let maps = attention_maps(model, args, layer, &photo)?;
     let labelled = maps.len() > 1;
+    let (tile_width, tile_height) = if labelled { tile_size(width, height, maps.len()) } else { (width, height) };
+    // The photo under the heat map; --raw draws the map alone.
+    let rgb = (!args.raw).then(|| {
+        let rgb = preprocess::to_rgb(&photo);
+        if (tile_width, tile_height) == (width, height) {
+            rgb
+        } else {
+            image::imageops::resize(&rgb, tile_width, tile_height, image::imageops::FilterType::Triangle)
+        }
+    });
     let tiles: Vec<RgbImage> = maps
         .iter()
         .map(|(name, map)| {
-            let pixels = map.min_max_normalized().upsample(width, height);
+            let pixels = map.min_max_normalized().upsample(tile_width, tile_height);
             let mut tile = render::heatmap(&pixels, colormap, rgb.as_ref(), args.alpha);
             if labelled {
                 render::label(&mut tile, name);
@@ -137,7 +167,9 @@ fn map_one(model: &Vit, args: &AttnMapArgs, layer: usize, colormap: Colormap, jo
         })
         .collect();
     let picture = if labelled { render::tile_grid(&tiles) } else { tiles.into_iter().next().expect("one map") };
-    image_io::write_png(&DynamicImage::ImageRgb8(picture), &job.out)?;
+    let mut writer = job.writer();
+    writer.png(&DynamicImage::ImageRgb8(picture), &job.out)?;
+    writer.commit()?;
     Ok(json!({
         "input": job.source.display_name(),
         "outputs": { "attention": job.out.display_name() },
@@ -152,4 +184,18 @@ fn map_one(model: &Vit, args: &AttnMapArgs, layer: usize, colormap: Colormap, jo
         },
         "ms": start.elapsed().as_secs_f64() * 1000.0,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grids_of_large_photos_are_scaled_to_fit() {
+        assert_eq!(tile_size(640, 480, 7), (640, 480));
+        let (w, h) = tile_size(8000, 4000, 7);
+        assert!(9 * u64::from(w) * u64::from(h) <= GRID_MAX_PIXELS, "{w}x{h}");
+        assert!(9 * u64::from(w + 1) * u64::from(h + 1) > GRID_MAX_PIXELS, "{w}x{h} could be larger");
+        assert_eq!((w as f64 / h as f64 * 100.0).round(), 200.0);
+    }
 }

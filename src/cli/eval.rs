@@ -1,7 +1,6 @@
 //! `segattn eval`: score a head, or another tool's masks, against ground truth.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -12,7 +11,7 @@ use super::jobs::{self, Pair};
 use super::{EXIT_OK, EXIT_SOME_FAILED, HeadArgs, ModelArgs, PairArgs, batch};
 use crate::attention::PatchMap;
 use crate::head::{self, SegmentationHead};
-use crate::image_io::{self, Source};
+use crate::image_io::{self, Decoding, Source};
 use crate::metrics::{self, ImageScores};
 use crate::model::Vit;
 
@@ -83,36 +82,13 @@ pub fn run(args: EvalArgs) -> Result<u8> {
         (None, Some(dir)) => Scorer::Predictions(dir),
         (None, None) => unreachable!("a model is loaded unless predictions are given"),
     };
-    let scored: Mutex<Vec<(String, Scored)>> = Mutex::new(Vec::new());
-    let unreadable: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let work = |pair: &Pair| match score_pair(&scorer, &args, pair) {
-        Ok(s) => {
-            let row = json!({
-                "name": pair.stem,
-                "iou": s.scores.iou,
-                "mae": s.scores.mae,
-                "max_f": s.scores.max_f(),
-                "attention_inside": s.attention_inside,
-            });
-            scored.lock().expect("no panics while held").push((pair.stem.clone(), s));
-            Ok(row)
-        }
-        Err(err) => {
-            unreadable.lock().expect("no panics while held").push(pair.image.display().to_string());
-            Err(err)
-        }
-    };
-    let rows = Mutex::new(Vec::new());
-    batch::for_each(
-        &pairs,
-        |p| p.image.display().to_string(),
-        args.jobs,
-        work,
-        |row| rows.lock().expect("no panics while held").push(row),
-    )?;
-
-    let mut scored = scored.into_inner().expect("workers finished");
-    scored.sort_by(|a, b| a.0.cmp(&b.0));
+    let results = batch::for_each(&pairs, |p| p.image.display().to_string(), args.jobs, |pair| {
+        score_pair(&scorer, &args, pair)
+    })?;
+    let unreadable: Vec<String> =
+        pairs.iter().zip(&results).filter(|(_, r)| r.is_none()).map(|(p, _)| p.image.display().to_string()).collect();
+    // Pairs come sorted by stem, and results in their order.
+    let scored: Vec<(&Pair, Scored)> = pairs.iter().zip(results).filter_map(|(p, r)| Some((p, r?))).collect();
     let summary = metrics::summarize(&scored.iter().map(|(_, s)| s.scores.clone()).collect::<Vec<_>>());
     let inside: Vec<f64> = scored.iter().filter_map(|(_, s)| s.attention_inside).collect();
     let attention_inside = (!inside.is_empty()).then(|| inside.iter().sum::<f64>() / inside.len() as f64);
@@ -124,10 +100,19 @@ pub fn run(args: EvalArgs) -> Result<u8> {
         println!("attention inside the object  {share:.4}");
     }
 
-    let unreadable = unreadable.into_inner().expect("workers finished");
     if let Some(path) = &args.json {
-        let mut rows = rows.into_inner().expect("workers finished");
-        rows.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        let rows: Vec<serde_json::Value> = scored
+            .iter()
+            .map(|(pair, s)| {
+                json!({
+                    "name": pair.stem,
+                    "iou": s.scores.iou,
+                    "mae": s.scores.mae,
+                    "max_f": s.scores.max_f(),
+                    "attention_inside": s.attention_inside,
+                })
+            })
+            .collect();
         let head = match &loaded {
             Some((model, _)) => format!("{:?}", args.head.name(model)).to_lowercase(),
             None => "predictions".to_string(),
@@ -150,7 +135,7 @@ pub fn run(args: EvalArgs) -> Result<u8> {
 }
 
 fn score_pair(scorer: &Scorer, args: &EvalArgs, pair: &Pair) -> Result<Scored> {
-    let photo = image_io::read_image(&Source::File(pair.image.clone()), args.max_pixels)?;
+    let photo = image_io::read_image(&Source::File(pair.image.clone()), Decoding::strict(args.max_pixels))?;
     let truth = read_gray(&pair.mask, &photo, args.max_pixels, "mask")?;
     let truth: Vec<bool> = truth.pixels().map(|p| p[0] >= 128).collect();
     let (soft, attention_inside) = match scorer {
@@ -171,7 +156,7 @@ fn score_pair(scorer: &Scorer, args: &EvalArgs, pair: &Pair) -> Result<Scored> {
 
 /// A gray PNG that must be the size of `photo`.
 fn read_gray(path: &Path, photo: &DynamicImage, max_pixels: u64, what: &str) -> Result<GrayImage> {
-    let gray = image_io::read_image(&Source::File(path.to_path_buf()), max_pixels)
+    let gray = image_io::read_image(&Source::File(path.to_path_buf()), Decoding::strict(max_pixels))
         .with_context(|| format!("{what} {}", path.display()))?
         .to_luma8();
     if gray.dimensions() != (photo.width(), photo.height()) {

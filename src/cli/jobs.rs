@@ -2,13 +2,16 @@
 //! naming outputs, and refusing outputs that would overwrite an input.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+use image::DynamicImage;
+
 use super::BatchArgs;
-use crate::image_io::{Sink, Source};
+use crate::image_io::{self, Existing, OutputSet, Sink, Source};
 
 const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "jfif"];
 
@@ -20,6 +23,44 @@ pub struct Job {
     pub out: Sink,
     /// Extra outputs by kind (`overlay`, `cutout`), when asked for.
     pub extra: Vec<(&'static str, PathBuf)>,
+    /// Outputs that exist already and stay as they are (--skip-existing).
+    kept: Vec<PathBuf>,
+    existing: Existing,
+}
+
+impl Job {
+    /// A writer for this job's outputs, which moves them into place together.
+    pub fn writer(&self) -> JobWriter<'_> {
+        JobWriter { kept: &self.kept, set: OutputSet::new(self.existing) }
+    }
+
+    pub fn output_files(&self) -> impl Iterator<Item = &Path> {
+        let main = match &self.out {
+            Sink::File(p) => Some(p.as_path()),
+            Sink::Stdout => None,
+        };
+        main.into_iter().chain(self.extra.iter().map(|(_, p)| p.as_path()))
+    }
+}
+
+/// Stages a job's outputs; [`JobWriter::commit`] moves them all into place.
+pub struct JobWriter<'a> {
+    kept: &'a [PathBuf],
+    set: OutputSet,
+}
+
+impl JobWriter<'_> {
+    /// Encodes `image` as PNG for `sink`, unless that output is kept.
+    pub fn png(&mut self, image: &DynamicImage, sink: &Sink) -> Result<()> {
+        if matches!(sink, Sink::File(path) if self.kept.contains(path)) {
+            return Ok(());
+        }
+        self.set.add(sink, image_io::encode_png(image)?)
+    }
+
+    pub fn commit(self) -> Result<()> {
+        self.set.commit()
+    }
 }
 
 /// An input that failed before any work started (e.g. it does not exist).
@@ -33,6 +74,16 @@ pub struct Rejected {
 pub struct ExtraOutput<'a> {
     pub kind: &'static str,
     pub path: &'a Path,
+}
+
+/// What a batch will do.
+pub struct Plan {
+    pub jobs: Vec<Job>,
+    pub rejected: Vec<Rejected>,
+    /// Inputs whose outputs all exist (--skip-existing).
+    pub skipped: Vec<String>,
+    /// Photos found in all shards together, when --shard is given.
+    pub all_shards: Option<usize>,
 }
 
 fn is_image_file(path: &Path) -> bool {
@@ -82,16 +133,34 @@ fn comparable(path: &Path) -> Option<PathBuf> {
     Some(parent.canonicalize().ok()?.join(path.file_name()?))
 }
 
+/// An input before its outputs are checked.
+struct Candidate {
+    job: Job,
+    /// What --shard hashes: the path below the input directory, or the
+    /// argument as given.
+    shard_key: Vec<u8>,
+    /// Found in a directory rather than named on the command line.
+    listed: bool,
+}
+
 /// Expands `args.inputs` into jobs. Usage mistakes are errors; inputs that
 /// cannot be used are returned as rejections so the batch can go on.
-pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<(Vec<Job>, Vec<Rejected>)> {
+///
+/// The rules for outputs: none may replace an input (that is an error);
+/// two inputs may not share one; an existing file in --out-dir is kept
+/// (the input fails) unless --overwrite or --skip-existing says otherwise,
+/// while a file named by --out is replaced. A PNG that segattn wrote, found
+/// in an input directory where this run would write it again, is an earlier
+/// run's output, not a photo.
+pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<Plan> {
     let mut rejected = Vec::new();
-    // (source, output stem relative to the output directory)
-    let mut sources: Vec<(Source, PathBuf)> = Vec::new();
+    // (source, output stem relative to the output directory, shard key, listed)
+    let mut sources: Vec<(Source, PathBuf, Vec<u8>, bool)> = Vec::new();
     for input in &args.inputs {
         let source = Source::from_arg(input);
         match &source {
-            Source::Stdin => sources.push((source, PathBuf::from("stdin"))),
+            Source::Stdin if args.shard.is_some() => bail!("--shard splits files and directories, not standard input"),
+            Source::Stdin => sources.push((source, PathBuf::from("stdin"), Vec::new(), false)),
             Source::File(path) if path.is_dir() => {
                 let mut found = Vec::new();
                 match list_dir(path, args.recursive, &mut found, path, &mut HashSet::new()) {
@@ -100,26 +169,32 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<(Vec<Job>, Vec<R
                         let reason = format!("no photos ({}) in this directory{below}", IMAGE_EXTENSIONS.join(", "));
                         rejected.push(Rejected { name: path.display().to_string(), reason })
                     }
-                    Ok(()) => {
-                        sources.extend(found.into_iter().map(|(p, rel)| (Source::File(p), rel.with_extension(""))))
-                    }
+                    Ok(()) => sources.extend(found.into_iter().map(|(p, rel)| {
+                        let key = rel.as_os_str().as_bytes().to_vec();
+                        (Source::File(p), rel.with_extension(""), key, true)
+                    })),
                     Err(err) => rejected.push(Rejected { name: path.display().to_string(), reason: err.to_string() }),
                 }
             }
             Source::File(path) if !path.exists() => {
-                rejected.push(Rejected { name: path.display().to_string(), reason: "no such file".into() })
+                if args.shard.is_none_or(|s| s.holds(path.as_os_str().as_bytes())) {
+                    rejected.push(Rejected { name: path.display().to_string(), reason: "no such file".into() })
+                }
             }
             Source::File(path) => {
                 let stem = path.file_stem().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("image"));
-                sources.push((source, stem));
+                let key = path.as_os_str().as_bytes().to_vec();
+                sources.push((source.clone(), stem, key, false));
             }
         }
     }
-    if sources.iter().filter(|(s, _)| *s == Source::Stdin).count() > 1 {
+    if sources.iter().filter(|(s, ..)| *s == Source::Stdin).count() > 1 {
         bail!("standard input (-) can be read only once");
     }
 
-    let jobs = match (&args.out, &args.out_dir) {
+    let existing = if args.overwrite || args.out.is_some() { Existing::Replace } else { Existing::Keep };
+    let job = |source, out, extra| Job { source, out, extra, kept: Vec::new(), existing };
+    let candidates: Vec<Candidate> = match (&args.out, &args.out_dir) {
         (Some(out), None) => {
             let single_file = args.inputs.len() == 1 && !args.inputs[0].is_dir();
             if !single_file {
@@ -127,15 +202,15 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<(Vec<Job>, Vec<R
             }
             sources
                 .into_iter()
-                .map(|(source, _)| Job {
-                    source,
-                    out: Sink::from_arg(out),
-                    extra: extras.iter().map(|e| (e.kind, e.path.to_path_buf())).collect(),
+                .map(|(source, _, shard_key, listed)| Candidate {
+                    job: job(source, Sink::from_arg(out), extras.iter().map(|e| (e.kind, e.path.to_path_buf())).collect()),
+                    shard_key,
+                    listed,
                 })
                 .collect()
         }
         (None, Some(dir)) => {
-            if sources.iter().any(|(s, _)| *s == Source::Stdin) {
+            if sources.iter().any(|(s, ..)| *s == Source::Stdin) {
                 bail!("standard input (-) needs --out FILE (or --out - for standard output)");
             }
             let name = |base: &Path, stem: &Path| {
@@ -146,45 +221,90 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<(Vec<Job>, Vec<R
             };
             sources
                 .into_iter()
-                .map(|(source, stem)| Job {
-                    out: Sink::File(name(dir, &stem)),
-                    extra: extras.iter().map(|e| (e.kind, name(e.path, &stem))).collect(),
-                    source,
+                .map(|(source, stem, shard_key, listed)| Candidate {
+                    job: job(
+                        source,
+                        Sink::File(name(dir, &stem)),
+                        extras.iter().map(|e| (e.kind, name(e.path, &stem))).collect(),
+                    ),
+                    shard_key,
+                    listed,
                 })
                 .collect()
         }
         _ => bail!("give --out FILE (one input) or --out-dir DIR"),
     };
-    let jobs = check_outputs(jobs, &mut rejected)?;
-    Ok((jobs, rejected))
-}
-
-/// Creates output directories and drops jobs whose output would overwrite
-/// another job's output, recording why. Writing over an input is a usage error.
-fn check_outputs(jobs: Vec<Job>, rejected: &mut Vec<Rejected>) -> Result<Vec<Job>> {
-    let inputs: HashSet<PathBuf> = jobs
+    let candidates = without_earlier_outputs(candidates);
+    let inputs: HashSet<PathBuf> = candidates
         .iter()
-        .filter_map(|j| match &j.source {
+        .filter_map(|c| match &c.job.source {
             Source::File(p) => comparable(p),
             Source::Stdin => None,
         })
         .collect();
-    let mut claimed: HashMap<PathBuf, String> = HashMap::new();
-    let mut kept = Vec::with_capacity(jobs.len());
-    'jobs: for job in jobs {
-        let name = job.source.display_name();
-        let outputs = std::iter::once(match &job.out {
-            Sink::File(p) => Some(p.as_path()),
-            Sink::Stdout => None,
+    let all_shards = args.shard.map(|_| candidates.len());
+    let jobs: Vec<Job> = candidates
+        .into_iter()
+        .filter(|c| args.shard.is_none_or(|s| s.holds(&c.shard_key)))
+        .map(|c| c.job)
+        .collect();
+    let (jobs, skipped) = check_outputs(jobs, &inputs, args.skip_existing, &mut rejected)?;
+    Ok(Plan { jobs, rejected, skipped, all_shards })
+}
+
+/// Drops photos found in input directories that are segattn's own outputs
+/// of another input of this run, left there by an earlier run.
+fn without_earlier_outputs(candidates: Vec<Candidate>) -> Vec<Candidate> {
+    let mut written_by: HashMap<PathBuf, usize> = HashMap::new();
+    for (i, c) in candidates.iter().enumerate() {
+        for output in c.job.output_files() {
+            written_by.extend(comparable(output).map(|key| (key, i)));
+        }
+    }
+    candidates
+        .into_iter()
+        .enumerate()
+        .filter(|(i, c)| {
+            let Source::File(path) = &c.job.source else {
+                return true;
+            };
+            let earlier_output = c.listed
+                && comparable(path).and_then(|key| written_by.get(&key)).is_some_and(|writer| writer != i)
+                && image_io::is_segattn_output(path);
+            !earlier_output
         })
-        .flatten()
-        .chain(job.extra.iter().map(|(_, p)| p.as_path()));
-        for output in outputs {
+        .map(|(_, c)| c)
+        .collect()
+}
+
+/// Creates output directories (removing temporary files that killed runs
+/// left there), and drops jobs whose output would overwrite another job's
+/// output or an existing file, recording why; with `skip_existing`, existing
+/// outputs are kept and jobs with nothing left to write are skipped.
+/// Writing over an input is a usage error.
+fn check_outputs(
+    jobs: Vec<Job>,
+    inputs: &HashSet<PathBuf>,
+    skip_existing: bool,
+    rejected: &mut Vec<Rejected>,
+) -> Result<(Vec<Job>, Vec<String>)> {
+    let mut claimed: HashMap<PathBuf, String> = HashMap::new();
+    let mut ready_dirs: HashSet<PathBuf> = HashSet::new();
+    let mut kept = Vec::with_capacity(jobs.len());
+    let mut skipped = Vec::new();
+    'jobs: for mut job in jobs {
+        let name = job.source.display_name();
+        let mut existing_outputs = Vec::new();
+        for output in job.output_files() {
             if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty())
-                && let Err(err) = std::fs::create_dir_all(dir)
+                && !ready_dirs.contains(dir)
             {
-                rejected.push(Rejected { name, reason: format!("cannot create {}: {err}", dir.display()) });
-                continue 'jobs;
+                if let Err(err) = std::fs::create_dir_all(dir) {
+                    rejected.push(Rejected { name, reason: format!("cannot create {}: {err}", dir.display()) });
+                    continue 'jobs;
+                }
+                image_io::remove_stale_temp_files(dir);
+                ready_dirs.insert(dir.to_path_buf());
             }
             let Some(key) = comparable(output) else {
                 continue;
@@ -198,10 +318,25 @@ fn check_outputs(jobs: Vec<Job>, rejected: &mut Vec<Rejected>) -> Result<Vec<Job
                 continue 'jobs;
             }
             claimed.insert(key, name.clone());
+            if output.exists() {
+                existing_outputs.push(output.to_path_buf());
+            }
+        }
+        if skip_existing {
+            if job.out != Sink::Stdout && existing_outputs.len() == job.output_files().count() {
+                skipped.push(name);
+                continue;
+            }
+            job.kept = existing_outputs;
+        } else if let Some(there) = existing_outputs.first().filter(|_| job.existing == Existing::Keep) {
+            let reason =
+                format!("{} already exists: --skip-existing keeps it, --overwrite replaces it", there.display());
+            rejected.push(Rejected { name, reason });
+            continue;
         }
         kept.push(job);
     }
-    Ok(kept)
+    Ok((kept, skipped))
 }
 
 /// Fails when `output` is one of `inputs`, by whatever path: a command never
@@ -214,6 +349,15 @@ pub fn refuse_overwrite<'a>(output: &Path, inputs: impl IntoIterator<Item = &'a 
         if input.is_file() && comparable(input).as_ref() == Some(&target) {
             bail!("refusing to write {} over {}, one of this command's inputs", output.display(), input.display());
         }
+    }
+    Ok(())
+}
+
+/// Fails when an output of `plan` is one of `files` (the model's, the head's).
+pub fn refuse_to_write_over<'a>(plan: &Plan, files: impl IntoIterator<Item = &'a Path>) -> Result<()> {
+    let files: Vec<&Path> = files.into_iter().collect();
+    for output in plan.jobs.iter().flat_map(Job::output_files) {
+        refuse_overwrite(output, files.iter().copied())?;
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ mod run;
 mod train_head;
 mod values;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -22,7 +23,7 @@ use image::DynamicImage;
 use crate::attention::PixelMap;
 use crate::head::{self, AttentionMass, HeadMap, LinearHead, NormalizedCut, SegmentationHead};
 use crate::hub::Hub;
-use crate::image_io::DEFAULT_MAX_PIXELS;
+use crate::image_io::{DEFAULT_MAX_PIXELS, Decoding};
 use crate::model::{Vit, builtin};
 use crate::preprocess;
 
@@ -74,6 +75,10 @@ struct ModelArgs {
     /// patches [default: the model's own (224 for segattn-s16), else 480].
     #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = values::short_side)]
     size: Option<usize>,
+    /// Never use the network: a --model that is not in the Hugging Face
+    /// cache is an error (as with HF_HUB_OFFLINE=1) instead of a download.
+    #[arg(long)]
+    offline: bool,
 }
 
 impl ModelArgs {
@@ -85,7 +90,11 @@ impl ModelArgs {
             (Some(path), None) => path.clone(),
             (None, None) => return Vit::builtin(&Device::Cpu),
             (None, Some(name)) if name == builtin::NAME => return Vit::builtin(&Device::Cpu),
-            (None, Some(name)) => Hub::from_env().resolve(name)?,
+            (None, Some(name)) => {
+                let mut hub = Hub::from_env();
+                hub.offline |= self.offline;
+                hub.resolve(name, std::io::stderr().is_terminal())?
+            }
         };
         Vit::load(&path, &Device::Cpu)
     }
@@ -129,6 +138,33 @@ struct BatchArgs {
     /// One JSON line per image on standard output.
     #[arg(long)]
     json: bool,
+    /// Also append each image's JSON line (results, errors and skips) to
+    /// this file, e.g. one report per shard.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Leave outputs that already exist as they are, and skip photos whose
+    /// outputs all exist: an interrupted run picks up where it stopped.
+    #[arg(long, conflicts_with = "overwrite")]
+    skip_existing: bool,
+    /// Replace outputs in --out-dir that already exist. Without it (or
+    /// --skip-existing) such a photo fails and the file is kept.
+    #[arg(long)]
+    overwrite: bool,
+    /// Only part K of N of the photos (K from 0 to N-1), chosen by a hash of
+    /// each photo's path below its input directory: N runs with K = 0..N-1,
+    /// on one machine or many, cover every photo once.
+    #[arg(long, value_name = "K/N", env = "SEGATTN_SHARD", value_parser = values::shard)]
+    shard: Option<values::Shard>,
+    /// Decode damaged JPEGs as far as they go (grey below the damage)
+    /// instead of failing them.
+    #[arg(long)]
+    lenient: bool,
+}
+
+impl BatchArgs {
+    fn decoding(&self) -> Decoding {
+        Decoding { max_pixels: self.max_pixels, lenient: self.lenient }
+    }
 }
 
 /// Photos and their masks, matched by file stem (eval and train-head).
@@ -226,9 +262,25 @@ impl HeadArgs {
     }
 }
 
+/// On SIGINT, SIGTERM or SIGHUP: removes the temporary files of outputs
+/// being written, and exits as a shell reports a death by that signal
+/// (128 + its number: 130 for Ctrl-C).
+fn remove_temporary_outputs_on_signals() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            crate::image_io::abandon_pending_outputs_and_exit(128 + signal);
+        }
+    });
+}
+
 /// Parses the arguments, runs the command, and returns the exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    remove_temporary_outputs_on_signals();
     let code = match cli.command {
         Command::Run(args) => run::run(args),
         Command::AttnMap(args) => attn_map::run(args),

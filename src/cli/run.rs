@@ -42,21 +42,24 @@ pub fn run(args: RunArgs) -> Result<u8> {
         .into_iter()
         .filter_map(|(kind, path)| Some(ExtraOutput { kind, path: path.as_deref()? }))
         .collect();
-    let (jobs, rejected) = jobs::plan(&args.batch, &extras)?;
+    let plan = jobs::plan(&args.batch, &extras)?;
     let model = args.model.load()?;
+    let model_files = ModelArgs::files_of(&model);
+    jobs::refuse_to_write_over(&plan, model_files.iter().copied().chain(args.head.head_weights.as_deref()))?;
     let head = args.head.build(&model)?;
-    batch::run(jobs, rejected, args.batch.jobs, args.batch.json, |job| segment_one(&model, head.as_ref(), &args, job))
+    batch::run(plan, &args.batch, &model_files, |job| segment_one(&model, head.as_ref(), &args, job))
 }
 
 fn segment_one(model: &Vit, head: &dyn SegmentationHead, args: &RunArgs, job: &Job) -> Result<serde_json::Value> {
     let start = Instant::now();
-    let photo = image_io::read_image(&job.source, args.batch.max_pixels)?;
+    let photo = image_io::read_image(&job.source, args.batch.decoding())?;
     let (width, height) = (photo.width(), photo.height());
     let size = args.model.short_side(model);
     let soft = args.head.pixel_map(model, &head::segment(model, head, &photo, size)?, &photo, size);
     let binary = render::mask(&soft, args.head.threshold, false);
     let written = if args.soft { render::mask(&soft, args.head.threshold, true) } else { binary.clone() };
-    image_io::write_png(&DynamicImage::ImageLuma8(written.clone()), &job.out)?;
+    let mut writer = job.writer();
+    writer.png(&DynamicImage::ImageLuma8(written.clone()), &job.out)?;
 
     let mut outputs = serde_json::Map::new();
     outputs.insert("mask".into(), json!(job.out.display_name()));
@@ -67,10 +70,11 @@ fn segment_one(model: &Vit, head: &dyn SegmentationHead, args: &RunArgs, job: &J
                 "overlay" => DynamicImage::ImageRgb8(render::overlay(&rgb, &binary)),
                 _ => DynamicImage::ImageRgba8(render::cutout(&rgb, &written)),
             };
-            image_io::write_png(&picture, &Sink::File(path.clone()))?;
+            writer.png(&picture, &Sink::File(path.clone()))?;
             outputs.insert((*kind).into(), json!(path.display().to_string()));
         }
     }
+    writer.commit()?;
     let (area, bbox) = render::mask_stats(&binary);
     Ok(json!({
         "input": job.source.display_name(),

@@ -1,14 +1,13 @@
 //! `segattn train-head`: fit the `linear` head to your own photos and masks.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use super::jobs::{self, Pair};
 use super::{EXIT_OK, EXIT_SOME_FAILED, ModelArgs, PairArgs, batch};
-use crate::image_io::{self, Source};
+use crate::image_io::{self, Decoding, Source};
 use crate::model::Vit;
 use crate::train::{self, Example, TrainConfig};
 
@@ -39,8 +38,8 @@ pub struct TrainHeadArgs {
 
 /// The original and its mirror image.
 fn examples_of(model: &Vit, pair: &Pair, size: usize) -> Result<[Example; 2]> {
-    let photo = image_io::read_image(&Source::File(pair.image.clone()), image_io::DEFAULT_MAX_PIXELS)?;
-    let mask = image_io::read_image(&Source::File(pair.mask.clone()), image_io::DEFAULT_MAX_PIXELS)
+    let photo = image_io::read_image(&Source::File(pair.image.clone()), Decoding::default())?;
+    let mask = image_io::read_image(&Source::File(pair.mask.clone()), Decoding::default())
         .with_context(|| format!("mask {}", pair.mask.display()))?
         .to_luma8();
     Ok([train::extract(model, &photo, &mask, size, false)?, train::extract(model, &photo, &mask, size, true)?])
@@ -63,20 +62,10 @@ pub fn run(args: TrainHeadArgs) -> Result<u8> {
     }
 
     eprintln!("extracting patch tokens of {} photos", pairs.len());
-    let extracted: Mutex<Vec<Option<[Example; 2]>>> = Mutex::new((0..pairs.len()).map(|_| None).collect());
-    let indexed: Vec<(usize, &Pair)> = pairs.iter().enumerate().collect();
-    let failed = batch::for_each(
-        &indexed,
-        |(_, pair)| pair.image.display().to_string(),
-        args.jobs,
-        |&(i, pair)| {
-            let examples = examples_of(&model, pair, args.model.short_side(&model))?;
-            extracted.lock().expect("no panics while held")[i] = Some(examples);
-            Ok(serde_json::Value::Null)
-        },
-        |_| {},
-    )?;
-    let extracted = extracted.into_inner().expect("workers finished");
+    let extracted = batch::for_each(&pairs, |pair| pair.image.display().to_string(), args.jobs, |pair| {
+        examples_of(&model, pair, args.model.short_side(&model))
+    })?;
+    let failed = extracted.iter().filter(|e| e.is_none()).count();
     // Flips augment training only; validation sees the photos as they are.
     let train_set: Vec<&Example> = train_ids.iter().filter_map(|&i| extracted[i].as_ref()).flatten().collect();
     let val_set: Vec<&Example> = val_ids.iter().filter_map(|&i| extracted[i].as_ref().map(|e| &e[0])).collect();

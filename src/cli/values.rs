@@ -68,6 +68,41 @@ pub fn suffix(text: &str) -> Result<String, String> {
     Ok(text.to_string())
 }
 
+/// `--shard K/N`: this machine's part, K from 0 to N-1 (Kubernetes'
+/// `JOB_COMPLETION_INDEX` is such a K; Slurm's `SLURM_ARRAY_TASK_ID` too,
+/// with an array of 0-(N-1)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u64,
+    pub count: u64,
+}
+
+impl Shard {
+    /// Whether the input at `relative` (its path below its input root) is in
+    /// this shard. FNV-1a of the path's bytes: fixed by its definition, so
+    /// every machine and every segattn version splits the same way.
+    pub fn holds(&self, relative: &[u8]) -> bool {
+        let hash = relative.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        hash % self.count == self.index
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+pub fn shard(text: &str) -> Result<Shard, String> {
+    let (k, n) = text.split_once('/').ok_or_else(|| format!("{text:?} is not K/N, e.g. 0/4"))?;
+    let index: u64 = number(k, "a whole number")?;
+    let count: u64 = number(n, "a whole number")?;
+    if count == 0 || index >= count {
+        return Err(format!("K must be from 0 to N-1 and N at least 1, got {index}/{count}"));
+    }
+    Ok(Shard { index, count })
+}
+
 /// Worker threads for `requested` jobs: all cores by default, and no more
 /// than twice the cores, with a note when the request is cut.
 pub fn worker_threads(requested: Option<usize>) -> usize {
@@ -98,5 +133,22 @@ mod tests {
         assert!(tau("nan").is_err() && tau("5").is_err() && tau("1").is_err() && tau("0.2").is_ok());
         assert!(unit_interval("1.5").is_err() && unit_interval("0").is_ok());
         assert!(suffix("/../../x").is_err() && suffix("_mask").is_ok());
+        assert_eq!(shard("2/4"), Ok(Shard { index: 2, count: 4 }));
+        for bad in ["4/4", "0/0", "-1/4", "1", "a/b", "1/2/3"] {
+            assert!(shard(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn shards_split_by_a_fixed_hash_and_cover_everything_once() {
+        // FNV-1a 64 of "a": its published test vector.
+        let by_hash_of_a = Shard { index: 0, count: 0xaf63_dc4c_8601_ec8c };
+        assert!(by_hash_of_a.holds(b"a") && !by_hash_of_a.holds(b"b"));
+        let names: Vec<String> = (0..1000).map(|i| format!("dir/photo_{i}.jpg")).collect();
+        let counts: Vec<usize> = (0..4)
+            .map(|k| names.iter().filter(|n| Shard { index: k, count: 4 }.holds(n.as_bytes())).count())
+            .collect();
+        assert_eq!(counts.iter().sum::<usize>(), 1000);
+        assert!(counts.iter().all(|&c| (200..300).contains(&c)), "{counts:?}");
     }
 }

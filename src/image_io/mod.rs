@@ -1,0 +1,140 @@
+//! Reading photos safely (`mod.rs`), encoding PNGs that say who wrote them
+//! (`png`), and writing each input's outputs all or none (`output`).
+
+mod output;
+mod png;
+
+pub use output::{Existing, OutputSet, Sink, abandon_pending_outputs_and_exit, remove_stale_temp_files, write_atomic, write_stdout};
+pub use png::{encode_png, is_segattn_output};
+
+use std::io::{Cursor, Read};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
+use zune_core::bytestream::ZCursor;
+use zune_core::colorspace::ColorSpace;
+use zune_core::options::DecoderOptions;
+use zune_jpeg::JpegDecoder;
+
+/// Default decoding budget: 100 megapixels.
+pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
+
+/// Where an image comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Source {
+    File(PathBuf),
+    Stdin,
+}
+
+impl Source {
+    pub fn from_arg(arg: &Path) -> Self {
+        if arg == Path::new("-") { Source::Stdin } else { Source::File(arg.to_path_buf()) }
+    }
+
+    /// The name used in messages and for output file names.
+    pub fn display_name(&self) -> String {
+        match self {
+            Source::File(path) => path.display().to_string(),
+            Source::Stdin => "<stdin>".to_string(),
+        }
+    }
+
+    pub fn read_bytes(&self) -> Result<Vec<u8>> {
+        match self {
+            Source::File(path) => std::fs::read(path).context("cannot read file"),
+            Source::Stdin => {
+                let mut bytes = Vec::new();
+                std::io::stdin().lock().read_to_end(&mut bytes).context("cannot read standard input")?;
+                Ok(bytes)
+            }
+        }
+    }
+}
+
+/// How photos are decoded: the size budget, and whether damage is an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decoding {
+    /// Images with more pixels are refused, from their header.
+    pub max_pixels: u64,
+    /// Decode damaged JPEGs as far as they go (grey below the damage, as
+    /// browsers show them) instead of refusing them.
+    pub lenient: bool,
+}
+
+impl Decoding {
+    pub fn strict(max_pixels: u64) -> Self {
+        Decoding { max_pixels, lenient: false }
+    }
+}
+
+impl Default for Decoding {
+    fn default() -> Self {
+        Decoding::strict(DEFAULT_MAX_PIXELS)
+    }
+}
+
+/// Decodes `bytes` as an upright image (EXIF orientation applied). The size
+/// is checked against `max_pixels` from the header, before any pixel buffer
+/// is allocated. A truncated or corrupt JPEG is an error unless `lenient`:
+/// the image crate's decoder fills what it cannot read with grey, which
+/// would become a confident mask of nothing.
+pub fn decode(bytes: &[u8], decoding: Decoding) -> Result<DynamicImage> {
+    if bytes.is_empty() {
+        bail!("empty file");
+    }
+    let reader = || ImageReader::new(Cursor::new(bytes)).with_guessed_format();
+    let probe = reader().context("cannot read image")?;
+    let Some(format) = probe.format() else {
+        bail!("not a supported image (jpeg, png, webp, bmp, tiff, gif)");
+    };
+    let (width, height) = probe.into_dimensions().context("cannot decode image")?;
+    let pixels = u64::from(width) * u64::from(height);
+    let max_pixels = decoding.max_pixels;
+    if pixels > max_pixels {
+        bail!("image is {width}x{height} ({pixels} pixels), over the limit of {max_pixels} (see --max-pixels)");
+    }
+    if pixels == 0 {
+        bail!("image has no pixels ({width}x{height})");
+    }
+    let mut reader = reader()?;
+    let mut limits = Limits::default();
+    // Room for the largest decoded buffer: 4 channels of 32-bit floats.
+    limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().context("cannot decode image")?;
+    let orientation = decoder.orientation().context("cannot read EXIF orientation")?;
+    let mut image = if format == ImageFormat::Jpeg && !decoding.lenient {
+        decode_jpeg_strictly(bytes)?
+    } else {
+        DynamicImage::from_decoder(decoder).context("cannot decode image")?
+    };
+    image.apply_orientation(orientation);
+    Ok(image)
+}
+
+/// A JPEG decoded by the same decoder the image crate uses, in its strict
+/// mode: data that ends early or does not parse is an error.
+fn decode_jpeg_strictly(bytes: &[u8]) -> Result<DynamicImage> {
+    let damaged = |err: zune_jpeg::errors::DecodeErrors| anyhow::anyhow!("damaged JPEG ({err}); --lenient decodes what it can");
+    let options = DecoderOptions::default().set_strict_mode(true).set_max_width(usize::MAX).set_max_height(usize::MAX);
+    let mut decoder = JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    decoder.decode_headers().map_err(damaged)?;
+    let gray = decoder.input_colorspace() == Some(ColorSpace::Luma);
+    let out = if gray { ColorSpace::Luma } else { ColorSpace::RGB };
+    decoder.set_options(options.jpeg_set_out_colorspace(out));
+    let pixels = decoder.decode().map_err(damaged)?;
+    let (width, height) = decoder.dimensions().context("JPEG without dimensions")?;
+    let (width, height) = (width as u32, height as u32);
+    let image = if gray {
+        GrayImage::from_raw(width, height, pixels).map(DynamicImage::ImageLuma8)
+    } else {
+        RgbImage::from_raw(width, height, pixels).map(DynamicImage::ImageRgb8)
+    };
+    image.context("JPEG decoder returned the wrong number of pixels")
+}
+
+/// Reads and decodes one input.
+pub fn read_image(source: &Source, decoding: Decoding) -> Result<DynamicImage> {
+    decode(&source.read_bytes()?, decoding)
+}
