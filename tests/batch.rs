@@ -260,7 +260,8 @@ fn shards_together_write_one_run_s_outputs_once() {
 
     // The same split from the environment (SEGATTN_SHARD), as a Job's index.
     let out = dir.path().join("env");
-    let result = segattn(&["run", s(&photos), "--out-dir", s(&out), "-r"]).env("SEGATTN_SHARD", "1/3").output().unwrap();
+    let result =
+        segattn(&["run", s(&photos), "--out-dir", s(&out), "-r"]).env("SEGATTN_SHARD", "1/3").output().unwrap();
     assert!(result.status.success(), "{}", stderr(&result));
     assert_eq!(files(&out), files(&dir.path().join("shard1")));
 
@@ -307,7 +308,8 @@ fn gnu_parallel_running_the_shards_writes_one_run_s_outputs() {
         .unwrap();
     assert!(result.status.success(), "{}", stderr(&result));
     assert_eq!(files(&out), expected);
-    let lines: usize = (0..4).map(|k| std::fs::read_to_string(reports.join(format!("{k}.jsonl"))).unwrap().lines().count()).sum();
+    let lines: usize =
+        (0..4).map(|k| std::fs::read_to_string(reports.join(format!("{k}.jsonl"))).unwrap().lines().count()).sum();
     assert_eq!(lines, 12);
 }
 
@@ -353,7 +355,8 @@ fn run_and_attn_map_never_write_over_the_model() {
         let target = model.join(target);
         let kept = std::fs::read(&target).unwrap();
         for command in ["run", "attn-map"] {
-            let result = segattn_with(&[command, s(&sample("cat.jpg")), "--out", s(&target)], &model, 64).output().unwrap();
+            let result =
+                segattn_with(&[command, s(&sample("cat.jpg")), "--out", s(&target)], &model, 64).output().unwrap();
             assert_eq!(result.status.code(), Some(2), "{command}: {}", stderr(&result));
             assert!(stderr(&result).contains("one of this command's inputs"), "{}", stderr(&result));
             assert_eq!(std::fs::read(&target).unwrap(), kept);

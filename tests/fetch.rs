@@ -233,7 +233,8 @@ fn first_use_of_a_named_model_downloads_it() {
     let home = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cat = sample("cat.jpg");
-    let (first, second, by_path) = (dir.path().join("first.png"), dir.path().join("second.png"), dir.path().join("by_path.png"));
+    let (first, second, by_path) =
+        (dir.path().join("first.png"), dir.path().join("second.png"), dir.path().join("by_path.png"));
     let args = ["run", s(&cat), "--out", s(&first), "--size", "64", "--model", "dino-vits8"];
     let result = output(&mut segattn(home.path(), &hub.endpoint, &args));
     assert_eq!(result.status.code(), Some(0), "{}", stderr(&result));

@@ -39,7 +39,7 @@ def read_pair(photo, mask, short):
     return np.asarray(img.resize(size, Image.BICUBIC)), np.asarray(m.resize(size, Image.BILINEAR))
 
 
-def training_pairs(data):
+def training_pairs(data, label_dirs):
     val = set(open(os.path.join(HERE, "val_list.txt")).read().split())
     pairs = []
     for folder in ["salient/pascal-s", "salient/people-removebg", "salient/horses"]:
@@ -48,10 +48,19 @@ def training_pairs(data):
             if folder.endswith("pascal-s") and stem in val:
                 continue
             pairs.append((os.path.join(data, folder, "images", f), os.path.join(data, folder, "masks", stem + ".png")))
-    for folder in sorted(os.listdir(os.path.join(data, "teacher"))):
-        for f in sorted(os.listdir(os.path.join(data, "teacher", folder))):
-            stem = os.path.splitext(f)[0]
-            pairs.append((os.path.join(data, "photos", folder, stem + ".jpg"), os.path.join(data, "teacher", folder, f)))
+    # Teacher masks of photos/<folder>: the shared ones, then ours (train/label);
+    # a photo labelled in both is used once.
+    labelled = set()
+    for root in [os.path.join(data, "teacher")] + label_dirs:
+        if not os.path.isdir(root):
+            continue
+        for folder in sorted(os.listdir(root)):
+            for f in sorted(os.listdir(os.path.join(root, folder))):
+                stem = os.path.splitext(f)[0]
+                photo = os.path.join(data, "photos", folder, stem + ".jpg")
+                if f.endswith(".png") and (folder, stem) not in labelled and os.path.exists(photo):
+                    labelled.add((folder, stem))
+                    pairs.append((photo, os.path.join(root, folder, f)))
     return pairs
 
 
@@ -190,6 +199,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with AVX512-BF16 / AMX)")
+    ap.add_argument("--labels", action="append", default=None,
+                    help="teacher masks of photos/<folder> made by train/label (default train/.work/labels)")
     ap.add_argument("--limit", type=int, default=0, help="train on this many photos only (smoke test)")
     a = ap.parse_args()
     torch.manual_seed(a.seed); random.seed(a.seed); np.random.seed(a.seed)
@@ -197,7 +208,7 @@ def main():
     rng = random.Random(a.seed)
 
     t0 = time.time()
-    pairs = training_pairs(a.data)
+    pairs = training_pairs(a.data, a.labels or [os.path.join(HERE, ".work", "labels")])
     if a.limit:
         pairs = random.Random(a.seed).sample(pairs, a.limit)
     # Photos held at a short side of 288: enough for crops at 224, small in memory.

@@ -124,16 +124,21 @@ where
     {
         eprintln!("segattn: shard {shard} holds none of the {all} photos");
     }
-    let results = for_each(&plan.jobs, |job| job.source.display_name(), args.jobs, |job| {
-        let result = work(job);
-        let line = match &result {
-            Ok(value) => value.clone(),
-            Err(err) => json!({ "input": job.source.display_name(), "error": one_line(err) }),
-        };
-        // A failure stays the image's error even if its line cannot be written.
-        let reported = reporter.line(&line);
-        result.and_then(|value| reported.map(|()| value))
-    })?;
+    let results = for_each(
+        &plan.jobs,
+        |job| job.source.display_name(),
+        args.jobs,
+        |job| {
+            let result = work(job);
+            let line = match &result {
+                Ok(value) => value.clone(),
+                Err(err) => json!({ "input": job.source.display_name(), "error": one_line(err) }),
+            };
+            // A failure stays the image's error even if its line cannot be written.
+            let reported = reporter.line(&line);
+            result.and_then(|value| reported.map(|()| value))
+        },
+    )?;
     failed += results.iter().filter(|r| r.is_none()).count();
     Ok(if failed == 0 { EXIT_OK } else { EXIT_SOME_FAILED })
 }

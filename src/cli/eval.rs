@@ -82,9 +82,8 @@ pub fn run(args: EvalArgs) -> Result<u8> {
         (None, Some(dir)) => Scorer::Predictions(dir),
         (None, None) => unreachable!("a model is loaded unless predictions are given"),
     };
-    let results = batch::for_each(&pairs, |p| p.image.display().to_string(), args.jobs, |pair| {
-        score_pair(&scorer, &args, pair)
-    })?;
+    let results =
+        batch::for_each(&pairs, |p| p.image.display().to_string(), args.jobs, |pair| score_pair(&scorer, &args, pair))?;
     let unreadable: Vec<String> =
         pairs.iter().zip(&results).filter(|(_, r)| r.is_none()).map(|(p, _)| p.image.display().to_string()).collect();
     // Pairs come sorted by stem, and results in their order.

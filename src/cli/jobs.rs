@@ -203,7 +203,11 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<Plan> {
             sources
                 .into_iter()
                 .map(|(source, _, shard_key, listed)| Candidate {
-                    job: job(source, Sink::from_arg(out), extras.iter().map(|e| (e.kind, e.path.to_path_buf())).collect()),
+                    job: job(
+                        source,
+                        Sink::from_arg(out),
+                        extras.iter().map(|e| (e.kind, e.path.to_path_buf())).collect(),
+                    ),
                     shard_key,
                     listed,
                 })
@@ -243,11 +247,8 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<Plan> {
         })
         .collect();
     let all_shards = args.shard.map(|_| candidates.len());
-    let jobs: Vec<Job> = candidates
-        .into_iter()
-        .filter(|c| args.shard.is_none_or(|s| s.holds(&c.shard_key)))
-        .map(|c| c.job)
-        .collect();
+    let jobs: Vec<Job> =
+        candidates.into_iter().filter(|c| args.shard.is_none_or(|s| s.holds(&c.shard_key))).map(|c| c.job).collect();
     let (jobs, skipped) = check_outputs(jobs, &inputs, args.skip_existing, &mut rejected)?;
     Ok(Plan { jobs, rejected, skipped, all_shards })
 }

@@ -62,9 +62,12 @@ pub fn run(args: TrainHeadArgs) -> Result<u8> {
     }
 
     eprintln!("extracting patch tokens of {} photos", pairs.len());
-    let extracted = batch::for_each(&pairs, |pair| pair.image.display().to_string(), args.jobs, |pair| {
-        examples_of(&model, pair, args.model.short_side(&model))
-    })?;
+    let extracted = batch::for_each(
+        &pairs,
+        |pair| pair.image.display().to_string(),
+        args.jobs,
+        |pair| examples_of(&model, pair, args.model.short_side(&model)),
+    )?;
     let failed = extracted.iter().filter(|e| e.is_none()).count();
     // Flips augment training only; validation sees the photos as they are.
     let train_set: Vec<&Example> = train_ids.iter().filter_map(|&i| extracted[i].as_ref()).flatten().collect();

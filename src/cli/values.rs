@@ -82,7 +82,8 @@ impl Shard {
     /// this shard. FNV-1a of the path's bytes: fixed by its definition, so
     /// every machine and every segattn version splits the same way.
     pub fn holds(&self, relative: &[u8]) -> bool {
-        let hash = relative.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let hash =
+            relative.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         hash % self.count == self.index
     }
 }
@@ -145,9 +146,8 @@ mod tests {
         let by_hash_of_a = Shard { index: 0, count: 0xaf63_dc4c_8601_ec8c };
         assert!(by_hash_of_a.holds(b"a") && !by_hash_of_a.holds(b"b"));
         let names: Vec<String> = (0..1000).map(|i| format!("dir/photo_{i}.jpg")).collect();
-        let counts: Vec<usize> = (0..4)
-            .map(|k| names.iter().filter(|n| Shard { index: k, count: 4 }.holds(n.as_bytes())).count())
-            .collect();
+        let counts: Vec<usize> =
+            (0..4).map(|k| names.iter().filter(|n| Shard { index: k, count: 4 }.holds(n.as_bytes())).count()).collect();
         assert_eq!(counts.iter().sum::<usize>(), 1000);
         assert!(counts.iter().all(|&c| (200..300).contains(&c)), "{counts:?}");
     }

@@ -4,7 +4,9 @@
 mod output;
 mod png;
 
-pub use output::{Existing, OutputSet, Sink, abandon_pending_outputs_and_exit, remove_stale_temp_files, write_atomic, write_stdout};
+pub use output::{
+    Existing, OutputSet, Sink, abandon_pending_outputs_and_exit, remove_stale_temp_files, write_atomic, write_stdout,
+};
 pub use png::{encode_png, is_segattn_output};
 
 use std::io::{Cursor, Read};
@@ -116,7 +118,8 @@ pub fn decode(bytes: &[u8], decoding: Decoding) -> Result<DynamicImage> {
 /// A JPEG decoded by the same decoder the image crate uses, in its strict
 /// mode: data that ends early or does not parse is an error.
 fn decode_jpeg_strictly(bytes: &[u8]) -> Result<DynamicImage> {
-    let damaged = |err: zune_jpeg::errors::DecodeErrors| anyhow::anyhow!("damaged JPEG ({err}); --lenient decodes what it can");
+    let damaged =
+        |err: zune_jpeg::errors::DecodeErrors| anyhow::anyhow!("damaged JPEG ({err}); --lenient decodes what it can");
     let options = DecoderOptions::default().set_strict_mode(true).set_max_width(usize::MAX).set_max_height(usize::MAX);
     let mut decoder = JpegDecoder::new_with_options(ZCursor::new(bytes), options);
     decoder.decode_headers().map_err(damaged)?;
