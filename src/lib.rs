@@ -3,7 +3,7 @@
 //!
 //! The data path reads top to bottom, each module using only those above it:
 //! [`image_io`] -> [`preprocess`] -> [`model`] (-> [`hub`], which finds
-//! checkpoints by name) -> [`attention`] -> [`head`]
+//! checkpoints by name) -> [`maps`] -> [`attention`] -> [`head`]
 //! -> [`metrics`] -> [`train`] / [`render`] -> [`cli`].
 
 pub mod attention;
@@ -11,6 +11,7 @@ pub mod cli;
 pub mod head;
 pub mod hub;
 pub mod image_io;
+pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod preprocess;
@@ -21,16 +22,14 @@ pub mod train;
 ///
 /// candle's elementwise worker threads spin for a long while waiting for
 /// work, which on a small machine takes a core from the matrix products and
-/// the fused attention running beside them (measured on 2 cores: ViT-S/16 at
-/// 224x224 went from ~125 ms to ~80 ms). A short spin, then sleep, avoids it.
+/// the fused attention running beside them. A short spin, then sleep, avoids it.
 /// An explicit `CANDLE_BARRIER_POOL_SPIN_LIMIT` is left alone.
 ///
 /// glibc serves allocations above its mmap threshold (a few MB at most) with
 /// fresh pages and unmaps them on free, so every activation tensor of a
 /// forward pass costs page faults and zeroing in the kernel. Raising the
-/// threshold and the trim limit keeps freed buffers for reuse: 5-15 % faster
-/// forward passes on ViT-S (measured A/B on 2 cores), at the price of holding
-/// on to the largest working set the process has needed.
+/// threshold and the trim limit keeps freed buffers for reuse, at the price
+/// of holding on to the largest working set the process has needed.
 ///
 /// # Safety
 /// Sets an environment variable and allocator options: no other thread may be running.

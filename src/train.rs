@@ -2,16 +2,11 @@
 //! encoder in, the share of each patch the mask covers as the target,
 //! BCE + soft Dice, AdamW.
 
-use std::collections::HashMap;
-use std::path::Path;
-
 use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use image::{DynamicImage, GrayImage, imageops};
 
-use crate::head::linear::{BIAS, FINGERPRINT_KEY, WEIGHT};
-use crate::image_io;
 use crate::metrics;
 use crate::model::{Capture, Vit};
 use crate::preprocess;
@@ -196,26 +191,4 @@ pub fn train(
         }
     }
     best.context("no epochs were run")
-}
-
-/// Writes `head` as safetensors (`head.weight` [1, hidden], `head.bias` [1])
-/// with metadata naming the backbone it was trained on.
-pub fn save(head: &TrainedHead, model: &Vit, path: &Path) -> Result<()> {
-    let weight_bytes: Vec<u8> = head.weight.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let bias_bytes = head.bias.to_le_bytes().to_vec();
-    let views = [
-        (
-            WEIGHT,
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, head.weight.len()], &weight_bytes)?,
-        ),
-        (BIAS, safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &bias_bytes)?),
-    ];
-    let metadata = HashMap::from([
-        (FINGERPRINT_KEY.to_string(), model.fingerprint().to_string()),
-        ("backbone_weights".to_string(), model.files().weights.display().to_string()),
-        ("best_epoch".to_string(), head.best_epoch.to_string()),
-        ("val_iou".to_string(), format!("{:.4}", head.val_iou)),
-    ]);
-    let bytes = safetensors::serialize(views, Some(metadata))?;
-    image_io::write_atomic(path, &bytes)
 }

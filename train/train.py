@@ -1,11 +1,12 @@
 """Trains segattn's built-in model from ../shared/data and writes
 weights/segattn-s16.safetensors, train/log.csv and train/curves.png.
 
-    train/run            # venv + this script, fixed seed, ~1 h on 2 CPU cores
+    train/run            # teacher masks, venv + this script, fixed seed
 
 Data (see ../shared/data/README.md): PASCAL-S (minus the 150 photos of
 train/val_list.txt, kept for validation), people-removebg, Weizmann horses,
-and the IS-Net teacher's masks of msra-1000 and imagenet-sample.
+the IS-Net teacher's masks of msra-1000 and imagenet-sample (580) from
+../shared/data/teacher, and those train/label makes of flickr-1000.
 """
 import argparse
 import csv
@@ -48,19 +49,20 @@ def training_pairs(data, label_dirs):
             if folder.endswith("pascal-s") and stem in val:
                 continue
             pairs.append((os.path.join(data, folder, "images", f), os.path.join(data, folder, "masks", stem + ".png")))
-    # Teacher masks of photos/<folder>: the shared ones, then ours (train/label);
-    # a photo labelled in both is used once.
+    # Teacher masks of photos/<folder>: the shared ones, then those train/label
+    # made (label_dirs, one per folder); a photo labelled in both is used once.
+    shared = os.path.join(data, "teacher")
     labelled = set()
-    for root in [os.path.join(data, "teacher")] + label_dirs:
-        if not os.path.isdir(root):
-            continue
-        for folder in sorted(os.listdir(root)):
-            for f in sorted(os.listdir(os.path.join(root, folder))):
-                stem = os.path.splitext(f)[0]
-                photo = os.path.join(data, "photos", folder, stem + ".jpg")
-                if f.endswith(".png") and (folder, stem) not in labelled and os.path.exists(photo):
-                    labelled.add((folder, stem))
-                    pairs.append((photo, os.path.join(root, folder, f)))
+    for folder_dir in [os.path.join(shared, f) for f in sorted(os.listdir(shared))] + label_dirs:
+        if not os.path.isdir(folder_dir):
+            raise SystemExit(f"{folder_dir}: no teacher masks; run train/label first")
+        folder = os.path.basename(folder_dir)
+        for f in sorted(os.listdir(folder_dir)):
+            stem = os.path.splitext(f)[0]
+            photo = os.path.join(data, "photos", folder, stem + ".jpg")
+            if f.endswith(".png") and (folder, stem) not in labelled and os.path.exists(photo):
+                labelled.add((folder, stem))
+                pairs.append((photo, os.path.join(folder_dir, f)))
     return pairs
 
 
@@ -192,15 +194,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=os.path.join(HERE, "..", "..", "shared", "data"))
     ap.add_argument("--out", default=os.path.join(HERE, "..", "weights", "segattn-s16.safetensors"))
-    ap.add_argument("--epochs", type=int, default=45)
+    ap.add_argument("--epochs", type=int, default=35)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--attention-weight", type=float, default=0.3)
+    ap.add_argument("--attention-weight", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with AVX512-BF16 / AMX)")
-    ap.add_argument("--labels", action="append", default=None,
-                    help="teacher masks of photos/<folder> made by train/label (default train/.work/labels)")
+    ap.add_argument("--labelled", action="append", default=None, metavar="FOLDER",
+                    help="a photos/ folder whose teacher masks train/label made in train/.work/labels "
+                         "(default: flickr-1000)")
     ap.add_argument("--limit", type=int, default=0, help="train on this many photos only (smoke test)")
     a = ap.parse_args()
     torch.manual_seed(a.seed); random.seed(a.seed); np.random.seed(a.seed)
@@ -208,7 +211,7 @@ def main():
     rng = random.Random(a.seed)
 
     t0 = time.time()
-    pairs = training_pairs(a.data, a.labels or [os.path.join(HERE, ".work", "labels")])
+    pairs = training_pairs(a.data, [os.path.join(HERE, ".work", "labels", f) for f in a.labelled or ["flickr-1000"]])
     if a.limit:
         pairs = random.Random(a.seed).sample(pairs, a.limit)
     # Photos held at a short side of 288: enough for crops at 224, small in memory.

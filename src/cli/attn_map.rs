@@ -10,9 +10,10 @@ use image::{DynamicImage, RgbImage};
 use serde_json::json;
 
 use super::jobs::Job;
-use super::{BatchArgs, ModelArgs, batch, jobs};
-use crate::attention::{self, PatchMap};
+use super::{BatchArgs, ModelArgs, batch, jobs, values};
+use crate::attention;
 use crate::image_io;
+use crate::maps::PatchMap;
 use crate::model::{Capture, Vit};
 use crate::preprocess;
 use crate::render::{self, Colormap};
@@ -56,11 +57,10 @@ pub struct AttnMapArgs {
     /// Attention rollout through all layers instead of one layer's attention.
     #[arg(long, conflicts_with_all = ["layer", "head"])]
     rollout: bool,
-    /// viridis, inferno, jet or gray.
-    #[arg(long, default_value = "inferno")]
-    colormap: String,
-    /// Opacity of the heat map over the photo.
-    #[arg(long, default_value_t = 0.6)]
+    #[arg(long, value_enum, default_value_t = Colormap::Inferno)]
+    colormap: Colormap,
+    /// Opacity of the heat map over the photo, 0 to 1.
+    #[arg(long, default_value_t = 0.6, allow_negative_numbers = true, value_parser = values::unit_interval)]
     alpha: f32,
     /// The heat map alone, without the photo.
     #[arg(long)]
@@ -68,10 +68,6 @@ pub struct AttnMapArgs {
 }
 
 pub fn run(args: AttnMapArgs) -> Result<u8> {
-    let colormap: Colormap = args.colormap.parse()?;
-    if !(0.0..=1.0).contains(&args.alpha) {
-        bail!("--alpha must be between 0 and 1, got {}", args.alpha);
-    }
     let plan = jobs::plan(&args.batch, &[])?;
     let model = args.model.load()?;
     let model_files = ModelArgs::files_of(&model);
@@ -86,7 +82,7 @@ pub fn run(args: AttnMapArgs) -> Result<u8> {
             model.config().num_heads - 1
         );
     }
-    batch::run(plan, &args.batch, &model_files, |job| map_one(&model, &args, layer, colormap, job))
+    batch::run(plan, &args.batch, &model_files, |job| map_one(&model, &args, layer, job))
 }
 
 /// The maps to draw, each with its tile label.
@@ -139,7 +135,7 @@ fn tile_size(width: u32, height: u32, tiles: usize) -> (u32, u32) {
     (scaled(width), scaled(height))
 }
 
-fn map_one(model: &Vit, args: &AttnMapArgs, layer: usize, colormap: Colormap, job: &Job) -> Result<serde_json::Value> {
+fn map_one(model: &Vit, args: &AttnMapArgs, layer: usize, job: &Job) -> Result<serde_json::Value> {
     let start = Instant::now();
     let photo = image_io::read_image(&job.source, args.batch.decoding())?;
     let (width, height) = (photo.width(), photo.height());
@@ -159,7 +155,7 @@ fn map_one(model: &Vit, args: &AttnMapArgs, layer: usize, colormap: Colormap, jo
         .iter()
         .map(|(name, map)| {
             let pixels = map.min_max_normalized().upsample(tile_width, tile_height);
-            let mut tile = render::heatmap(&pixels, colormap, rgb.as_ref(), args.alpha);
+            let mut tile = render::heatmap(&pixels, args.colormap, rgb.as_ref(), args.alpha);
             if labelled {
                 render::label(&mut tile, name);
             }

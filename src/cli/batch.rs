@@ -127,7 +127,7 @@ where
     let results = for_each(
         &plan.jobs,
         |job| job.source.display_name(),
-        args.jobs,
+        args.work.jobs,
         |job| {
             let result = work(job);
             let line = match &result {

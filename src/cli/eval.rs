@@ -8,10 +8,10 @@ use image::{DynamicImage, GrayImage};
 use serde_json::json;
 
 use super::jobs::{self, Pair};
-use super::{EXIT_OK, EXIT_SOME_FAILED, HeadArgs, ModelArgs, PairArgs, batch};
-use crate::attention::PatchMap;
+use super::{EXIT_OK, EXIT_SOME_FAILED, HeadArgs, ModelArgs, PairArgs, WorkArgs, batch};
 use crate::head::{self, SegmentationHead};
 use crate::image_io::{self, Decoding, Source};
+use crate::maps::PatchMap;
 use crate::metrics::{self, ImageScores};
 use crate::model::Vit;
 
@@ -30,12 +30,8 @@ pub struct EvalArgs {
     /// Also write the scores, with one row per image, as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Images processed in parallel (default: all cores; at most twice the cores).
-    #[arg(long, short = 'j', value_name = "N", allow_negative_numbers = true, value_parser = super::values::at_least_one)]
-    jobs: Option<usize>,
-    /// Refuse images with more pixels than this.
-    #[arg(long, value_name = "N", default_value_t = image_io::DEFAULT_MAX_PIXELS)]
-    max_pixels: u64,
+    #[command(flatten)]
+    work: WorkArgs,
 }
 
 /// What makes the soft map that is scored.
@@ -82,8 +78,12 @@ pub fn run(args: EvalArgs) -> Result<u8> {
         (None, Some(dir)) => Scorer::Predictions(dir),
         (None, None) => unreachable!("a model is loaded unless predictions are given"),
     };
-    let results =
-        batch::for_each(&pairs, |p| p.image.display().to_string(), args.jobs, |pair| score_pair(&scorer, &args, pair))?;
+    let results = batch::for_each(
+        &pairs,
+        |p| p.image.display().to_string(),
+        args.work.jobs,
+        |pair| score_pair(&scorer, &args, pair),
+    )?;
     let unreadable: Vec<String> =
         pairs.iter().zip(&results).filter(|(_, r)| r.is_none()).map(|(p, _)| p.image.display().to_string()).collect();
     // Pairs come sorted by stem, and results in their order.
@@ -134,8 +134,8 @@ pub fn run(args: EvalArgs) -> Result<u8> {
 }
 
 fn score_pair(scorer: &Scorer, args: &EvalArgs, pair: &Pair) -> Result<Scored> {
-    let photo = image_io::read_image(&Source::File(pair.image.clone()), Decoding::strict(args.max_pixels))?;
-    let truth = read_gray(&pair.mask, &photo, args.max_pixels, "mask")?;
+    let photo = image_io::read_image(&Source::File(pair.image.clone()), Decoding::strict(args.work.max_pixels))?;
+    let truth = read_gray(&pair.mask, &photo, args.work.max_pixels, "mask")?;
     let truth: Vec<bool> = truth.pixels().map(|p| p[0] >= 128).collect();
     let (soft, attention_inside) = match scorer {
         Scorer::Model { model, head } => {
@@ -146,7 +146,7 @@ fn score_pair(scorer: &Scorer, args: &EvalArgs, pair: &Pair) -> Result<Scored> {
         }
         Scorer::Predictions(dir) => {
             let path = dir.join(format!("{}.png", pair.stem));
-            let predicted = read_gray(&path, &photo, args.max_pixels, "prediction")?;
+            let predicted = read_gray(&path, &photo, args.work.max_pixels, "prediction")?;
             (predicted.pixels().map(|p| p[0] as f32 / 255.0).collect(), None)
         }
     };

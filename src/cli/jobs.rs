@@ -21,8 +21,8 @@ pub struct Job {
     pub source: Source,
     /// The main output (mask or heat map).
     pub out: Sink,
-    /// Extra outputs by kind (`overlay`, `cutout`), when asked for.
-    pub extra: Vec<(&'static str, PathBuf)>,
+    /// Extra outputs, when asked for.
+    pub extra: Vec<(Extra, PathBuf)>,
     /// Outputs that exist already and stay as they are (--skip-existing).
     kept: Vec<PathBuf>,
     existing: Existing,
@@ -70,9 +70,28 @@ pub struct Rejected {
     pub reason: String,
 }
 
+/// Pictures `run` writes beside the mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extra {
+    /// The photo with the mask tinted and outlined.
+    Overlay,
+    /// The photo with a transparent background.
+    Cutout,
+}
+
+impl Extra {
+    /// Its key in the JSON record.
+    pub fn name(self) -> &'static str {
+        match self {
+            Extra::Overlay => "overlay",
+            Extra::Cutout => "cutout",
+        }
+    }
+}
+
 /// An extra output: a file with a single input, a directory with --out-dir.
 pub struct ExtraOutput<'a> {
-    pub kind: &'static str,
+    pub kind: Extra,
     pub path: &'a Path,
 }
 

@@ -20,10 +20,10 @@ use candle_core::Device;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use image::DynamicImage;
 
-use crate::attention::PixelMap;
 use crate::head::{self, AttentionMass, HeadMap, LinearHead, NormalizedCut, SegmentationHead};
 use crate::hub::Hub;
 use crate::image_io::{DEFAULT_MAX_PIXELS, Decoding};
+use crate::maps::PixelMap;
 use crate::model::{Vit, builtin};
 use crate::preprocess;
 
@@ -129,12 +129,8 @@ struct BatchArgs {
     /// Descend into subdirectories of directory inputs.
     #[arg(long, short = 'r')]
     recursive: bool,
-    /// Images processed in parallel (default: all cores; at most twice the cores).
-    #[arg(long, short = 'j', value_name = "N", allow_negative_numbers = true, value_parser = values::at_least_one)]
-    jobs: Option<usize>,
-    /// Refuse images with more pixels than this.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PIXELS)]
-    max_pixels: u64,
+    #[command(flatten)]
+    work: WorkArgs,
     /// One JSON line per image on standard output.
     #[arg(long)]
     json: bool,
@@ -163,8 +159,20 @@ struct BatchArgs {
 
 impl BatchArgs {
     fn decoding(&self) -> Decoding {
-        Decoding { max_pixels: self.max_pixels, lenient: self.lenient }
+        Decoding { max_pixels: self.work.max_pixels, lenient: self.lenient }
     }
+}
+
+/// How many photos are worked on at once, and how large they may be
+/// (every command that reads photos).
+#[derive(Debug, Args)]
+struct WorkArgs {
+    /// Images processed in parallel (default: all cores; at most twice the cores).
+    #[arg(long, short = 'j', value_name = "N", allow_negative_numbers = true, value_parser = values::at_least_one)]
+    jobs: Option<usize>,
+    /// Refuse images with more pixels than this.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PIXELS)]
+    max_pixels: u64,
 }
 
 /// Photos and their masks, matched by file stem (eval and train-head).

@@ -8,7 +8,7 @@ use clap::Args;
 use image::DynamicImage;
 use serde_json::json;
 
-use super::jobs::{ExtraOutput, Job};
+use super::jobs::{Extra, ExtraOutput, Job};
 use super::{BatchArgs, HeadArgs, ModelArgs, batch, jobs};
 use crate::head::{self, SegmentationHead};
 use crate::image_io::{self, Sink};
@@ -38,7 +38,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
     if args.batch.json && args.batch.out.as_deref() == Some(Path::new("-")) {
         bail!("--json and --out - both write to standard output; choose one");
     }
-    let extras: Vec<ExtraOutput> = [("overlay", &args.overlay), ("cutout", &args.cutout)]
+    let extras: Vec<ExtraOutput> = [(Extra::Overlay, &args.overlay), (Extra::Cutout, &args.cutout)]
         .into_iter()
         .filter_map(|(kind, path)| Some(ExtraOutput { kind, path: path.as_deref()? }))
         .collect();
@@ -66,12 +66,12 @@ fn segment_one(model: &Vit, head: &dyn SegmentationHead, args: &RunArgs, job: &J
     if !job.extra.is_empty() {
         let rgb = preprocess::to_rgb(&photo);
         for (kind, path) in &job.extra {
-            let picture = match *kind {
-                "overlay" => DynamicImage::ImageRgb8(render::overlay(&rgb, &binary)),
-                _ => DynamicImage::ImageRgba8(render::cutout(&rgb, &written)),
+            let picture = match kind {
+                Extra::Overlay => DynamicImage::ImageRgb8(render::overlay(&rgb, &binary)),
+                Extra::Cutout => DynamicImage::ImageRgba8(render::cutout(&rgb, &written)),
             };
             writer.png(&picture, &Sink::File(path.clone()))?;
-            outputs.insert((*kind).into(), json!(path.display().to_string()));
+            outputs.insert(kind.name().into(), json!(path.display().to_string()));
         }
     }
     writer.commit()?;

@@ -6,7 +6,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use super::jobs::{self, Pair};
-use super::{EXIT_OK, EXIT_SOME_FAILED, ModelArgs, PairArgs, batch};
+use super::{EXIT_OK, EXIT_SOME_FAILED, ModelArgs, PairArgs, WorkArgs, batch};
+use crate::head::linear;
 use crate::image_io::{self, Decoding, Source};
 use crate::model::Vit;
 use crate::train::{self, Example, TrainConfig};
@@ -31,15 +32,14 @@ pub struct TrainHeadArgs {
     /// Seed of the train/validation split and the shuffling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Images processed in parallel while extracting tokens (default: all cores; at most twice the cores).
-    #[arg(long, short = 'j', value_name = "N", allow_negative_numbers = true, value_parser = super::values::at_least_one)]
-    jobs: Option<usize>,
+    #[command(flatten)]
+    work: WorkArgs,
 }
 
 /// The original and its mirror image.
-fn examples_of(model: &Vit, pair: &Pair, size: usize) -> Result<[Example; 2]> {
-    let photo = image_io::read_image(&Source::File(pair.image.clone()), Decoding::default())?;
-    let mask = image_io::read_image(&Source::File(pair.mask.clone()), Decoding::default())
+fn examples_of(model: &Vit, pair: &Pair, size: usize, decoding: Decoding) -> Result<[Example; 2]> {
+    let photo = image_io::read_image(&Source::File(pair.image.clone()), decoding)?;
+    let mask = image_io::read_image(&Source::File(pair.mask.clone()), decoding)
         .with_context(|| format!("mask {}", pair.mask.display()))?
         .to_luma8();
     Ok([train::extract(model, &photo, &mask, size, false)?, train::extract(model, &photo, &mask, size, true)?])
@@ -65,8 +65,8 @@ pub fn run(args: TrainHeadArgs) -> Result<u8> {
     let extracted = batch::for_each(
         &pairs,
         |pair| pair.image.display().to_string(),
-        args.jobs,
-        |pair| examples_of(&model, pair, args.model.short_side(&model)),
+        args.work.jobs,
+        |pair| examples_of(&model, pair, args.model.short_side(&model), Decoding::strict(args.work.max_pixels)),
     )?;
     let failed = extracted.iter().filter(|e| e.is_none()).count();
     // Flips augment training only; validation sees the photos as they are.
@@ -81,7 +81,8 @@ pub fn run(args: TrainHeadArgs) -> Result<u8> {
             r.epoch, args.epochs, r.train_loss, r.val_loss, r.val_iou
         );
     })?;
-    train::save(&head, &model, &args.out)?;
+    let notes = [("best_epoch", head.best_epoch.to_string()), ("val_iou", format!("{:.4}", head.val_iou))];
+    linear::save(&args.out, &head.weight, head.bias, &model, &notes)?;
     println!(
         "wrote {} (epoch {}, val IoU {:.4}, {} training / {} validation photos)",
         args.out.display(),

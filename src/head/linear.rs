@@ -4,14 +4,17 @@
 //! the patch (`s` = 1 for the plain per-patch head `train-head` makes), so a
 //! head can draw edges finer than the patch grid.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Result, anyhow, bail};
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::TensorView;
 
 use super::{HeadMap, SegmentationHead};
-use crate::attention::PatchMap;
+use crate::image_io;
+use crate::maps::PatchMap;
 use crate::model::weights::safetensors_metadata;
 use crate::model::{Capture, EncoderOutput, PatchGrid, Vit};
 
@@ -85,6 +88,24 @@ impl LinearHead {
         }
         Ok(Self { weight: weight.reshape((cells, hidden_size))?.t()?.contiguous()?, bias: bias.flatten_all()?, split })
     }
+}
+
+/// Writes a per-patch head (`head.weight` [1, hidden], `head.bias` [1]) as
+/// safetensors, with the backbone's fingerprint, which [`LinearHead::load`]
+/// checks, and `notes` as metadata.
+pub fn save(path: &Path, weight: &[f32], bias: f32, model: &Vit, notes: &[(&str, String)]) -> Result<()> {
+    let weight_bytes: Vec<u8> = weight.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let bias_bytes = bias.to_le_bytes();
+    let views = [
+        (WEIGHT, TensorView::new(safetensors::Dtype::F32, vec![1, weight.len()], &weight_bytes)?),
+        (BIAS, TensorView::new(safetensors::Dtype::F32, vec![1], &bias_bytes)?),
+    ];
+    let mut metadata = HashMap::from([
+        (FINGERPRINT_KEY.to_string(), model.fingerprint().to_string()),
+        ("backbone_weights".to_string(), model.files().weights.display().to_string()),
+    ]);
+    metadata.extend(notes.iter().map(|(key, value)| (key.to_string(), value.clone())));
+    image_io::write_atomic(path, &safetensors::serialize(views, Some(metadata))?)
 }
 
 impl SegmentationHead for LinearHead {

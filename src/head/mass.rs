@@ -4,7 +4,8 @@
 use anyhow::{Result, bail};
 
 use super::{HeadMap, SegmentationHead};
-use crate::attention::{PatchMap, cls_attention};
+use crate::attention::cls_attention;
+use crate::maps::PatchMap;
 use crate::model::{Capture, EncoderOutput, Vit};
 
 #[derive(Debug, Clone)]

@@ -19,7 +19,8 @@ pub use mass::{AttentionMass, mass_keep};
 pub use ncut::{Affinity, NormalizedCut, fiedler_vector, fiedler_vector_dense, foreground_component};
 pub use refine::guided_filter;
 
-use crate::attention::{self, PatchMap, PixelMap};
+use crate::attention;
+use crate::maps::{PatchMap, PixelMap};
 use crate::model::{Capture, EncoderOutput, Vit};
 use crate::preprocess;
 

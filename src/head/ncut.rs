@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use faer::{Mat, Side};
 
 use super::{HeadMap, SegmentationHead};
-use crate::attention::PatchMap;
+use crate::maps::PatchMap;
 use crate::model::{Capture, EncoderOutput, PatchGrid, Vit};
 
 /// TokenCut's weight for edges below the threshold: small, not zero, so the

@@ -3,7 +3,7 @@
 
 use image::RgbImage;
 
-use crate::attention::PixelMap;
+use crate::maps::PixelMap;
 
 /// Mean over a (2r+1)² window, clipped at the borders, via a summed-area table.
 fn box_mean(values: &[f32], width: usize, height: usize, radius: usize) -> Vec<f32> {

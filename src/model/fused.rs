@@ -54,9 +54,9 @@ macro_rules! widest_vectors {
 }
 
 /// Most query rows per block. On the GEMM path each block re-packs every key
-/// and value, so bigger blocks pack less per product: 256 rows measured ~5 %
-/// faster than 64 on ViT-S/8 at 4801 tokens (scores 4.9 MB, in L3). The
-/// tiles pack once per layer; for them blocks only share out the work.
+/// and value, so bigger blocks pack less per product, while 256 rows of
+/// scores at a few thousand tokens still fit in L3. The tiles pack once per
+/// layer; for them blocks only share out the work.
 const MAX_BLOCK: usize = 256;
 
 /// Query rows per block: at most [`MAX_BLOCK`], in a number of blocks that
@@ -415,8 +415,7 @@ pub fn matmul(x: &Tensor, weight: &PackedWeight) -> Result<Vec<f32>> {
 /// `out = x · B` for B (inputs, outputs) row-major. Each task, two per
 /// thread, is a single-threaded GEMM over a slice of the output columns. The
 /// gemm crate's own threading packs B on the calling thread while the workers
-/// wait, then synchronizes them per panel: at 224x224 ViT-S/16 went from
-/// 70–74 to 61–66 ms, at 480x640 2–3 % faster.
+/// wait, then synchronizes them per panel, which costs most on small inputs.
 fn gemm_product(x: &[f32], inputs: usize, b: &[f32], outputs: usize, out: &mut [MaybeUninit<f32>]) {
     let rows = x.len() / inputs;
     let columns = outputs.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(16);
@@ -597,9 +596,8 @@ pub fn kernel_names(head_dim: usize) -> (String, String) {
 enum AttentionKernel {
     /// Two GEMMs per head around a softmax pass; any CPU, any head size.
     Gemm,
-    /// Register tiles of six query rows, for 64 dimensions per head. On
-    /// AVX-512, ViT-S/16 at 480x640 went from 422–449 to 407–415 ms (3
-    /// pairs), and attention from ~150–200 ms to 134 ms, 87 % of the FMA peak.
+    /// Register tiles of six query rows, for 64 dimensions per head: scores,
+    /// softmax and mixing stay in registers and L1.
     #[cfg(target_arch = "x86_64")]
     Tiles(Isa),
 }

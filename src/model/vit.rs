@@ -23,10 +23,8 @@ pub const HEAD_BIAS: &str = "head.bias";
 pub const SHORT_SIDE_METADATA_KEY: &str = "segattn_short_side";
 
 /// `x · Wᵀ + b`, with W laid out once at load for the product's kernel
-/// ([`fused::PackedWeight`]). Read as stored, (outputs, inputs), W had to be
-/// packed by the GEMM on every call: transposed at load, ViT-S/16 went from
-/// 409–418 to 398–401 ms at 480x640 and from 60 to 52 ms at 224x224 (3
-/// pairs each), and load time stayed within its noise (56–75 ms).
+/// ([`fused::PackedWeight`]). Read as stored, (outputs, inputs), W would be
+/// packed by the GEMM on every call.
 struct Linear {
     weight: fused::PackedWeight,
     bias: Tensor,

@@ -197,8 +197,7 @@ impl Vector for Avx2 {
 /// AVX-512 softmax numerators, as `super::softmax_numerators` computes them.
 /// The exponential is FMAs and `vscalefps`, 11 instructions a vector against
 /// 22 for the portable one, which has no FMA to rely on; four vectors a step
-/// keep four sums apart. Softmax went from 11 to 7 % of the attention
-/// kernel's samples, ~15 to ~9 ms a forward of ViT-S/16 at 480x640.
+/// keep four sums apart.
 #[target_feature(enable = "avx512f")]
 fn avx512_softmax_numerators(row: &mut [f32]) -> f32 {
     const STEP: usize = 4 * 16;

@@ -1,8 +1,6 @@
 //! x · W for the linear layers with register tiles, W packed once at load in
 //! the panels the tiles read, so no call packs anything: the gemm crate packs
-//! its operands in every task of every call (1.4 % of samples). On AVX-512,
-//! ViT-S/16 went from 411–455 to 407–415 ms at 480x640 and from 53–62 to
-//! 49–52 ms at 224x224 (3 interleaved pairs each).
+//! its operands in every task of every call.
 //!
 //! A tile is six rows of x by P panels of W, one vector wide each, P being
 //! what fits the vector registers ([`Vector::TILE_PANELS`]).
