@@ -86,6 +86,58 @@ fn torch_hub_layout_in_float16_matches_transformers() {
     assert_parity("dinov2_reg_hub", &model, &fixture("dinov2_reg_hub.reference.safetensors"));
 }
 
+/// The register-tile attention runs heads of 64 dimensions where the CPU has
+/// AVX2 + FMA or AVX-512, unless `SEGATTN_KERNELS=portable` rules them out.
+fn tiles_expected() -> bool {
+    let portable = std::env::var("SEGATTN_KERNELS").is_ok_and(|k| k == "portable");
+    #[cfg(target_arch = "x86_64")]
+    let simd = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = false;
+    simd && !portable
+}
+
+/// The path `run` and `attn-map` take, on models with 64-dimension heads
+/// (every published DINO and DINOv2 size): nothing captured, or only the
+/// class token's row, so attention runs fused, never as full matrices. The
+/// token counts (43, 105; 25, 47) are multiples of no tile size. CI runs
+/// this file again with `SEGATTN_KERNELS=avx2` and `=portable`.
+#[test]
+fn production_path_matches_transformers_with_64_dimension_heads() {
+    for (name, registers) in [("vit_h64", 0), ("dinov2_reg_h64", 4)] {
+        let model = Vit::load(&fixture(name), &Device::Cpu).unwrap();
+        let config = model.config();
+        assert_eq!((config.hidden_size / config.num_heads, config.num_heads, config.num_registers), (64, 2, registers));
+        let (linear_kernel, attention_kernel) = model.kernel_names();
+        println!("{name}: linear {linear_kernel}; attention {attention_kernel}");
+        assert_eq!(attention_kernel.starts_with("register tiles"), tiles_expected(), "{attention_kernel}");
+        let reference =
+            candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &Device::Cpu).unwrap();
+        let every_cls_row = Capture { cls_attention_layers: (0..config.num_layers).collect(), ..Capture::default() };
+        for case in 0..2 {
+            let input = &reference[&format!("input_{case}")];
+            let tokens = &reference[&format!("last_hidden_state_{case}")];
+            let plain = model.forward(input, &Capture::default()).unwrap();
+            assert!(plain.attentions.is_empty());
+            let with_rows = model.forward(input, &every_cls_row).unwrap();
+            let rows: Vec<Tensor> = with_rows.attentions.iter().map(|(_, a)| a.squeeze(2).unwrap()).collect();
+            let errors = [
+                max_abs_diff(&plain.tokens, tokens),
+                max_abs_diff(&with_rows.tokens, tokens),
+                max_abs_diff(&Tensor::cat(&rows, 0).unwrap(), &reference[&format!("cls_attentions_{case}")]),
+            ];
+            println!(
+                "{name} case {case}, {} tokens: max abs error tokens {:.1e}, tokens with rows {:.1e}, rows {:.1e}",
+                tokens.dim(1).unwrap(),
+                errors[0],
+                errors[1],
+                errors[2]
+            );
+            assert!(errors.iter().all(|&e| e <= TOLERANCE), "{name} case {case}: {errors:?}");
+        }
+    }
+}
+
 /// Writes `tensors` (renamed by `rename`) with `config.json` copied from `source`.
 fn rewrite(source: &str, rename: impl Fn(&str) -> String, dir: &Path) -> PathBuf {
     let tensors = candle_core::safetensors::load(fixture(source).join("model.safetensors"), &Device::Cpu).unwrap();
