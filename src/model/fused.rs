@@ -23,8 +23,9 @@ mod tile_matmul;
 use simd::{Avx2, Avx512, Isa, Vector};
 
 /// `fn name(args) = portable`: `name` runs `portable` compiled for the widest
-/// vectors the CPU has (AVX-512, else AVX2 + FMA, else baseline), chosen at
-/// run time, so one plain-Rust loop gets each machine's vector width.
+/// vectors the CPU has (AVX-512, else AVX2 + FMA, else baseline) that
+/// SEGATTN_KERNELS allows, chosen at run time as the kernels are
+/// ([`simd::widest`]), so one plain-Rust loop gets each machine's vector width.
 macro_rules! widest_vectors {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) = $portable:ident) => {
         $(#[$doc])*
@@ -39,13 +40,12 @@ macro_rules! widest_vectors {
                 fn avx2($($arg: $ty),*) {
                     $portable($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has just been checked for the feature.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                match simd::widest() {
+                    // SAFETY: `widest` names only an instruction set the CPU has.
+                    Some(Isa::Avx512) => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above.
-                    return unsafe { avx2($($arg),*) };
+                    Some(Isa::Avx2) => return unsafe { avx2($($arg),*) },
+                    None => {}
                 }
             }
             $portable($($arg),*)
@@ -875,24 +875,72 @@ mod tests {
     #[test]
     fn attention_kernels_match_the_formula() {
         let device = candle_core::Device::Cpu;
-        // 37 tokens: a partial key panel and, in blocks of 16 rows, partial
-        // row tiles. Heads of 64 dimensions, the size the tiles take.
-        let (tokens, num_heads) = (37, 2);
-        let qkv = Tensor::randn(0f32, 1.0, (1, tokens, 3 * num_heads * 64), &device).unwrap();
-        let data: Vec<f32> = qkv.flatten_all().unwrap().to_vec1().unwrap();
-        let (expected_mixed, expected_cls) = naive_attention(&data, tokens, num_heads, 0.125);
-        #[cfg(target_arch = "x86_64")]
-        let kernels = usable(AttentionKernel::Gemm, AttentionKernel::Tiles);
-        #[cfg(not(target_arch = "x86_64"))]
-        let kernels = vec![AttentionKernel::Gemm];
-        for kernel in kernels {
-            let (mixed, cls) = attention_with(kernel, &qkv, num_heads, 0.125, true).unwrap();
-            let mixed: Vec<f32> = mixed.flatten_all().unwrap().to_vec1().unwrap();
-            let cls: Vec<f32> = cls.unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            for (ours, expected) in [(mixed, &expected_mixed), (cls, &expected_cls)] {
-                assert_eq!(ours.len(), expected.len());
-                for (a, e) in ours.iter().zip(expected) {
-                    assert!((a - e).abs() < 1e-5, "{kernel:?}: {a} vs {e}");
+        // Heads of 64 dimensions, the size the tiles take. Token counts from
+        // one to several key panels and row tiles, full and partial.
+        for tokens in [1, 2, 5, 6, 7, 16, 17, 37, 97] {
+            for num_heads in [1, 3] {
+                let qkv = Tensor::randn(0f32, 1.0, (1, tokens, 3 * num_heads * 64), &device).unwrap();
+                let data: Vec<f32> = qkv.flatten_all().unwrap().to_vec1().unwrap();
+                let (expected_mixed, expected_cls) = naive_attention(&data, tokens, num_heads, 0.125);
+                #[cfg(target_arch = "x86_64")]
+                let kernels = usable(AttentionKernel::Gemm, AttentionKernel::Tiles);
+                #[cfg(not(target_arch = "x86_64"))]
+                let kernels = vec![AttentionKernel::Gemm];
+                for kernel in kernels {
+                    let (mixed, cls) = attention_with(kernel, &qkv, num_heads, 0.125, true).unwrap();
+                    let mixed: Vec<f32> = mixed.flatten_all().unwrap().to_vec1().unwrap();
+                    let cls: Vec<f32> = cls.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                    for (ours, expected) in [(mixed, &expected_mixed), (cls, &expected_cls)] {
+                        assert_eq!(ours.len(), expected.len());
+                        for (a, e) in ours.iter().zip(expected) {
+                            assert!((a - e).abs() < 1e-5, "{kernel:?}, {tokens} tokens, {num_heads} heads: {a} vs {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn residual_layer_norm_matches_the_formula() {
+        let device = candle_core::Device::Cpu;
+        // Widths below, at and past a vector; one row and many.
+        for width in [1, 7, 16, 17, 64, 129] {
+            for rows in [1, 3, 37] {
+                for scaled in [false, true] {
+                    let values = |seed: f32, n: usize| -> Vec<f32> {
+                        (0..n).map(|i| ((i as f32 * 0.37 + seed).sin() * 3.0)).collect()
+                    };
+                    let x = values(0.1, rows * width);
+                    let update = values(0.7, rows * width);
+                    let (bias, gamma) = (values(1.3, width), values(2.9, width));
+                    let (weight, shift) = (values(4.1, width), values(5.3, width));
+                    let tensor = |v: &[f32]| Tensor::new(v, &device).unwrap();
+                    let norm = Norm { weight: &tensor(&weight), bias: &tensor(&shift), eps: 1e-6 };
+                    let x_t = Tensor::from_vec(x.clone(), (1, rows, width), &device).unwrap();
+                    let gamma_t = tensor(&gamma);
+                    let (sum, normed) =
+                        residual_layer_norm(&x_t, update.clone(), &tensor(&bias), scaled.then_some(&gamma_t), &norm)
+                            .unwrap();
+                    let sum: Vec<f32> = sum.flatten_all().unwrap().to_vec1().unwrap();
+                    let normed: Vec<f32> = normed.flatten_all().unwrap().to_vec1().unwrap();
+                    for r in 0..rows {
+                        let row: Vec<f32> = (0..width)
+                            .map(|c| {
+                                let i = r * width + c;
+                                x[i] + if scaled { gamma[c] } else { 1.0 } * (update[i] + bias[c])
+                            })
+                            .collect();
+                        let mean = row.iter().sum::<f32>() / width as f32;
+                        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+                        for c in 0..width {
+                            let expected_norm = (row[c] - mean) / (var + 1e-6).sqrt() * weight[c] + shift[c];
+                            let (s, n) = (sum[r * width + c], normed[r * width + c]);
+                            let at = format!("width {width}, {rows} rows, scaled {scaled}, ({r}, {c})");
+                            assert!((s - row[c]).abs() < 1e-5, "{at}: sum {s} vs {}", row[c]);
+                            assert!((n - expected_norm).abs() < 1e-4, "{at}: normed {n} vs {expected_norm}");
+                        }
+                    }
                 }
             }
         }
@@ -919,22 +967,26 @@ mod tests {
     #[test]
     fn matmul_kernels_match_candle() {
         let device = candle_core::Device::Cpu;
-        // 37 rows: partial row tiles; 23 and 83 outputs: partial panels, and
-        // for 83 full groups of panels and a partial one.
-        let x = Tensor::randn(0f32, 1.0, (1, 37, 19), &device).unwrap();
-        for outputs in [23, 83] {
-            let weight = Tensor::randn(0f32, 1.0, (outputs, 19), &device).unwrap();
-            let expected = x.squeeze(0).unwrap().matmul(&weight.t().unwrap()).unwrap();
-            let expected: Vec<f32> = expected.flatten_all().unwrap().to_vec1().unwrap();
-            #[cfg(target_arch = "x86_64")]
-            let kernels = usable(MatmulKernel::Gemm, MatmulKernel::Tiles);
-            #[cfg(not(target_arch = "x86_64"))]
-            let kernels = vec![MatmulKernel::Gemm];
-            for kernel in kernels {
-                let ours = matmul(&x, &PackedWeight::for_kernel(&weight, kernel).unwrap()).unwrap();
-                assert_eq!(ours.len(), expected.len());
-                for (a, e) in ours.iter().zip(&expected) {
-                    assert!((a - e).abs() < 1e-4, "{kernel:?}, {outputs} outputs: {a} vs {e}");
+        // Rows around a row tile (6); outputs around a panel (8 or 16 lanes)
+        // and a group of panels, full and partial; one input and many.
+        for rows in [1, 5, 6, 7, 37] {
+            for inputs in [1, 19, 64] {
+                let x = Tensor::randn(0f32, 1.0, (1, rows, inputs), &device).unwrap();
+                for outputs in [1, 8, 16, 17, 23, 83] {
+                    let weight = Tensor::randn(0f32, 1.0, (outputs, inputs), &device).unwrap();
+                    let expected = x.squeeze(0).unwrap().matmul(&weight.t().unwrap()).unwrap();
+                    let expected: Vec<f32> = expected.flatten_all().unwrap().to_vec1().unwrap();
+                    #[cfg(target_arch = "x86_64")]
+                    let kernels = usable(MatmulKernel::Gemm, MatmulKernel::Tiles);
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let kernels = vec![MatmulKernel::Gemm];
+                    for kernel in kernels {
+                        let ours = matmul(&x, &PackedWeight::for_kernel(&weight, kernel).unwrap()).unwrap();
+                        assert_eq!(ours.len(), expected.len());
+                        for (a, e) in ours.iter().zip(&expected) {
+                            assert!((a - e).abs() < 1e-4, "{kernel:?}, {rows}x{inputs} by {outputs}: {a} vs {e}");
+                        }
+                    }
                 }
             }
         }
