@@ -909,7 +909,7 @@ mod tests {
             for rows in [1, 3, 37] {
                 for scaled in [false, true] {
                     let values = |seed: f32, n: usize| -> Vec<f32> {
-                        (0..n).map(|i| ((i as f32 * 0.37 + seed).sin() * 3.0)).collect()
+                        (0..n).map(|i| (i as f32 * 0.37 + seed).sin() * 3.0).collect()
                     };
                     let x = values(0.1, rows * width);
                     let update = values(0.7, rows * width);
