@@ -20,7 +20,7 @@ mod tile_attention;
 mod tile_matmul;
 
 #[cfg(target_arch = "x86_64")]
-use simd::{Avx2, Avx512, Isa, Vector};
+use simd::{Avx2, Avx512, Isa, Vector, Width};
 
 /// `fn name(args) = portable`: `name` runs `portable` compiled for the widest
 /// vectors the CPU has (AVX-512, else AVX2 + FMA, else baseline) that
@@ -40,11 +40,11 @@ macro_rules! widest_vectors {
                 fn avx2($($arg: $ty),*) {
                     $portable($($arg),*)
                 }
-                match simd::widest() {
-                    // SAFETY: `widest` names only an instruction set the CPU has.
-                    Some(Isa::Avx512) => return unsafe { avx512($($arg),*) },
+                match simd::widest().map(Isa::width) {
+                    // SAFETY: an `Isa` is made only for an instruction set the CPU has.
+                    Some(Width::Avx512) => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above.
-                    Some(Isa::Avx2) => return unsafe { avx2($($arg),*) },
+                    Some(Width::Avx2) => return unsafe { avx2($($arg),*) },
                     None => {}
                 }
             }
@@ -390,21 +390,28 @@ pub fn matmul(x: &Tensor, weight: &PackedWeight) -> Result<Vec<f32>> {
         let mut product = Unwritten::new(rows * outputs);
         match weight.kernel {
             MatmulKernel::Gemm => gemm_product(x, inputs, &weight.panels, outputs, product.slots()),
-            // SAFETY: `best` chose the instruction set from the CPU's, and
-            // `for_kernel` packed the panels for it.
+            // SAFETY: an `Isa` is made only for an instruction set the CPU
+            // has, and `for_kernel` packed the panels for this one.
             #[cfg(target_arch = "x86_64")]
-            MatmulKernel::Tiles(Isa::Avx512) => unsafe {
-                tile_matmul::product::<Avx512, { Avx512::TILE_PANELS }>(
-                    x,
-                    inputs,
-                    &weight.panels,
-                    outputs,
-                    product.slots(),
-                )
-            },
-            #[cfg(target_arch = "x86_64")]
-            MatmulKernel::Tiles(Isa::Avx2) => unsafe {
-                tile_matmul::product::<Avx2, { Avx2::TILE_PANELS }>(x, inputs, &weight.panels, outputs, product.slots())
+            MatmulKernel::Tiles(isa) => match isa.width() {
+                Width::Avx512 => unsafe {
+                    tile_matmul::product::<Avx512, { Avx512::TILE_PANELS }>(
+                        x,
+                        inputs,
+                        &weight.panels,
+                        outputs,
+                        product.slots(),
+                    )
+                },
+                Width::Avx2 => unsafe {
+                    tile_matmul::product::<Avx2, { Avx2::TILE_PANELS }>(
+                        x,
+                        inputs,
+                        &weight.panels,
+                        outputs,
+                        product.slots(),
+                    )
+                },
             },
         }
         // SAFETY: either kernel writes every value of the product when inputs > 0.
@@ -634,14 +641,14 @@ impl AttentionKernel {
     fn attend_block(self, block: QueryBlock) -> Vec<f32> {
         match self {
             Self::Gemm => attend_block(block),
-            // SAFETY: `best` chose the instruction set from the CPU's, for
-            // heads of the tiles' size, and `heads` is packed with its panels.
+            // SAFETY: an `Isa` is made only for an instruction set the CPU
+            // has; `best` chose tiles for heads of their size, and `heads` is
+            // packed with this instruction set's panels.
             #[cfg(target_arch = "x86_64")]
-            Self::Tiles(Isa::Avx512) => unsafe {
-                tile_attention::attend_block::<Avx512, { Avx512::TILE_PANELS }>(block)
+            Self::Tiles(isa) => match isa.width() {
+                Width::Avx512 => unsafe { tile_attention::attend_block::<Avx512, { Avx512::TILE_PANELS }>(block) },
+                Width::Avx2 => unsafe { tile_attention::attend_block::<Avx2, { Avx2::TILE_PANELS }>(block) },
             },
-            #[cfg(target_arch = "x86_64")]
-            Self::Tiles(Isa::Avx2) => unsafe { tile_attention::attend_block::<Avx2, { Avx2::TILE_PANELS }>(block) },
         }
     }
 }

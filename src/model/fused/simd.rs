@@ -4,9 +4,15 @@
 
 use std::arch::x86_64::*;
 
-/// Vector instruction sets the tiles run on, in order of width.
+/// A vector instruction set that this CPU has and SEGATTN_KERNELS allows.
+/// Only [`widest`] and [`usable`] make one, after detection, so holding an
+/// `Isa` is what lets a kernel compiled for it run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Isa {
+pub(crate) struct Isa(Width);
+
+/// The instruction sets the tiles are written for, in order of width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Width {
     Avx2,
     Avx512,
 }
@@ -19,41 +25,45 @@ pub(crate) fn widest() -> Option<Isa> {
     *WIDEST.get_or_init(|| {
         let cap = match std::env::var("SEGATTN_KERNELS").as_deref() {
             Ok("portable") => None,
-            Ok("avx2") => Some(Isa::Avx2),
-            _ => Some(Isa::Avx512),
+            Ok("avx2") => Some(Width::Avx2),
+            _ => Some(Width::Avx512),
         };
         let cpu = if is_x86_feature_detected!("avx512f") {
-            Some(Isa::Avx512)
+            Some(Width::Avx512)
         } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            Some(Isa::Avx2)
+            Some(Width::Avx2)
         } else {
             None
         };
-        cpu.min(cap)
+        cpu.min(cap).map(Isa)
     })
 }
 
 /// Every instruction set the tiles may use here, the narrower ones too.
 #[cfg(test)]
 pub(crate) fn usable() -> impl Iterator<Item = Isa> {
-    [Isa::Avx2, Isa::Avx512].into_iter().filter(|&isa| Some(isa) <= widest())
+    [Width::Avx2, Width::Avx512].into_iter().map(Isa).filter(|&isa| Some(isa) <= widest())
 }
 
 impl std::fmt::Display for Isa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Avx2 => "AVX2",
-            Self::Avx512 => "AVX-512",
+        f.write_str(match self.0 {
+            Width::Avx2 => "AVX2",
+            Width::Avx512 => "AVX-512",
         })
     }
 }
 
 impl Isa {
+    pub(crate) fn width(self) -> Width {
+        self.0
+    }
+
     /// Floats per vector, and so columns per panel of a tile's right-hand side.
     pub(crate) fn lanes(self) -> usize {
-        match self {
-            Self::Avx2 => Avx2::LANES,
-            Self::Avx512 => Avx512::LANES,
+        match self.0 {
+            Width::Avx2 => Avx2::LANES,
+            Width::Avx512 => Avx512::LANES,
         }
     }
 }

@@ -31,8 +31,13 @@ pub(super) unsafe fn attend_block<V: Vector, const P: usize>(block: QueryBlock) 
     }
 }
 
+/// [`attend_block`]'s work, inlined into its instruction-set context.
+///
+/// # Safety
+/// As [`attend_block`]: it reads and writes through pointers into `block`
+/// that only that contract keeps in bounds.
 #[inline(always)]
-fn attend_tiles<V: Vector, const P: usize>(block: QueryBlock) -> Vec<f32> {
+unsafe fn attend_tiles<V: Vector, const P: usize>(block: QueryBlock) -> Vec<f32> {
     let QueryBlock { qkv, heads, out, first, scale, keep_first_row } = block;
     let HeadMajor { tokens, num_heads, .. } = *heads;
     let d = num_heads * HEAD_DIM;
@@ -119,6 +124,11 @@ impl Tile {
     }
 
     /// scores[r][keys of panels panel..panel+P] = scale · q[r] · k.
+    ///
+    /// # Safety
+    /// V's instruction set; R rows of `q` readable at `q_stride`; panels
+    /// `panel..panel + P` of the keys readable; `scores` writable for R rows
+    /// of `padded`, which covers those panels.
     #[inline(always)]
     unsafe fn scores<V: Vector, const R: usize, const P: usize>(&self, panel: usize, scores: *mut f32, padded: usize) {
         // SAFETY: (all pointer reads and writes) the caller's contract.
@@ -135,6 +145,11 @@ impl Tile {
     }
 
     /// out[r][dimensions of panels panel..panel+P] = (Σ_t scores[r][t] · v[t]) / Σ_r.
+    ///
+    /// # Safety
+    /// V's instruction set; R rows of `scores` readable at `padded`, each
+    /// holding `tokens` values; panels `panel..panel + P` of the values
+    /// readable; R rows of `out` writable at `out_stride` over those panels.
     #[inline(always)]
     unsafe fn mix<V: Vector, const R: usize, const P: usize>(
         &self,

@@ -89,6 +89,11 @@ impl Block {
         }
     }
 
+    /// out[R rows from `first`][the block's columns] = x · W.
+    ///
+    /// # Safety
+    /// V's instruction set; R rows of x and out from `first`, and the
+    /// block's panels, readable (out writable).
     #[inline(always)]
     unsafe fn tile<V: Vector, const R: usize, const P: usize>(&self, first: usize) {
         // SAFETY: the caller's contract.
@@ -104,6 +109,9 @@ impl Block {
     }
 
     /// out[R rows from `first`][P panels from `panel`] = x · W.
+    ///
+    /// # Safety
+    /// As [`Block::tile`], for panels `panel..panel + P`.
     #[inline(always)]
     unsafe fn panels<V: Vector, const R: usize, const P: usize>(&self, first: usize, panel: usize) {
         // SAFETY: (all pointer reads and writes) the caller's contract.
