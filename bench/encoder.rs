@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use segattn::model::{Capture, Vit, builtin};
+use segattn::model::{Capture, Keep, Vit, builtin};
 
 fn main() -> anyhow::Result<()> {
     // SAFETY: first statement of main; no other thread exists yet.
@@ -29,8 +29,8 @@ fn main() -> anyhow::Result<()> {
     // What the attention-mass head asks for, by default.
     let capture = match args.get(4).map(String::as_str) {
         Some("none") => Capture::default(),
-        Some("all") => Capture { attention_layers: (0..=last).collect(), ..Capture::default() },
-        _ => Capture { cls_attention_layers: vec![last], ..Capture::default() },
+        Some("all") => Capture::attention(0..=last, Keep::Full),
+        _ => Capture::attention([last], Keep::ClsRow),
     };
     let pixels = Tensor::randn(0f32, 1.0, (1, 3, height, width), &Device::Cpu)?;
     model.forward(&pixels, &capture)?;

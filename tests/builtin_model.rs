@@ -7,7 +7,7 @@ use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use segattn::head::{LinearHead, SegmentationHead};
-use segattn::model::{Capture, Vit};
+use segattn::model::{Capture, Keep, Vit};
 use segattn::preprocess;
 
 mod common;
@@ -45,7 +45,7 @@ fn builtin_model_matches_pytorch() {
         let soft = Tensor::from_vec(map.values, (h, w), &Device::Cpu).unwrap();
         let soft_err = max_abs_diff(&soft, &expected[&format!("{name}.soft")]);
         // What `attn-map` does: the class token's row of the last layer.
-        let looks = Capture { cls_attention_layers: vec![last], ..Capture::default() };
+        let looks = Capture::attention([last], Keep::ClsRow);
         let out = model.forward(&x, &looks).unwrap();
         let cls = out.attention(last).unwrap().squeeze(0).unwrap().squeeze(1).unwrap();
         let attention_err = max_abs_diff(&cls, &expected[&format!("{name}.cls_attention")]);

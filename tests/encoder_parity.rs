@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use segattn::model::interpolate::resample_grid;
-use segattn::model::{Capture, PosInterpolation, Vit};
+use segattn::model::{Capture, Keep, PosInterpolation, Vit};
 
 mod common;
 use common::fixture;
@@ -22,7 +22,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 /// hidden states and on attentions.
 fn compare(model: &Vit, reference: &Path) -> (f32, f32) {
     let expected = candle_core::safetensors::load(reference, &Device::Cpu).unwrap();
-    let all_layers = Capture { attention_layers: (0..model.config().num_layers).collect(), ..Capture::default() };
+    let all_layers = Capture::attention(0..model.config().num_layers, Keep::Full);
     let (mut hidden_err, mut attn_err) = (0f32, 0f32);
     let mut cases = 0;
     while let Some(input) = expected.get(&format!("input_{cases}")) {
@@ -113,7 +113,7 @@ fn production_path_matches_transformers_with_64_dimension_heads() {
         assert_eq!(attention_kernel.starts_with("register tiles"), tiles_expected(), "{attention_kernel}");
         let reference =
             candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &Device::Cpu).unwrap();
-        let every_cls_row = Capture { cls_attention_layers: (0..config.num_layers).collect(), ..Capture::default() };
+        let every_cls_row = Capture::attention(0..config.num_layers, Keep::ClsRow);
         for case in 0..2 {
             let input = &reference[&format!("input_{case}")];
             let tokens = &reference[&format!("last_hidden_state_{case}")];
@@ -227,15 +227,7 @@ fn capture_keeps_only_what_was_asked() {
 
     let last = model.resolve_layer(-1).unwrap();
     let out = model
-        .forward(
-            input,
-            &Capture {
-                attention_layers: vec![1],
-                cls_attention_layers: vec![0],
-                qkv_layer: Some(last),
-                ..Capture::default()
-            },
-        )
+        .forward(input, &Capture::attention([1], Keep::Full).and_attention([0], Keep::ClsRow).and_qkv(last))
         .unwrap();
     assert_eq!(out.attentions.len(), 2);
     let cls_row = out.attention(0).unwrap();
@@ -261,8 +253,8 @@ fn sliced_attention_for_many_tokens_equals_the_full_matrix() {
     let model = Vit::load(&fixture("dino_vit"), &Device::Cpu).unwrap();
     let pixels = Tensor::randn(0f32, 1.0, (1, 3, 288, 320), &Device::Cpu).unwrap();
     let last = model.resolve_layer(-1).unwrap();
-    let full = model.forward(&pixels, &Capture { attention_layers: vec![0, 1, 2], ..Capture::default() }).unwrap();
-    let sliced = model.forward(&pixels, &Capture { cls_attention_layers: vec![last], ..Capture::default() }).unwrap();
+    let full = model.forward(&pixels, &Capture::attention(0..3, Keep::Full)).unwrap();
+    let sliced = model.forward(&pixels, &Capture::attention([last], Keep::ClsRow)).unwrap();
     assert!(max_abs_diff(&full.tokens, &sliced.tokens) < 1e-5);
     let full_cls = full.attention(last).unwrap().narrow(2, 0, 1).unwrap();
     assert!(max_abs_diff(&full_cls, sliced.attention(last).unwrap()) < 1e-6);

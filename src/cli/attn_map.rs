@@ -14,7 +14,7 @@ use super::{BatchArgs, ModelArgs, batch, jobs, values};
 use crate::attention;
 use crate::image_io;
 use crate::maps::PatchMap;
-use crate::model::{Capture, Vit};
+use crate::model::{Capture, Keep, Vit};
 use crate::preprocess;
 use crate::render::{self, Colormap};
 
@@ -94,9 +94,9 @@ fn attention_maps(
 ) -> Result<Vec<(String, PatchMap)>> {
     let pixels = preprocess::model_input(photo, args.model.short_side(model), model.config().patch_size, &Device::Cpu)?;
     let capture = if args.rollout {
-        Capture { head_mean_attention_layers: (0..model.config().num_layers).collect(), ..Capture::default() }
+        Capture::attention(0..model.config().num_layers, Keep::HeadMean)
     } else {
-        Capture { cls_attention_layers: vec![layer], ..Capture::default() }
+        Capture::attention([layer], Keep::ClsRow)
     };
     let out = model.forward(&pixels, &capture)?;
     if args.rollout {

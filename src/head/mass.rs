@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use super::{HeadMap, SegmentationHead};
 use crate::attention::cls_attention;
 use crate::maps::PatchMap;
-use crate::model::{Capture, EncoderOutput, Vit};
+use crate::model::{Capture, EncoderOutput, Keep, Vit};
 
 #[derive(Debug, Clone)]
 pub struct AttentionMass {
@@ -40,7 +40,7 @@ pub fn mass_keep(attention: &[f32], mass: f32) -> Vec<bool> {
 
 impl SegmentationHead for AttentionMass {
     fn capture(&self, model: &Vit) -> Capture {
-        Capture { cls_attention_layers: vec![model.config().num_layers - 1], ..Capture::default() }
+        Capture::attention([model.config().num_layers - 1], Keep::ClsRow)
     }
 
     fn predict(&self, model: &Vit, out: &EncoderOutput) -> Result<HeadMap> {

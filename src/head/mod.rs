@@ -21,7 +21,7 @@ pub use refine::guided_filter;
 
 use crate::attention;
 use crate::maps::{PatchMap, PixelMap};
-use crate::model::{Capture, EncoderOutput, Vit};
+use crate::model::{Capture, EncoderOutput, Keep, Vit};
 use crate::preprocess;
 
 /// What a head's patch values mean.
@@ -83,8 +83,7 @@ pub fn segment_and_attention(
 ) -> Result<(HeadMap, PatchMap)> {
     let pixels = preprocess::model_input(image, short_side, model.config().patch_size, &Device::Cpu)?;
     let last = model.config().num_layers - 1;
-    let mut capture = head.capture(model);
-    capture.cls_attention_layers.push(last);
+    let capture = head.capture(model).and_attention([last], Keep::ClsRow);
     let out = model.forward(&pixels, &capture)?;
     let looks = attention::mean_map(&attention::cls_attention(&out, last)?)?;
     Ok((head.predict(model, &out)?, looks))

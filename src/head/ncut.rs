@@ -205,7 +205,7 @@ pub fn foreground_component(vector: &[f64], grid: PatchGrid) -> Vec<bool> {
 
 impl SegmentationHead for NormalizedCut {
     fn capture(&self, model: &Vit) -> Capture {
-        Capture { qkv_layer: Some(model.config().num_layers - 1), ..Capture::default() }
+        Capture::default().and_qkv(model.config().num_layers - 1)
     }
 
     fn predict(&self, _model: &Vit, out: &EncoderOutput) -> Result<HeadMap> {

@@ -9,5 +9,5 @@ pub mod weights;
 
 pub use config::VitConfig;
 pub use interpolate::PosInterpolation;
-pub use vit::{Capture, EncoderOutput, PatchGrid, Qkv, Vit};
+pub use vit::{Capture, EncoderOutput, Keep, PatchGrid, Qkv, Vit};
 pub use weights::{ModelFiles, WEIGHT_FILES};

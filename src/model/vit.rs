@@ -5,6 +5,7 @@
 //! `forward`. Attention probabilities and q/k/v are only kept for the layers
 //! a [`Capture`] asks for.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Result, anyhow, bail};
@@ -213,29 +214,82 @@ pub struct Qkv {
     pub values: Tensor,
 }
 
-/// How much of a layer's attention matrix to keep.
+/// How much of a layer's attention to keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Keep {
-    Nothing,
-    /// The class token's row only: all that attention maps and the DINO head read.
+pub enum Keep {
+    /// The class token's row, (B, heads, 1, tokens): all that attention maps
+    /// and the DINO head read. Attention stays fused.
     ClsRow,
-    /// The average over heads: what attention rollout reads.
+    /// The average over heads, (B, 1, tokens, tokens): what rollout reads.
     HeadMean,
+    /// Every head's matrix, (B, heads, tokens, tokens).
     Full,
 }
 
-/// What one block should keep besides its output tokens.
+impl Keep {
+    /// What serves both requests: the full matrix holds every row and mean.
+    fn and(self, other: Keep) -> Keep {
+        if self == other { self } else { Keep::Full }
+    }
+}
+
+/// What a forward pass keeps besides the final tokens: how much of each
+/// layer's attention, and one layer's queries, keys and values. Nothing, by
+/// default, and then no attention matrix is ever built.
+#[derive(Debug, Clone, Default)]
+pub struct Capture {
+    attention: BTreeMap<usize, Keep>,
+    qkv_layer: Option<usize>,
+}
+
+impl Capture {
+    /// `keep` of the attention of each of `layers` (0-based).
+    pub fn attention(layers: impl IntoIterator<Item = usize>, keep: Keep) -> Self {
+        Self::default().and_attention(layers, keep)
+    }
+
+    /// Also `keep` of `layers`; a layer asked for twice keeps what serves both.
+    pub fn and_attention(mut self, layers: impl IntoIterator<Item = usize>, keep: Keep) -> Self {
+        for layer in layers {
+            let merged = self.attention.get(&layer).map_or(keep, |&asked| asked.and(keep));
+            self.attention.insert(layer, merged);
+        }
+        self
+    }
+
+    /// Also `layer`'s queries, keys and values.
+    pub fn and_qkv(mut self, layer: usize) -> Self {
+        self.qkv_layer = Some(layer);
+        self
+    }
+
+    /// Every layer named.
+    fn layers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.attention.keys().copied().chain(self.qkv_layer)
+    }
+
+    fn for_layer(&self, layer: usize) -> BlockCapture {
+        BlockCapture { probabilities: self.attention.get(&layer).copied(), qkv: self.qkv_layer == Some(layer) }
+    }
+}
+
+/// What one block keeps besides its output tokens.
 #[derive(Debug, Clone, Copy)]
 struct BlockCapture {
-    probabilities: Keep,
+    probabilities: Option<Keep>,
     qkv: bool,
+}
+
+/// What a block kept of its attention.
+struct Kept {
+    probabilities: Option<Tensor>,
+    qkv: Option<(Tensor, Tensor, Tensor)>,
 }
 
 struct AttentionOutput {
     /// Before the output projection's bias, which the residual pass adds.
     tokens: Vec<f32>,
-    probabilities: Option<Tensor>,
-    qkv: Option<(Tensor, Tensor, Tensor)>,
+    kept: Kept,
 }
 
 struct Attention {
@@ -278,25 +332,22 @@ impl Attention {
         // unfused path needs them.
         let (mixed, probabilities, heads) = match capture.probabilities {
             // The common case: no matrix kept, so never build one.
-            Keep::Nothing | Keep::ClsRow => {
-                let keep_cls_row = capture.probabilities == Keep::ClsRow;
+            None | Some(Keep::ClsRow) => {
+                let keep_cls_row = capture.probabilities == Some(Keep::ClsRow);
                 let (mixed, cls) = fused::attention(&qkv, self.num_heads, self.scale as f32, keep_cls_row)?;
                 (mixed, cls, if capture.qkv { Some(split()?) } else { None })
             }
-            Keep::HeadMean | Keep::Full => {
+            Some(keep @ (Keep::HeadMean | Keep::Full)) => {
                 let (queries, keys, values) = split()?;
                 let scores = (&queries * self.scale)?.matmul(&keys.t()?)?;
                 let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
                 let mixed = probabilities.matmul(&values)?.transpose(1, 2)?.reshape((batch, tokens, d))?;
-                let kept = if capture.probabilities == Keep::HeadMean {
-                    probabilities.mean_keepdim(1)?
-                } else {
-                    probabilities
-                };
+                let kept = if keep == Keep::HeadMean { probabilities.mean_keepdim(1)? } else { probabilities };
                 (mixed, Some(kept), capture.qkv.then_some((queries, keys, values)))
             }
         };
-        Ok(AttentionOutput { tokens: self.out.forward_without_bias(&mixed)?, probabilities, qkv: heads })
+        let kept = Kept { probabilities, qkv: heads };
+        Ok(AttentionOutput { tokens: self.out.forward_without_bias(&mixed)?, kept })
     }
 }
 
@@ -315,11 +366,26 @@ impl Mlp {
     }
 }
 
-struct BlockOutput {
+/// The residual stream between blocks: the tokens, and their LayerNorm for
+/// whatever reads them next (a block's norm1 or norm2, or the final norm).
+/// Every residual update is followed by such a norm, so the two are one pass.
+struct Stream {
     x: Tensor,
     normed: Tensor,
-    probabilities: Option<Tensor>,
-    qkv: Option<(Tensor, Tensor, Tensor)>,
+}
+
+impl Stream {
+    fn new(x: Tensor, norm: &LayerNorm) -> Result<Self> {
+        let normed = norm.forward(&x)?;
+        Ok(Self { x, normed })
+    }
+
+    /// `x + γ·(update + bias)` (γ: the layer scale, if any), normalized by
+    /// `norm` for the next reader.
+    fn add(self, update: Vec<f32>, bias: &Tensor, gamma: Option<&Tensor>, norm: &LayerNorm) -> Result<Self> {
+        let (x, normed) = fused::residual_layer_norm(&self.x, update, bias, gamma, &norm.fused())?;
+        Ok(Self { x, normed })
+    }
 }
 
 struct Block {
@@ -352,55 +418,22 @@ impl Block {
         })
     }
 
-    /// Takes `x` and `normed`, this block's norm1 of `x`; returns the new `x`
-    /// and, in `normed`, `next_norm` of it. Every residual update is followed
-    /// by a LayerNorm (the next block's norm1, or the encoder's final norm),
-    /// so each update and its norm are one pass over the tokens.
-    fn forward(
-        &self,
-        x: &Tensor,
-        normed: &Tensor,
-        next_norm: &LayerNorm,
-        capture: BlockCapture,
-    ) -> Result<BlockOutput> {
-        let attended = self.attention.forward(normed, capture)?;
-        let (x, normed) = fused::residual_layer_norm(
-            x,
-            attended.tokens,
-            &self.attention.out.bias,
-            self.layer_scale1.as_ref(),
-            &self.norm2.fused(),
-        )?;
-        let (x, normed) = fused::residual_layer_norm(
-            &x,
-            self.mlp.forward_without_bias(&normed)?,
-            &self.mlp.fc2.bias,
-            self.layer_scale2.as_ref(),
-            &next_norm.fused(),
-        )?;
-        Ok(BlockOutput { x, normed, probabilities: attended.probabilities, qkv: attended.qkv })
+    /// Takes the stream normalized by this block's norm1; returns it after
+    /// the block, normalized by `next_norm`.
+    fn forward(&self, stream: Stream, next_norm: &LayerNorm, capture: BlockCapture) -> Result<(Stream, Kept)> {
+        let attended = self.attention.forward(&stream.normed, capture)?;
+        let stream = stream.add(attended.tokens, &self.attention.out.bias, self.layer_scale1.as_ref(), &self.norm2)?;
+        let update = self.mlp.forward_without_bias(&stream.normed)?;
+        let stream = stream.add(update, &self.mlp.fc2.bias, self.layer_scale2.as_ref(), next_norm)?;
+        Ok((stream, attended.kept))
     }
-}
-
-/// What a forward pass should keep besides the final tokens.
-#[derive(Debug, Clone, Default)]
-pub struct Capture {
-    /// Layers (0-based) whose full attention probabilities to return.
-    pub attention_layers: Vec<usize>,
-    /// Layers whose class-token row of attention to return (much smaller).
-    pub cls_attention_layers: Vec<usize>,
-    /// Layers whose attention averaged over heads to return (B, 1, tokens, tokens).
-    pub head_mean_attention_layers: Vec<usize>,
-    /// The layer whose queries, keys and values to return.
-    pub qkv_layer: Option<usize>,
 }
 
 pub struct EncoderOutput {
     /// (B, prefix + patches, D) after the final LayerNorm.
     pub tokens: Tensor,
-    /// (layer, (B, heads, rows, tokens)) for each requested layer, in layer
-    /// order; rows is 1 (the class token) for `cls_attention_layers`, heads
-    /// is 1 for `head_mean_attention_layers`.
+    /// (layer, (B, heads, rows, tokens)) for each layer asked for, in layer
+    /// order, shaped as its [`Keep`] says.
     pub attentions: Vec<(usize, Tensor)>,
     pub qkv: Option<Qkv>,
     pub grid: PatchGrid,
@@ -538,11 +571,7 @@ impl Vit {
 
     /// Runs the encoder on normalized pixels (B, 3, H, W).
     pub fn forward(&self, pixels: &Tensor, capture: &Capture) -> Result<EncoderOutput> {
-        let requested = (capture.attention_layers.iter())
-            .chain(&capture.cls_attention_layers)
-            .chain(&capture.head_mean_attention_layers)
-            .chain(&capture.qkv_layer);
-        for &layer in requested {
+        for layer in capture.layers() {
             self.resolve_layer(layer as i64)?;
         }
         let (patches, grid) = self.patch_embed.forward(pixels)?;
@@ -558,33 +587,26 @@ impl Vit {
             }
             None => x,
         };
-        let mut attentions = Vec::with_capacity(capture.attention_layers.len());
+        let mut attentions = Vec::new();
         let mut qkv = None;
-        let mut x = x.contiguous()?;
         let first_norm = self.blocks.first().map_or(&self.norm, |first| &first.norm1);
-        let mut normed = first_norm.forward(&x)?;
+        let mut stream = Stream::new(x.contiguous()?, first_norm)?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            let probabilities = if capture.attention_layers.contains(&layer) {
-                Keep::Full
-            } else if capture.head_mean_attention_layers.contains(&layer) {
-                Keep::HeadMean
-            } else if capture.cls_attention_layers.contains(&layer) {
-                Keep::ClsRow
-            } else {
-                Keep::Nothing
-            };
-            let block_capture = BlockCapture { probabilities, qkv: capture.qkv_layer == Some(layer) };
             let next_norm = self.blocks.get(layer + 1).map_or(&self.norm, |next| &next.norm1);
-            let out = block.forward(&x, &normed, next_norm, block_capture)?;
-            (x, normed) = (out.x, out.normed);
-            if let Some(p) = out.probabilities {
-                attentions.push((layer, p));
-            }
-            if let Some((queries, keys, values)) = out.qkv {
+            let kept;
+            (stream, kept) = block.forward(stream, next_norm, capture.for_layer(layer))?;
+            attentions.extend(kept.probabilities.map(|p| (layer, p)));
+            if let Some((queries, keys, values)) = kept.qkv {
                 qkv = Some(Qkv { layer, queries, keys, values });
             }
         }
-        Ok(EncoderOutput { tokens: normed, attentions, qkv, grid, num_prefix_tokens: self.config.num_prefix_tokens() })
+        Ok(EncoderOutput {
+            tokens: stream.normed,
+            attentions,
+            qkv,
+            grid,
+            num_prefix_tokens: self.config.num_prefix_tokens(),
+        })
     }
 }
 
@@ -604,5 +626,26 @@ fn fingerprint(tensors: &[&Tensor]) -> Result<String> {
 impl std::fmt::Debug for Vit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vit").field("config", &self.config).field("weights", &self.files.weights).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_layer_asked_for_twice_keeps_what_serves_both() {
+        let capture = Capture::attention([1, 2], Keep::ClsRow).and_attention([2, 3], Keep::HeadMean).and_qkv(0);
+        let keep = |layer| capture.for_layer(layer).probabilities;
+        assert_eq!(
+            [keep(0), keep(1), keep(2), keep(3)],
+            [None, Some(Keep::ClsRow), Some(Keep::Full), Some(Keep::HeadMean)]
+        );
+        assert!(capture.for_layer(0).qkv && !capture.for_layer(1).qkv);
+        assert_eq!(capture.layers().collect::<Vec<_>>(), [1, 2, 3, 0]);
+        assert_eq!(
+            Capture::attention([4], Keep::Full).and_attention([4], Keep::ClsRow).for_layer(4).probabilities,
+            Some(Keep::Full)
+        );
     }
 }
