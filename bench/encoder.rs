@@ -21,8 +21,8 @@ fn main() -> anyhow::Result<()> {
     let (height, width, runs): (usize, usize, usize) = (height.parse()?, width.parse()?, runs.parse()?);
     let start = Instant::now();
     let model = match weights.as_str() {
-        builtin::NAME => Vit::builtin(&Device::Cpu)?,
-        path => Vit::load(path.as_ref(), &Device::Cpu)?,
+        builtin::NAME => Vit::builtin()?,
+        path => Vit::load(path.as_ref())?,
     };
     let load_ms = start.elapsed().as_secs_f64() * 1000.0;
     let last = model.config().num_layers - 1;

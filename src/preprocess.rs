@@ -67,7 +67,7 @@ pub fn resize(rgb: &RgbImage, width: usize, height: usize) -> Result<RgbImage> {
 }
 
 /// (1, 3, H, W) tensor of ImageNet-normalized pixels.
-pub fn normalize(rgb: &RgbImage, device: &Device) -> Result<Tensor> {
+pub fn normalize(rgb: &RgbImage) -> Result<Tensor> {
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     if w == 0 || h == 0 {
         bail!("empty image");
@@ -80,14 +80,14 @@ pub fn normalize(rgb: &RgbImage, device: &Device) -> Result<Tensor> {
         green[i] = (p[1] as f32 / 255.0 - IMAGENET_MEAN[1]) / IMAGENET_STD[1];
         blue[i] = (p[2] as f32 / 255.0 - IMAGENET_MEAN[2]) / IMAGENET_STD[2];
     }
-    Ok(Tensor::from_vec(planar, (1, 3, h, w), device)?)
+    Ok(Tensor::from_vec(planar, (1, 3, h, w), &Device::Cpu)?)
 }
 
 /// The whole step: a photo to the model's input tensor.
-pub fn model_input(image: &DynamicImage, short_side: usize, patch_size: usize, device: &Device) -> Result<Tensor> {
+pub fn model_input(image: &DynamicImage, short_side: usize, patch_size: usize) -> Result<Tensor> {
     let rgb = to_rgb(image);
     let (w, h) = input_size(rgb.width(), rgb.height(), short_side, patch_size);
-    normalize(&resize(&rgb, w, h)?, device)
+    normalize(&resize(&rgb, w, h)?)
 }
 
 #[cfg(test)]
@@ -122,7 +122,7 @@ mod tests {
     #[test]
     fn normalize_is_channel_first_imagenet() {
         let rgb = RgbImage::from_pixel(3, 2, image::Rgb([255, 0, 128]));
-        let t = normalize(&rgb, &Device::Cpu).unwrap();
+        let t = normalize(&rgb).unwrap();
         assert_eq!(t.dims(), &[1, 3, 2, 3]);
         let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
         assert!((v[0] - (1.0 - 0.485) / 0.229).abs() < 1e-6);

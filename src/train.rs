@@ -45,7 +45,7 @@ pub fn extract(model: &Vit, photo: &DynamicImage, mask: &GrayImage, short_side: 
     }
     let (photo, mask) =
         if flip { (photo.fliph(), imageops::flip_horizontal(mask)) } else { (photo.clone(), mask.clone()) };
-    let pixels = preprocess::model_input(&photo, short_side, model.config().patch_size, &Device::Cpu)?;
+    let pixels = preprocess::model_input(&photo, short_side, model.config().patch_size)?;
     let out = model.forward(&pixels, &Capture::default())?;
     let patches = out.tokens.get(0)?.narrow(0, out.num_prefix_tokens, out.grid.len())?;
     Ok(Example {

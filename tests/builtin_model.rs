@@ -26,12 +26,12 @@ fn reference() -> HashMap<String, Tensor> {
 fn input(rgb: &Tensor) -> Tensor {
     let (h, w, _) = rgb.dims3().unwrap();
     let bytes: Vec<u8> = rgb.flatten_all().unwrap().to_vec1().unwrap();
-    preprocess::normalize(&image::RgbImage::from_raw(w as u32, h as u32, bytes).unwrap(), &Device::Cpu).unwrap()
+    preprocess::normalize(&image::RgbImage::from_raw(w as u32, h as u32, bytes).unwrap()).unwrap()
 }
 
 #[test]
 fn builtin_model_matches_pytorch() {
-    let model = Vit::builtin(&Device::Cpu).unwrap();
+    let model = Vit::builtin().unwrap();
     let head = LinearHead::bundled(&model).unwrap().expect("the built-in model carries its head");
     let expected = reference();
     let last = model.config().num_layers - 1;

@@ -11,7 +11,7 @@ mod common;
 use common::fixture;
 
 fn load_error(path: &Path) -> String {
-    let err = Vit::load(path, &Device::Cpu).expect_err("loading should fail");
+    let err = Vit::load(path).expect_err("loading should fail");
     let message = format!("{err:#}");
     assert!(!message.contains('\n'), "error should be one line: {message}");
     message

@@ -46,7 +46,7 @@ fn assert_parity(name: &str, model: &Vit, reference: &Path) {
 
 #[test]
 fn dino_vit_matches_transformers() {
-    let model = Vit::load(&fixture("dino_vit"), &Device::Cpu).unwrap();
+    let model = Vit::load(&fixture("dino_vit")).unwrap();
     assert_eq!(model.config().pos_interpolation, PosInterpolation::Size);
     assert_eq!(model.config().num_registers, 0);
     assert!(!model.config().layer_scale);
@@ -56,14 +56,14 @@ fn dino_vit_matches_transformers() {
 #[test]
 fn pytorch_pickle_checkpoint_matches_transformers() {
     // dino_vit's weights saved as pytorch_model.bin, as older Hub repos publish them.
-    let model = Vit::load(&fixture("dino_vit_pickle"), &Device::Cpu).unwrap();
+    let model = Vit::load(&fixture("dino_vit_pickle")).unwrap();
     assert!(model.files().weights.ends_with("pytorch_model.bin"));
     assert_parity("dino_vit_pickle", &model, &fixture("dino_vit/reference.safetensors"));
 }
 
 #[test]
 fn dinov2_matches_transformers() {
-    let model = Vit::load(&fixture("dinov2"), &Device::Cpu).unwrap();
+    let model = Vit::load(&fixture("dinov2")).unwrap();
     assert!(model.config().layer_scale);
     assert_eq!(model.config().patch_size, 14);
     assert_parity("dinov2", &model, &fixture("dinov2/reference.safetensors"));
@@ -71,7 +71,7 @@ fn dinov2_matches_transformers() {
 
 #[test]
 fn dinov2_with_registers_matches_transformers() {
-    let model = Vit::load(&fixture("dinov2_reg"), &Device::Cpu).unwrap();
+    let model = Vit::load(&fixture("dinov2_reg")).unwrap();
     assert_eq!(model.config().num_registers, 4);
     assert_eq!(model.config().pos_interpolation, PosInterpolation::SizeAntialias);
     assert_parity("dinov2_reg", &model, &fixture("dinov2_reg/reference.safetensors"));
@@ -79,7 +79,7 @@ fn dinov2_with_registers_matches_transformers() {
 
 #[test]
 fn torch_hub_layout_in_float16_matches_transformers() {
-    let model = Vit::load(&fixture("dinov2_reg_hub.safetensors"), &Device::Cpu).unwrap();
+    let model = Vit::load(&fixture("dinov2_reg_hub.safetensors")).unwrap();
     let config = model.config();
     // No config.json: one 64-dim head for hidden 64, MLP ratio 2 read off shapes.
     assert_eq!((config.num_heads, config.mlp_hidden_size, config.num_registers), (1, 128, 2));
@@ -105,7 +105,7 @@ fn tiles_expected() -> bool {
 #[test]
 fn production_path_matches_transformers_with_64_dimension_heads() {
     for (name, registers) in [("vit_h64", 0), ("dinov2_reg_h64", 4)] {
-        let model = Vit::load(&fixture(name), &Device::Cpu).unwrap();
+        let model = Vit::load(&fixture(name)).unwrap();
         let config = model.config();
         assert_eq!((config.hidden_size / config.num_heads, config.num_heads, config.num_registers), (64, 2, registers));
         let (linear_kernel, attention_kernel) = model.kernel_names();
@@ -171,7 +171,7 @@ fn transformers_v5_names_load_to_the_same_model() {
     let dir = tempfile::tempdir().unwrap();
     for (source, vit) in [("dino_vit", true), ("dinov2", false)] {
         let path = rewrite(source, |n| transformers_v5_name(n, vit), dir.path());
-        let model = Vit::load(&path, &Device::Cpu).unwrap();
+        let model = Vit::load(&path).unwrap();
         assert_parity(&format!("{source} (v5 names)"), &model, &fixture(source).join("reference.safetensors"));
     }
 }
@@ -180,7 +180,7 @@ fn transformers_v5_names_load_to_the_same_model() {
 fn prefixed_names_load_to_the_same_model() {
     let dir = tempfile::tempdir().unwrap();
     let path = rewrite("dinov2_reg", |n| format!("dinov2.{n}"), dir.path());
-    let model = Vit::load(&path, &Device::Cpu).unwrap();
+    let model = Vit::load(&path).unwrap();
     assert_parity("dinov2_reg (dinov2. prefix)", &model, &fixture("dinov2_reg/reference.safetensors"));
 }
 
@@ -193,7 +193,7 @@ fn bfloat16_weights_are_converted_on_load() {
     let path = dir.path().join("bf16.safetensors");
     candle_core::safetensors::save(&bf16, &path).unwrap();
     std::fs::copy(fixture("dino_vit/config.json"), dir.path().join("config.json")).unwrap();
-    let model = Vit::load(&path, &Device::Cpu).unwrap();
+    let model = Vit::load(&path).unwrap();
     let (hidden, attention) = compare(&model, &fixture("dino_vit/reference.safetensors"));
     // bf16 keeps 8 bits of mantissa: close to the f32 reference, not equal.
     assert!(hidden < 0.1 && attention < 0.05, "bf16 drifted: hidden {hidden}, attention {attention}");
@@ -219,7 +219,7 @@ fn bicubic_resampling_matches_torch_interpolate() {
 
 #[test]
 fn capture_keeps_only_what_was_asked() {
-    let model = Vit::load(&fixture("dinov2_reg"), &Device::Cpu).unwrap();
+    let model = Vit::load(&fixture("dinov2_reg")).unwrap();
     let reference = candle_core::safetensors::load(fixture("dinov2_reg/reference.safetensors"), &Device::Cpu).unwrap();
     let input = &reference["input_0"];
     let plain = model.forward(input, &Capture::default()).unwrap();
@@ -250,7 +250,7 @@ fn capture_keeps_only_what_was_asked() {
 fn sliced_attention_for_many_tokens_equals_the_full_matrix() {
     // 36 x 40 patches = 1440 tokens: past the slice size, so layers whose
     // matrix is not kept take the sliced path.
-    let model = Vit::load(&fixture("dino_vit"), &Device::Cpu).unwrap();
+    let model = Vit::load(&fixture("dino_vit")).unwrap();
     let pixels = Tensor::randn(0f32, 1.0, (1, 3, 288, 320), &Device::Cpu).unwrap();
     let last = model.resolve_layer(-1).unwrap();
     let full = model.forward(&pixels, &Capture::attention(0..3, Keep::Full)).unwrap();

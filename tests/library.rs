@@ -5,7 +5,7 @@ use segattn::{head, image_io, model::Vit, render};
 #[test]
 fn readme_library_example_runs() -> anyhow::Result<()> {
     std::env::set_current_dir(env!("CARGO_MANIFEST_DIR"))?;
-    let model = Vit::builtin(&candle_core::Device::Cpu)?;
+    let model = Vit::builtin()?;
     let own_head = head::LinearHead::bundled(&model)?.expect("segattn-s16 carries its head");
     let photo = image_io::read_image(&image_io::Source::File("samples/cat.jpg".into()), image_io::Decoding::default())?;
     let soft = head::segment(&model, &own_head, &photo, 224)?;

@@ -4,7 +4,6 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use candle_core::Device;
 use clap::Args;
 use image::{DynamicImage, RgbImage};
 use serde_json::json;
@@ -92,7 +91,7 @@ fn attention_maps(
     layer: usize,
     photo: &DynamicImage,
 ) -> Result<Vec<(String, PatchMap)>> {
-    let pixels = preprocess::model_input(photo, args.model.short_side(model), model.config().patch_size, &Device::Cpu)?;
+    let pixels = preprocess::model_input(photo, args.model.short_side(model), model.config().patch_size)?;
     let capture = if args.rollout {
         Capture::attention(0..model.config().num_layers, Keep::HeadMean)
     } else {

@@ -1,7 +1,6 @@
 //! `segattn fetch` and `segattn list`: published checkpoints in the Hugging Face cache.
 
 use anyhow::Result;
-use candle_core::Device;
 use clap::Args;
 use serde_json::json;
 
@@ -50,7 +49,7 @@ fn fetch_one(hub: &Hub, name: &str) -> Result<String> {
     let fetched = hub.fetch(name, true)?;
     let model = &fetched.model;
     // A checkpoint that downloads fine but is not a ViT should fail here, not at first use.
-    Vit::load(&model.snapshot, &Device::Cpu)?;
+    Vit::load(&model.snapshot)?;
     let what = if fetched.downloaded.is_empty() {
         "already in the cache".to_string()
     } else {

@@ -16,7 +16,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use image::DynamicImage;
 
@@ -88,15 +87,15 @@ impl ModelArgs {
                 bail!("give --weights or --model, not both (SEGATTN_WEIGHTS and SEGATTN_MODEL count as given)")
             }
             (Some(path), None) => path.clone(),
-            (None, None) => return Vit::builtin(&Device::Cpu),
-            (None, Some(name)) if name == builtin::NAME => return Vit::builtin(&Device::Cpu),
+            (None, None) => return Vit::builtin(),
+            (None, Some(name)) if name == builtin::NAME => return Vit::builtin(),
             (None, Some(name)) => {
                 let mut hub = Hub::from_env();
                 hub.offline |= self.offline;
                 hub.resolve(name, std::io::stderr().is_terminal())?
             }
         };
-        Vit::load(&path, &Device::Cpu)
+        Vit::load(&path)
     }
 
     /// The files a loaded model was read from, which no output may replace.

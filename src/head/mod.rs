@@ -11,7 +11,6 @@ mod ncut;
 mod refine;
 
 use anyhow::Result;
-use candle_core::Device;
 use image::DynamicImage;
 
 pub use linear::LinearHead;
@@ -68,7 +67,7 @@ pub trait SegmentationHead: Send + Sync {
 
 /// Runs `image` through the encoder at `short_side` and returns `head`'s map.
 pub fn segment(model: &Vit, head: &dyn SegmentationHead, image: &DynamicImage, short_side: usize) -> Result<HeadMap> {
-    let pixels = preprocess::model_input(image, short_side, model.config().patch_size, &Device::Cpu)?;
+    let pixels = preprocess::model_input(image, short_side, model.config().patch_size)?;
     let out = model.forward(&pixels, &head.capture(model))?;
     head.predict(model, &out)
 }
@@ -81,7 +80,7 @@ pub fn segment_and_attention(
     image: &DynamicImage,
     short_side: usize,
 ) -> Result<(HeadMap, PatchMap)> {
-    let pixels = preprocess::model_input(image, short_side, model.config().patch_size, &Device::Cpu)?;
+    let pixels = preprocess::model_input(image, short_side, model.config().patch_size)?;
     let last = model.config().num_layers - 1;
     let capture = head.capture(model).and_attention([last], Keep::ClsRow);
     let out = model.forward(&pixels, &capture)?;

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Result, anyhow, bail};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use super::builtin;
 use super::config::{Activation, HfConfig, VitConfig};
@@ -465,15 +465,16 @@ pub struct Vit {
 
 impl Vit {
     /// Loads a checkpoint from a `.safetensors` file or a Hugging Face snapshot directory.
-    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+    /// It runs on the CPU: the fused kernels are CPU code.
+    pub fn load(path: &Path) -> Result<Self> {
         let files = ModelFiles::locate(path)?;
-        let store = TensorStore::open(&files.weights, device)?;
+        let store = TensorStore::open(&files.weights)?;
         Self::from_store(store, files)
     }
 
     /// segattn's own model, compiled into the binary ([`builtin`]).
-    pub fn builtin(device: &Device) -> Result<Self> {
-        let store = TensorStore::embedded(builtin::DISPLAY_NAME, builtin::SAFETENSORS, device)?;
+    pub fn builtin() -> Result<Self> {
+        let store = TensorStore::embedded(builtin::DISPLAY_NAME, builtin::SAFETENSORS)?;
         Self::from_store(store, ModelFiles { weights: builtin::DISPLAY_NAME.into(), config: None })
     }
 

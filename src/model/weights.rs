@@ -152,13 +152,12 @@ impl Tensors {
         }
     }
 
-    fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+    /// A tensor in CPU memory: the fused kernels are CPU code.
+    fn load(&self, name: &str) -> candle_core::Result<Tensor> {
         match self {
-            Self::Safetensors(t) => t.get(name)?.load(device),
-            Self::Embedded(t) => t.load(name, device),
-            Self::Pickle(t) => {
-                t.get(name)?.ok_or_else(|| candle_core::Error::Msg(format!("no tensor {name}")))?.to_device(device)
-            }
+            Self::Safetensors(t) => t.get(name)?.load(&Device::Cpu),
+            Self::Embedded(t) => t.load(name, &Device::Cpu),
+            Self::Pickle(t) => t.get(name)?.ok_or_else(|| candle_core::Error::Msg(format!("no tensor {name}"))),
         }
     }
 }
@@ -170,31 +169,30 @@ pub struct TensorStore {
     names: BTreeSet<String>,
     prefix: &'static str,
     metadata: HashMap<String, String>,
-    device: Device,
 }
 
 impl TensorStore {
-    pub fn open(path: &Path, device: &Device) -> Result<Self> {
+    pub fn open(path: &Path) -> Result<Self> {
         let tensors = Tensors::open(path)?;
         let metadata = match tensors {
             Tensors::Safetensors(_) => safetensors_metadata(path)?,
             _ => HashMap::new(),
         };
-        Self::new(path.to_path_buf(), tensors, metadata, device)
+        Self::new(path.to_path_buf(), tensors, metadata)
     }
 
     /// A safetensors file held in memory for the life of the program, named
     /// `name` in messages.
-    pub fn embedded(name: &str, bytes: &'static [u8], device: &Device) -> Result<Self> {
+    pub fn embedded(name: &str, bytes: &'static [u8]) -> Result<Self> {
         let tensors =
             SliceSafetensors::new(bytes).map_err(|e| anyhow!("{name}: not a readable safetensors file: {e}"))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| anyhow!("{name}: not a readable safetensors file: {e}"))?;
         let metadata = header.metadata().clone().unwrap_or_default();
-        Self::new(PathBuf::from(name), Tensors::Embedded(tensors), metadata, device)
+        Self::new(PathBuf::from(name), Tensors::Embedded(tensors), metadata)
     }
 
-    fn new(path: PathBuf, tensors: Tensors, metadata: HashMap<String, String>, device: &Device) -> Result<Self> {
+    fn new(path: PathBuf, tensors: Tensors, metadata: HashMap<String, String>) -> Result<Self> {
         let names = tensors.names();
         let prefix = PREFIXES
             .iter()
@@ -207,7 +205,7 @@ impl TensorStore {
                     list_some(names.iter())
                 )
             })?;
-        Ok(Self { path, tensors, names, prefix, metadata, device: device.clone() })
+        Ok(Self { path, tensors, names, prefix, metadata })
     }
 
     /// The safetensors `__metadata__` entry `key`.
@@ -250,7 +248,7 @@ impl TensorStore {
         }
         let tensor = self
             .tensors
-            .load(&full, &self.device)
+            .load(&full)
             .and_then(|t| t.to_dtype(DType::F32))
             .with_context(|| format!("{}: cannot read tensor `{full}`", self.path.display()))?;
         // One NaN or infinity anywhere makes every output NaN: a broken
