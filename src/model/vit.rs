@@ -40,7 +40,7 @@ impl Linear {
 
     /// From W as checkpoints store it, (outputs, inputs).
     fn from_stored(weight: &Tensor, bias: Tensor) -> Result<Self> {
-        Ok(Self { weight: fused::PackedWeight::new(weight)?, bias })
+        Ok(Self { weight: fused::pack(weight)?, bias })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {

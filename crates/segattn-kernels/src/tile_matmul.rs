@@ -9,11 +9,11 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::SharedOut;
-use super::simd::Vector;
+use crate::buffers::SharedOut;
+use crate::simd::Vector;
 
 /// Rows of x per tile.
-pub(super) const TILE_ROWS: usize = 6;
+pub(crate) const TILE_ROWS: usize = 6;
 
 /// `out` (rows x outputs) = `x` (rows x inputs) · W, with W in panels of
 /// (inputs, V::LANES), zero past the last output, and P panels per tile.
@@ -21,7 +21,7 @@ pub(super) const TILE_ROWS: usize = 6;
 /// # Safety
 /// The CPU must have V's instruction set; `panels` must hold
 /// ceil(outputs / V::LANES) panels of `inputs` rows.
-pub(super) unsafe fn product<V: Vector, const P: usize>(
+pub(crate) unsafe fn product<V: Vector, const P: usize>(
     x: &[f32],
     inputs: usize,
     panels: &[f32],
@@ -138,7 +138,7 @@ impl Block {
 /// V's instruction set; R rows of `depth` values of x and P panels of B
 /// readable.
 #[inline(always)]
-pub(super) unsafe fn tile_product<V: Vector, const R: usize, const P: usize>(
+pub(crate) unsafe fn tile_product<V: Vector, const R: usize, const P: usize>(
     x: *const f32,
     x_stride: usize,
     panels: *const f32,

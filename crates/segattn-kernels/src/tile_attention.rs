@@ -8,12 +8,12 @@
 //! tiles (P panels at a time, as there), while their scores (six rows x
 //! tokens, 29 KB at 1201 tokens) stay in L1.
 
-use super::simd::Vector;
-use super::tile_matmul::{TILE_ROWS, tile_product};
-use super::{HeadMajor, QueryBlock};
+use crate::attention::{HeadMajor, QueryBlock};
+use crate::simd::Vector;
+use crate::tile_matmul::{TILE_ROWS, tile_product};
 
 /// Dimensions per head that the tiles are written for.
-pub(super) const HEAD_DIM: usize = 64;
+pub(crate) const HEAD_DIM: usize = 64;
 
 /// The block in tiles of six query rows.
 ///
@@ -21,7 +21,7 @@ pub(super) const HEAD_DIM: usize = 64;
 /// The CPU must have V's instruction set; `heads` packed from `qkv` in
 /// V::LANES-wide panels, with heads of [`HEAD_DIM`] dimensions, and
 /// `first + out.len() / hidden <= heads.tokens`.
-pub(super) unsafe fn attend_block<V: Vector, const P: usize>(block: QueryBlock) -> Vec<f32> {
+pub(crate) unsafe fn attend_block<V: Vector, const P: usize>(block: QueryBlock) -> Vec<f32> {
     // SAFETY: the caller's contract.
     unsafe {
         V::enter(

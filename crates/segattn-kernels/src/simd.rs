@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-/// A vector instruction set that this CPU has and SEGATTN_KERNELS allows.
+/// A vector instruction set that this CPU has and [`crate::set_limit`] allows.
 /// Only [`widest`] and [`usable`] make one, after detection, so holding an
 /// `Isa` is what lets a kernel compiled for it run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -18,15 +18,15 @@ pub(crate) enum Width {
 }
 
 /// The widest instruction set the tiles may use: the CPU's, capped by
-/// SEGATTN_KERNELS (`avx2`, or `portable` for none, the gemm crate's path),
-/// so that CI can test every path on one machine. Read once per process.
+/// [`crate::set_limit`], so that every path can be tested on one machine.
+/// Decided once per process.
 pub(crate) fn widest() -> Option<Isa> {
     static WIDEST: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
     *WIDEST.get_or_init(|| {
-        let cap = match std::env::var("SEGATTN_KERNELS").as_deref() {
-            Ok("portable") => None,
-            Ok("avx2") => Some(Width::Avx2),
-            _ => Some(Width::Avx512),
+        let cap = match crate::limit() {
+            crate::Limit::Portable => None,
+            crate::Limit::Avx2 => Some(Width::Avx2),
+            crate::Limit::Widest => Some(Width::Avx512),
         };
         let cpu = if is_x86_feature_detected!("avx512f") {
             Some(Width::Avx512)
@@ -73,7 +73,7 @@ impl Isa {
 /// # Safety
 /// Every method needs the CPU to have the instruction set, which callers
 /// establish by running the kernel inside [`Vector::enter`].
-pub(super) trait Vector: Copy {
+pub(crate) trait Vector: Copy {
     const LANES: usize;
     /// Panels, one vector wide each, that a six-row tile spans: its 6 x P
     /// accumulators, P panel vectors and a broadcast must fit the vector
@@ -98,7 +98,7 @@ pub(super) trait Vector: Copy {
 }
 
 #[derive(Clone, Copy)]
-pub(super) struct Avx512(__m512);
+pub(crate) struct Avx512(__m512);
 
 // SAFETY (all methods): the caller runs them on a CPU with AVX-512F.
 impl Vector for Avx512 {
@@ -146,7 +146,7 @@ impl Vector for Avx512 {
 }
 
 #[derive(Clone, Copy)]
-pub(super) struct Avx2(__m256);
+pub(crate) struct Avx2(__m256);
 
 // SAFETY (all methods): the caller runs them on a CPU with AVX2 and FMA.
 impl Vector for Avx2 {
@@ -199,12 +199,12 @@ impl Vector for Avx2 {
     #[inline(always)]
     unsafe fn softmax_numerators(row: &mut [f32]) -> f32 {
         let mut inv_sum = [0f32];
-        super::softmax_numerators_portable(row, row.len(), &mut inv_sum);
+        crate::rows::softmax_numerators_portable(row, row.len(), &mut inv_sum);
         inv_sum[0]
     }
 }
 
-/// AVX-512 softmax numerators, as `super::softmax_numerators` computes them.
+/// AVX-512 softmax numerators, as `crate::rows::softmax_numerators` computes them.
 /// The exponential is FMAs and `vscalefps`, 11 instructions a vector against
 /// 22 for the portable one, which has no FMA to rely on; four vectors a step
 /// keep four sums apart.

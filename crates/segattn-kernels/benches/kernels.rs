@@ -1,0 +1,58 @@
+//! Median times of the kernels at ViT-S sizes (hidden 384, 6 heads of 64):
+//! 197 tokens (224x224 at 16-pixel patches) and 1201 (480x640).
+//!   cargo bench -p segattn-kernels [-- widest|avx2|portable]
+
+use std::time::Instant;
+
+use segattn_kernels::{self as kernels, Limit, Norm, PackedWeight};
+
+fn values(n: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i as f32) * 0.618).sin()).collect()
+}
+
+/// Median milliseconds of `runs` calls after one warm-up.
+fn time(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[runs / 2]
+}
+
+fn main() {
+    let limit = match std::env::args().skip(1).find(|a| !a.starts_with('-')).as_deref() {
+        Some("avx2") => Limit::Avx2,
+        Some("portable") => Limit::Portable,
+        _ => Limit::Widest,
+    };
+    kernels::set_limit(limit);
+    let (matmul_kernel, attention_kernel) = kernels::kernel_names(64);
+    println!("{limit:?}: linear layers on {matmul_kernel}; attention on {attention_kernel}");
+    let hidden = 384;
+    let qkv_weight = PackedWeight::new(&values(3 * hidden * hidden), 3 * hidden, hidden).unwrap();
+    let fc1 = PackedWeight::new(&values(4 * hidden * hidden), 4 * hidden, hidden).unwrap();
+    let (weight, bias) = (values(hidden), values(hidden));
+    for tokens in [197, 1201] {
+        let x = values(tokens * hidden);
+        let qkv = kernels::matmul(&x, &qkv_weight).unwrap();
+        let runs = if tokens < 1000 { 50 } else { 10 };
+        let rows = [
+            ("qkv projection", time(runs, || drop(kernels::matmul(&x, &qkv_weight).unwrap()))),
+            ("fc1", time(runs, || drop(kernels::matmul(&x, &fc1).unwrap()))),
+            ("attention", time(runs, || drop(kernels::attention(&qkv, (1, tokens), 6, 0.125, true).unwrap()))),
+            ("residual + LayerNorm", {
+                let mut update = x.clone();
+                let norm = Norm { weight: &weight, bias: &bias, eps: 1e-6 };
+                time(runs, || drop(kernels::residual_layer_norm(&x, &mut update, &bias, None, norm).unwrap()))
+            }),
+        ];
+        for (name, ms) in rows {
+            println!("{tokens:>5} tokens  {name:<22} {ms:8.3} ms");
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! `x · Wᵀ` for the linear layers, with W laid out once, when the model
+//! loads, in the panels its kernel reads: register tiles on x86-64 with
+//! AVX-512 or AVX2 + FMA, the gemm crate elsewhere.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use crate::ShapeError;
+use crate::buffers::{SharedOut, Strided, Unwritten, overwrite_product};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{self, Avx2, Avx512, Isa, Vector, Width};
+#[cfg(target_arch = "x86_64")]
+use crate::tile_matmul;
+
+/// A linear layer's W, (outputs, inputs) as stored, laid out once at load the
+/// way its product reads it: Wᵀ (inputs, outputs) in [`panel_slot`]'s column
+/// panels, zero past the last output. Read as stored, W would be packed by
+/// the GEMM on every call.
+pub struct PackedWeight {
+    panels: Vec<f32>,
+    kernel: MatmulKernel,
+    inputs: usize,
+    outputs: usize,
+}
+
+/// What computes `x · W`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum MatmulKernel {
+    /// The gemm crate, on Wᵀ as one panel; any CPU.
+    Gemm,
+    /// Register tiles on W in one-vector panels.
+    #[cfg(target_arch = "x86_64")]
+    Tiles(Isa),
+}
+
+impl std::fmt::Display for MatmulKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Gemm => f.write_str("gemm crate"),
+            #[cfg(target_arch = "x86_64")]
+            Self::Tiles(isa) => write!(f, "register tiles, {isa}"),
+        }
+    }
+}
+
+impl MatmulKernel {
+    pub(crate) fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(isa) = simd::widest() {
+            return Self::Tiles(isa);
+        }
+        Self::Gemm
+    }
+
+    fn panel_width(self, outputs: usize) -> usize {
+        match self {
+            Self::Gemm => outputs,
+            #[cfg(target_arch = "x86_64")]
+            Self::Tiles(isa) => isa.lanes(),
+        }
+    }
+}
+
+impl PackedWeight {
+    /// Packs W, `outputs` rows of `inputs` values, for the best kernel here.
+    pub fn new(weight: &[f32], outputs: usize, inputs: usize) -> Result<Self, ShapeError> {
+        if weight.len() != outputs * inputs || inputs == 0 {
+            let shape = format!("{outputs} x {inputs}");
+            return Err(ShapeError::new(format!("PackedWeight: {} values for a {shape} matrix", weight.len())));
+        }
+        Ok(Self::for_kernel(weight, outputs, inputs, MatmulKernel::best()))
+    }
+
+    /// Each task writes 32 rows of the packed panels, one output column at a
+    /// time, so every read is a 128-byte run of a row of W.
+    pub(crate) fn for_kernel(w: &[f32], outputs: usize, inputs: usize, kernel: MatmulKernel) -> Self {
+        const STRIP: usize = 32;
+        let width = kernel.panel_width(outputs).max(1);
+        let panel_rows = outputs.div_ceil(width) * inputs;
+        {
+            let mut panels = Unwritten::new(panel_rows * width);
+            panels.slots().par_chunks_mut(STRIP * width).enumerate().for_each(|(strip, out)| {
+                let first = strip * STRIP;
+                let rows = (first..first + out.len() / width).map(|q| (q / inputs * width, q % inputs));
+                let rows: Vec<(usize, usize)> = rows.collect();
+                for lane in 0..width {
+                    for (r, &(panel_start, input)) in rows.iter().enumerate() {
+                        let output = panel_start + lane;
+                        out[r * width + lane].write(if output < outputs { w[output * inputs + input] } else { 0.0 });
+                    }
+                }
+            });
+            // SAFETY: each strip wrote every lane of each of its rows.
+            let panels = unsafe { panels.assume_written() };
+            Self { panels, kernel, inputs, outputs }
+        }
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+}
+
+/// `x · Wᵀ` for `x`, rows of `inputs` values. The product goes into a fresh
+/// buffer that the kernel writes once, never zeroed first.
+pub fn matmul(x: &[f32], weight: &PackedWeight) -> Result<Vec<f32>, ShapeError> {
+    let PackedWeight { inputs, outputs, .. } = *weight;
+    {
+        if inputs == 0 || !x.len().is_multiple_of(inputs) {
+            return Err(ShapeError::new(format!("matmul: {} values are not rows of {inputs}", x.len())));
+        }
+        let rows = x.len() / inputs;
+        let mut product = Unwritten::new(rows * outputs);
+        match weight.kernel {
+            MatmulKernel::Gemm => gemm_product(x, inputs, &weight.panels, outputs, product.slots()),
+            // SAFETY: an `Isa` is made only for an instruction set the CPU
+            // has, and `for_kernel` packed the panels for this one.
+            #[cfg(target_arch = "x86_64")]
+            MatmulKernel::Tiles(isa) => match isa.width() {
+                Width::Avx512 => unsafe {
+                    tile_matmul::product::<Avx512, { Avx512::TILE_PANELS }>(
+                        x,
+                        inputs,
+                        &weight.panels,
+                        outputs,
+                        product.slots(),
+                    )
+                },
+                Width::Avx2 => unsafe {
+                    tile_matmul::product::<Avx2, { Avx2::TILE_PANELS }>(
+                        x,
+                        inputs,
+                        &weight.panels,
+                        outputs,
+                        product.slots(),
+                    )
+                },
+            },
+        }
+        // SAFETY: either kernel writes every value of the product when inputs > 0.
+        Ok(unsafe { product.assume_written() })
+    }
+}
+
+/// `out = x · B` for B (inputs, outputs) row-major. Each task, two per
+/// thread, is a single-threaded GEMM over a slice of the output columns. The
+/// gemm crate's own threading packs B on the calling thread while the workers
+/// wait, then synchronizes them per panel, which costs most on small inputs.
+fn gemm_product(x: &[f32], inputs: usize, b: &[f32], outputs: usize, out: &mut [MaybeUninit<f32>]) {
+    let rows = x.len() / inputs;
+    let columns = outputs.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(16);
+    let dst = SharedOut(out.as_mut_ptr().cast());
+    (0..outputs.div_ceil(columns)).into_par_iter().for_each(|task| {
+        let first = task * columns;
+        // SAFETY: dst is (rows x outputs) row-major `out`, of which this task
+        // writes columns first..first+width; lhs (rows x inputs) row-major is
+        // `x`; rhs (inputs x width) is columns first..first+width of B.
+        unsafe {
+            overwrite_product(
+                (rows, columns.min(outputs - first), inputs),
+                dst.at(first),
+                outputs,
+                Strided::row_major(x.as_ptr(), inputs),
+                Strided::row_major(b.as_ptr().add(first), outputs),
+                1.0,
+            );
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_kernels_match_the_formula() {
+        // Rows around a row tile (6); outputs around a panel (8 or 16 lanes)
+        // and a group of panels, full and partial; one input and many.
+        for rows in [1, 5, 6, 7, 37] {
+            for inputs in [1, 19, 64] {
+                let x = crate::noise(rows * inputs, (rows * 100 + inputs) as u64);
+                for outputs in [1, 8, 16, 17, 23, 83] {
+                    let weight = crate::noise(outputs * inputs, outputs as u64);
+                    let expected: Vec<f32> = (0..rows * outputs)
+                        .map(|i| {
+                            (0..inputs).map(|k| x[i / outputs * inputs + k] * weight[i % outputs * inputs + k]).sum()
+                        })
+                        .collect();
+                    #[cfg(target_arch = "x86_64")]
+                    let kernels: Vec<MatmulKernel> =
+                        std::iter::once(MatmulKernel::Gemm).chain(simd::usable().map(MatmulKernel::Tiles)).collect();
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let kernels = vec![MatmulKernel::Gemm];
+                    for kernel in kernels {
+                        let ours = matmul(&x, &PackedWeight::for_kernel(&weight, outputs, inputs, kernel)).unwrap();
+                        assert_eq!(ours.len(), expected.len());
+                        for (a, e) in ours.iter().zip(&expected) {
+                            assert!((a - e).abs() < 1e-4, "{kernel:?}, {rows}x{inputs} by {outputs}: {a} vs {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_that_do_not_fit_are_errors() {
+        assert!(PackedWeight::new(&[0.0; 5], 2, 3).is_err());
+        let weight = PackedWeight::new(&[1.0; 6], 2, 3).unwrap();
+        assert!(matmul(&[1.0; 4], &weight).is_err());
+        assert_eq!(matmul(&[1.0; 3], &weight).unwrap(), [3.0, 3.0]);
+    }
+}

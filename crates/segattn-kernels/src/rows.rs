@@ -1,0 +1,324 @@
+//! The passes between the matrix products, each one pass over the tokens:
+//! softmax numerators, bias + GELU, bias, LayerNorm, and a block's residual
+//! update with the LayerNorm after it. Plain loops over lanes of partial
+//! results, compiled for the widest vectors the CPU has.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use crate::ShapeError;
+use crate::buffers::Unwritten;
+
+/// `e^x` for x <= 0 (to 5e-6 relative error down to x = -87), in plain
+/// arithmetic that the compiler vectorizes: libm's `expf` is a call per
+/// element, and so is `round`, hence the 1.5·2²³ rounding trick. It also
+/// yields n as an integer in the low mantissa bits, because `n as i32`
+/// (saturating) compiles to a scalar conversion per element.
+#[inline(always)]
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    const ROUNDER: f32 = 12_582_912.0;
+    let y = x.max(-87.0) * std::f32::consts::LOG2_E;
+    let shifted = y + ROUNDER;
+    let n = shifted - ROUNDER;
+    let n_int = shifted.to_bits().wrapping_sub(ROUNDER.to_bits()) as i32;
+    let f = y - n;
+    // 2^f on [-0.5, 0.5]: Taylor series of e^(f·ln 2) to degree 6.
+    let p = 1.0
+        + f * (std::f32::consts::LN_2
+            + f * (0.240_226_5 + f * (0.055_504_11 + f * (0.009_618_129 + f * (0.001_333_355 + f * 0.000_154_035_3)))));
+    f32::from_bits(((n_int + 127) << 23) as u32) * p
+}
+
+/// Lanes of independent partial results, so reductions vectorize.
+const LANES: usize = 16;
+
+/// Softmax of each `tokens`-long row, short of its last step: leaves
+/// e^(s - max) in the row and writes 1/Σ to `inv_sums`. Dividing the
+/// (rows x head_dim) output by Σ after P·V is head_dim/tokens of the work
+/// of dividing every probability (1/19 for ViT-S/16 at 480x640).
+#[inline(always)]
+pub(crate) fn softmax_numerators_portable(scores: &mut [f32], tokens: usize, inv_sums: &mut [f32]) {
+    for (row, inv_sum) in scores.chunks_mut(tokens).zip(inv_sums) {
+        let mut max = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (m, &v) in max.iter_mut().zip(chunk) {
+                *m = if v > *m { v } else { *m };
+            }
+        }
+        let max = chunks.remainder().iter().chain(&max).copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = [0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            for (s, v) in sum.iter_mut().zip(chunk.iter_mut()) {
+                *v = fast_exp(*v - max);
+                *s += *v;
+            }
+        }
+        let mut total: f32 = sum.iter().sum();
+        for v in chunks.into_remainder() {
+            *v = fast_exp(*v - max);
+            total += *v;
+        }
+        *inv_sum = 1.0 / total;
+    }
+}
+
+widest_vectors! {
+    pub(crate) fn softmax_numerators(scores: &mut [f32], tokens: usize, inv_sums: &mut [f32]) = softmax_numerators_portable
+}
+
+/// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7, plus
+/// `fast_exp`'s), branch-free so that it vectorizes.
+#[inline(always)]
+fn fast_erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+    (1.0 - poly * fast_exp(-a * a)).copysign(x)
+}
+
+/// tanh(x) through one `fast_exp` of a non-positive argument.
+#[inline(always)]
+fn fast_tanh(x: f32) -> f32 {
+    let e = fast_exp(-2.0 * x.abs());
+    ((1.0 - e) / (1.0 + e)).copysign(x)
+}
+
+#[inline(always)]
+fn bias_gelu_portable(values: &mut [f32], bias: &[f32], exact: bool) {
+    for row in values.chunks_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            let x = *v + b;
+            *v = if exact {
+                0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2))
+            } else {
+                0.5 * x * (1.0 + fast_tanh(0.797_884_6 * (x + 0.044_715 * x * x * x)))
+            };
+        }
+    }
+}
+
+widest_vectors! {
+    fn bias_gelu_rows(values: &mut [f32], bias: &[f32], exact: bool) = bias_gelu_portable
+}
+
+/// Rows per parallel task: enough to amortize the task, few enough to share.
+const ROWS_PER_TASK: usize = 32;
+
+/// GELU(x + bias) over the rows of `values` (…, bias.len()), in place, in
+/// parallel: the exact (erf) form, or the tanh approximation.
+pub fn bias_gelu(values: &mut [f32], bias: &[f32], exact: bool) {
+    values.par_chunks_mut(bias.len().max(1) * ROWS_PER_TASK).for_each(|rows| bias_gelu_rows(rows, bias, exact));
+}
+
+/// Adds `bias` to every row of `values` (…, bias.len()), in place, in parallel.
+pub fn add_bias(values: &mut [f32], bias: &[f32]) {
+    values.par_chunks_mut(bias.len().max(1) * ROWS_PER_TASK).for_each(|rows| {
+        for row in rows.chunks_mut(bias.len()) {
+            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        }
+    });
+}
+
+/// A LayerNorm's parameters: `(x - mean) / sqrt(var + eps) · weight + bias`
+/// over rows of `weight.len()` values.
+#[derive(Clone, Copy, Debug)]
+pub struct Norm<'a> {
+    pub weight: &'a [f32],
+    pub bias: &'a [f32],
+    pub eps: f32,
+}
+
+/// What is added to the residual stream: `γ·(update + bias)`, γ the layer scale if any.
+struct Update<'a> {
+    bias: &'a [f32],
+    gamma: Option<&'a [f32]>,
+}
+
+/// Normalizes `x` into `normed`, writing every value of it.
+#[inline(always)]
+fn norm_row(x: &[f32], normed: &mut [MaybeUninit<f32>], norm: &Norm) {
+    // Two passes over a row that is in L1: the mean, then the centred
+    // variance, which stays exact where E[x²] - E[x]² would cancel.
+    let width = x.len() as f32;
+    let mut sum = [0f32; LANES];
+    for chunk in x.chunks(LANES) {
+        sum.iter_mut().zip(chunk).for_each(|(s, v)| *s += v);
+    }
+    let mean = sum.iter().sum::<f32>() / width;
+    let mut squares = [0f32; LANES];
+    for chunk in x.chunks(LANES) {
+        squares.iter_mut().zip(chunk).for_each(|(s, v)| *s += (v - mean) * (v - mean));
+    }
+    let inv_std = 1.0 / (squares.iter().sum::<f32>() / width + norm.eps).sqrt();
+    for (((n, v), w), b) in normed.iter_mut().zip(x).zip(norm.weight).zip(norm.bias) {
+        n.write((v - mean) * inv_std * w + b);
+    }
+}
+
+#[inline(always)]
+fn norm_rows_portable(x: &[f32], normed: &mut [MaybeUninit<f32>], norm: &Norm) {
+    let width = norm.weight.len();
+    for (x, normed) in x.chunks(width).zip(normed.chunks_mut(width)) {
+        norm_row(x, normed, norm);
+    }
+}
+
+widest_vectors! {
+    fn norm_rows(x: &[f32], normed: &mut [MaybeUninit<f32>], norm: &Norm) = norm_rows_portable
+}
+
+/// `sum` holds the update on entry and `x + γ·(update + bias)` on return;
+/// each of its rows is then normalized into `normed`.
+#[inline(always)]
+fn residual_norm_rows_portable(
+    x: &[f32],
+    sum: &mut [f32],
+    normed: &mut [MaybeUninit<f32>],
+    update: &Update,
+    norm: &Norm,
+) {
+    let width = norm.weight.len();
+    for ((x, sum), normed) in x.chunks(width).zip(sum.chunks_mut(width)).zip(normed.chunks_mut(width)) {
+        match &update.gamma {
+            Some(gamma) => {
+                for (((s, x), b), g) in sum.iter_mut().zip(x).zip(update.bias).zip(*gamma) {
+                    *s = x + g * (*s + b);
+                }
+            }
+            None => {
+                for ((s, x), b) in sum.iter_mut().zip(x).zip(update.bias) {
+                    *s = x + (*s + b);
+                }
+            }
+        }
+        norm_row(sum, normed, norm);
+    }
+}
+
+widest_vectors! {
+    fn residual_norm_rows(x: &[f32], sum: &mut [f32], normed: &mut [MaybeUninit<f32>], update: &Update, norm: &Norm)
+        = residual_norm_rows_portable
+}
+
+/// LayerNorm of each row of `x`.
+pub fn layer_norm(x: &[f32], norm: Norm) -> Result<Vec<f32>, ShapeError> {
+    let width = norm.weight.len();
+    if width == 0 || !x.len().is_multiple_of(width) || norm.bias.len() != width {
+        return Err(ShapeError::new(format!(
+            "layer_norm: {} values, weight {width}, bias {}",
+            x.len(),
+            norm.bias.len()
+        )));
+    }
+    let chunk = width * ROWS_PER_TASK;
+    let mut normed = Unwritten::new(x.len());
+    let tasks = x.par_chunks(chunk).zip(normed.slots().par_chunks_mut(chunk));
+    tasks.for_each(|(x, normed)| norm_rows(x, normed, &norm));
+    // SAFETY: the chunks cover all x.len() values and `norm_row` writes each.
+    Ok(unsafe { normed.assume_written() })
+}
+
+/// The residual update `x + γ·(update + bias)` (γ: the layer scale, if any)
+/// and the LayerNorm that reads it next, in one pass. `update` has `x`'s
+/// length and becomes the new `x`; returns its normalized copy.
+pub fn residual_layer_norm(
+    x: &[f32],
+    update: &mut [f32],
+    bias: &[f32],
+    gamma: Option<&[f32]>,
+    norm: Norm,
+) -> Result<Vec<f32>, ShapeError> {
+    let width = norm.weight.len();
+    let widths_agree = bias.len() == width && gamma.is_none_or(|g| g.len() == width) && norm.bias.len() == width;
+    if width == 0 || update.len() != x.len() || !x.len().is_multiple_of(width) || !widths_agree {
+        return Err(ShapeError::new(format!(
+            "residual_layer_norm: {} values and an update of {}, rows of {width}",
+            x.len(),
+            update.len()
+        )));
+    }
+    let residual = Update { bias, gamma };
+    let chunk = width * ROWS_PER_TASK;
+    let mut normed = Unwritten::new(x.len());
+    let tasks = (x.par_chunks(chunk).zip(update.par_chunks_mut(chunk))).zip(normed.slots().par_chunks_mut(chunk));
+    tasks.for_each(|((x, sum), normed)| residual_norm_rows(x, sum, normed, &residual, &norm));
+    // SAFETY: the chunks cover all x.len() values and `norm_row` writes each.
+    Ok(unsafe { normed.assume_written() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_numerators_over_their_sums_match_the_exact_formula() {
+        let tokens = 37;
+        let mut scores: Vec<f32> = (0..3 * tokens).map(|i| ((i * 7919) % 97) as f32 * 0.3 - 10.0).collect();
+        let expected: Vec<f32> = scores
+            .chunks(tokens)
+            .flat_map(|row| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+                row.iter().map(move |v| (v - max).exp() / sum).collect::<Vec<_>>()
+            })
+            .collect();
+        let mut inv_sums = [0f32; 3];
+        softmax_numerators(&mut scores, tokens, &mut inv_sums);
+        let ours = scores.chunks(tokens).zip(inv_sums).flat_map(|(row, inv)| row.iter().map(move |p| p * inv));
+        for (a, b) in ours.zip(&expected) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn residual_layer_norm_matches_the_formula() {
+        // Widths below, at and past a vector; one row and many.
+        for width in [1, 7, 16, 17, 64, 129] {
+            for rows in [1, 3, 37] {
+                for scaled in [false, true] {
+                    let values = |seed: f32, n: usize| -> Vec<f32> {
+                        (0..n).map(|i| (i as f32 * 0.37 + seed).sin() * 3.0).collect()
+                    };
+                    let x = values(0.1, rows * width);
+                    let update = values(0.7, rows * width);
+                    let (bias, gamma) = (values(1.3, width), values(2.9, width));
+                    let (weight, shift) = (values(4.1, width), values(5.3, width));
+                    let norm = Norm { weight: &weight, bias: &shift, eps: 1e-6 };
+                    let mut sum = update.clone();
+                    let normed = residual_layer_norm(&x, &mut sum, &bias, scaled.then_some(&gamma[..]), norm).unwrap();
+                    for r in 0..rows {
+                        let row: Vec<f32> = (0..width)
+                            .map(|c| {
+                                let i = r * width + c;
+                                x[i] + if scaled { gamma[c] } else { 1.0 } * (update[i] + bias[c])
+                            })
+                            .collect();
+                        let mean = row.iter().sum::<f32>() / width as f32;
+                        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+                        for c in 0..width {
+                            let expected_norm = (row[c] - mean) / (var + 1e-6).sqrt() * weight[c] + shift[c];
+                            let (s, n) = (sum[r * width + c], normed[r * width + c]);
+                            let at = format!("width {width}, {rows} rows, scaled {scaled}, ({r}, {c})");
+                            assert!((s - row[c]).abs() < 1e-5, "{at}: sum {s} vs {}", row[c]);
+                            assert!((n - expected_norm).abs() < 1e-4, "{at}: normed {n} vs {expected_norm}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fast_exp_is_close_to_exp() {
+        for i in 0..1740 {
+            let x = -(i as f32) * 0.05;
+            let (fast, exact) = (fast_exp(x), x.exp());
+            // Relative error grows with |x| from rounding x·log2(e) in f32.
+            assert!((fast - exact).abs() <= 5e-6 * exact, "{x}: {fast} vs {exact}");
+        }
+        assert_eq!(fast_exp(-1000.0), fast_exp(-87.0));
+    }
+}
