@@ -5,8 +5,9 @@ use anyhow::{Context, Result, bail};
 use faer::{Mat, Side};
 
 use super::{HeadMap, SegmentationHead};
+use crate::attention;
 use crate::maps::PatchMap;
-use crate::model::{Capture, EncoderOutput, PatchGrid, Vit};
+use crate::model::{Capture, EncoderOutput, Keep, PatchGrid, Vit};
 
 /// TokenCut's weight for edges below the threshold: small, not zero, so the
 /// graph stays connected.
@@ -175,11 +176,32 @@ fn lanczos_top(
     Ok((value, vector, residual))
 }
 
-/// TokenCut's bipartition: the side above the mean that holds the entry of
-/// largest magnitude, reduced to its 4-connected component around that entry.
-pub fn foreground_component(vector: &[f64], grid: PatchGrid) -> Vec<bool> {
+/// TokenCut's bipartition: a side of the mean, reduced to its 4-connected
+/// component around its entry of largest magnitude. The side is TokenCut's,
+/// the one holding the largest entry overall, unless `looks` (the class
+/// token's attention per patch) is given: then the side it attends to more,
+/// per patch. A model trained to look at the object (segattn-s16) can put
+/// the larger entries on the background, and the class token settles it.
+pub fn foreground_component(vector: &[f64], grid: PatchGrid, looks: Option<&[f32]>) -> Vec<bool> {
     let mean = vector.iter().sum::<f64>() / vector.len() as f64;
-    let seed = (0..vector.len()).max_by(|&a, &b| vector[a].abs().total_cmp(&vector[b].abs())).unwrap_or(0);
+    let largest_on = |side: Option<bool>| {
+        (0..vector.len())
+            .filter(|&i| side.is_none_or(|above| (vector[i] > mean) == above))
+            .max_by(|&a, &b| vector[a].abs().total_cmp(&vector[b].abs()))
+    };
+    let seed_side = match looks {
+        Some(looks) => {
+            let share = |above: bool| {
+                let (sum, count) = (0..vector.len())
+                    .filter(|&i| (vector[i] > mean) == above)
+                    .fold((0.0, 0usize), |(s, n), i| (s + f64::from(looks[i]), n + 1));
+                if count == 0 { f64::NEG_INFINITY } else { sum / count as f64 }
+            };
+            share(true) >= share(false)
+        }
+        None => largest_on(None).is_none_or(|i| vector[i] > mean),
+    };
+    let seed = largest_on(Some(seed_side)).or(largest_on(None)).unwrap_or(0);
     let seed_side = vector[seed] > mean;
     let side: Vec<bool> = vector.iter().map(|&v| (v > mean) == seed_side).collect();
     let mut component = vec![false; vector.len()];
@@ -205,7 +227,8 @@ pub fn foreground_component(vector: &[f64], grid: PatchGrid) -> Vec<bool> {
 
 impl SegmentationHead for NormalizedCut {
     fn capture(&self, model: &Vit) -> Capture {
-        Capture::default().and_qkv(model.config().num_layers - 1)
+        let last = model.config().num_layers - 1;
+        Capture::attention([last], Keep::ClsRow).and_qkv(last)
     }
 
     fn predict(&self, _model: &Vit, out: &EncoderOutput) -> Result<HeadMap> {
@@ -215,7 +238,9 @@ impl SegmentationHead for NormalizedCut {
         let patches = keys.narrow(0, out.num_prefix_tokens, out.grid.len())?;
         let affinity = Affinity::from_features(&patches.to_vec2::<f32>()?, self.tau);
         let vector = fiedler_vector(&affinity)?;
-        let foreground = foreground_component(&vector, out.grid);
+        let last = out.qkv.as_ref().map_or(0, |qkv| qkv.layer);
+        let looks = attention::mean_map(&attention::cls_attention(out, last)?)?;
+        let foreground = foreground_component(&vector, out.grid, Some(&looks.values));
         let values = foreground.into_iter().map(|f| if f { 1.0 } else { 0.0 }).collect();
         Ok(HeadMap::probability(PatchMap::new(out.grid, values)?))
     }
@@ -256,10 +281,18 @@ mod tests {
         let object = |r: usize, c: usize| (1..4).contains(&r) && (2..5).contains(&c);
         let affinity = Affinity::from_features(&two_clusters(grid, object), 0.2);
         let vector = fiedler_vector(&affinity).unwrap();
-        let foreground = foreground_component(&vector, grid);
+        let foreground = foreground_component(&vector, grid, None);
         let expected: Vec<bool> = (0..grid.len()).map(|i| object(i / grid.cols, i % grid.cols)).collect();
         // The smaller cluster has the largest-magnitude entries: it is the foreground.
         assert_eq!(foreground, expected);
+        // Where the class token looks decides the side instead: on the background, the
+        // cut's other side (its largest component) comes back.
+        let looks: Vec<f32> = expected.iter().map(|&o| if o { 0.001 } else { 0.03 }).collect();
+        let flipped = foreground_component(&vector, grid, Some(&looks));
+        assert!(flipped.iter().zip(&expected).all(|(f, e)| !(f & e)), "{flipped:?}");
+        assert!(flipped.iter().filter(|&&f| f).count() > 20);
+        let looks: Vec<f32> = expected.iter().map(|&o| if o { 0.05 } else { 0.01 }).collect();
+        assert_eq!(foreground_component(&vector, grid, Some(&looks)), expected);
     }
 
     #[test]
@@ -267,7 +300,7 @@ mod tests {
         let grid = PatchGrid { rows: 3, cols: 5 };
         // The seed (largest |v|) at index 0; an island at index 4 on the same side.
         let vector = [5.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0];
-        let foreground = foreground_component(&vector, grid);
+        let foreground = foreground_component(&vector, grid, None);
         let kept: Vec<usize> = (0..15).filter(|&i| foreground[i]).collect();
         assert_eq!(kept, vec![0, 1, 5]);
     }

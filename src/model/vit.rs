@@ -10,6 +10,7 @@ use std::path::Path;
 
 use anyhow::{Result, anyhow, bail};
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use super::builtin;
 use super::config::{Activation, HfConfig, VitConfig};
@@ -492,7 +493,10 @@ impl Vit {
             0 => None,
             r => Some(store.tensor(layout.register_tokens, &[1, r, d])?),
         };
+        // Blocks read, check and lay out their weights independently: in
+        // parallel, load time is what one core's share of the file takes.
         let blocks = (0..config.num_layers)
+            .into_par_iter()
             .map(|layer| Block::new(&store, &layout, layer, &config))
             .collect::<Result<Vec<_>>>()?;
         let cls_token = store.tensor(layout.cls_token, &[1, 1, d])?;
