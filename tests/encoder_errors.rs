@@ -126,19 +126,27 @@ fn bad_config_json_is_reported() {
 
 #[test]
 fn nan_or_infinite_weights_are_refused() {
-    for bad in [f32::NAN, f32::INFINITY] {
-        let dir = tempfile::tempdir().unwrap();
-        let name = "encoder.layer.0.attention.attention.key.bias";
-        let path = edited(dir.path(), |t| {
-            let mut values = vec![0.1f32; 32];
-            values[7] = bad;
-            t.insert(name.into(), Tensor::new(values, &Device::Cpu).unwrap());
-        });
-        let message = load_error(&path);
-        assert!(
-            message.contains(&format!("model.safetensors: tensor `{name}` holds NaN or infinite values")),
-            "{message}"
-        );
+    // A bias (loaded as a tensor), and weight matrices (read in place and
+    // packed): the key of a q/k/v stack, and a plain layer.
+    let cases = [
+        ("encoder.layer.0.attention.attention.key.bias", vec![32]),
+        ("encoder.layer.0.attention.attention.key.weight", vec![32, 32]),
+        ("encoder.layer.1.intermediate.dense.weight", vec![128, 32]),
+    ];
+    for (name, shape) in cases {
+        for bad in [f32::NAN, f32::INFINITY] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = edited(dir.path(), |t| {
+                let mut values = vec![0.1f32; shape.iter().product()];
+                values[7] = bad;
+                t.insert(name.into(), Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).unwrap());
+            });
+            let message = load_error(&path);
+            assert!(
+                message.contains(&format!("model.safetensors: tensor `{name}` holds NaN or infinite values")),
+                "{name}: {message}"
+            );
+        }
     }
 }
 

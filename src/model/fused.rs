@@ -32,6 +32,13 @@ pub fn pack(weight: &Tensor) -> Result<PackedWeight> {
     cpu_slice(weight, |w| Ok(PackedWeight::new(w, outputs, inputs)?))
 }
 
+/// W, `outputs` x `inputs`, from `value` of each flat index, laid out for
+/// the kernel that will read it.
+pub fn pack_fn(outputs: usize, inputs: usize, value: impl Fn(usize) -> f32 + Sync) -> Result<PackedWeight> {
+    limit_kernels();
+    Ok(PackedWeight::from_fn(outputs, inputs, value)?)
+}
+
 /// `x · Wᵀ` for `x` (…, inputs), as a fresh buffer: candle's matmul zeroes
 /// its output first, in a serial pass that leaves the other cores idle.
 pub fn matmul(x: &Tensor, weight: &PackedWeight) -> Result<Vec<f32>> {

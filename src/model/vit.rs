@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Result, anyhow, bail};
 use candle_core::Tensor;
@@ -34,14 +35,39 @@ struct Linear {
 
 impl Linear {
     fn new(store: &TensorStore, name: &str, inputs: usize, outputs: usize) -> Result<Self> {
-        let weight = store.tensor(&format!("{name}.weight"), &[outputs, inputs])?;
-        let bias = store.tensor(&format!("{name}.bias"), &[outputs])?;
-        Self::from_stored(&weight, bias)
+        Self::stacked(store, &[name.to_string()], inputs, outputs)
     }
 
-    /// From W as checkpoints store it, (outputs, inputs).
-    fn from_stored(weight: &Tensor, bias: Tensor) -> Result<Self> {
-        Ok(Self { weight: fused::pack(weight)?, bias })
+    /// The layers `names` (each `outputs` x `inputs`) as one, their outputs
+    /// one after another: a fused qkv projection from separate q, k and v.
+    /// W is read in place from the file and packed in one pass, its
+    /// finiteness checked on the way; formats that cannot be read in place
+    /// are loaded as tensors first.
+    fn stacked(store: &TensorStore, names: &[String], inputs: usize, outputs: usize) -> Result<Self> {
+        let bias_parts =
+            (names.iter().map(|name| store.tensor(&format!("{name}.bias"), &[outputs]))).collect::<Result<Vec<_>>>()?;
+        let bias = Tensor::cat(&bias_parts, 0)?;
+        let weights = (names.iter().map(|name| store.values(&format!("{name}.weight"), &[outputs, inputs])))
+            .collect::<Result<Option<Vec<_>>>>()?;
+        let Some(weights) = weights else {
+            let parts = (names.iter().map(|name| store.tensor(&format!("{name}.weight"), &[outputs, inputs])))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Self { weight: fused::pack(&Tensor::cat(&parts, 0)?)?, bias });
+        };
+        let part_len = outputs * inputs;
+        let not_finite = AtomicUsize::new(usize::MAX);
+        let weight = fused::pack_fn(names.len() * outputs, inputs, |k| {
+            let (part, i) = (k / part_len, k % part_len);
+            let value = weights[part].get(i);
+            if !value.is_finite() {
+                not_finite.fetch_min(part, Ordering::Relaxed);
+            }
+            value
+        })?;
+        if let Some(name) = names.get(not_finite.into_inner()) {
+            bail!("{}", store.not_finite(&format!("{name}.weight")));
+        }
+        Ok(Self { weight, bias })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -129,7 +155,7 @@ impl PatchEmbed {
         let q = config.patch_size >> stem.len();
         let weight = store.tensor(&format!("{}.weight", layout.patch_embed), &[d, inputs, q, q])?;
         let bias = store.tensor(&format!("{}.bias", layout.patch_embed), &[d])?;
-        let projection = Linear::from_stored(&weight.reshape((d, inputs * q * q))?, bias)?;
+        let projection = Linear { weight: fused::pack(&weight.reshape((d, inputs * q * q))?)?, bias };
         Ok(Self { stem, projection, projection_size: q, patch_size: config.patch_size })
     }
 
@@ -306,14 +332,8 @@ impl Attention {
         let qkv = match layout.qkv {
             QkvNames::Fused(name) => Linear::new(store, &layout.block(layer, name), d, 3 * d)?,
             QkvNames::Separate(names) => {
-                let mut weights = Vec::with_capacity(3);
-                let mut biases = Vec::with_capacity(3);
-                for name in names {
-                    let name = layout.block(layer, name);
-                    weights.push(store.tensor(&format!("{name}.weight"), &[d, d])?);
-                    biases.push(store.tensor(&format!("{name}.bias"), &[d])?);
-                }
-                Linear::from_stored(&Tensor::cat(&weights, 0)?, Tensor::cat(&biases, 0)?)?
+                let names: Vec<String> = names.iter().map(|name| layout.block(layer, name)).collect();
+                Linear::stacked(store, &names, d, d)?
             }
         };
         let out = Linear::new(store, &layout.block(layer, layout.attn_out), d, d)?;

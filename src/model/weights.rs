@@ -162,6 +162,47 @@ impl Tensors {
     }
 }
 
+/// A float tensor's values as a safetensors file stores them (little-endian),
+/// read in place.
+#[derive(Clone, Copy)]
+pub enum StoredValues<'a> {
+    F32(&'a [u8]),
+    F16(&'a [u8]),
+    BF16(&'a [u8]),
+}
+
+impl StoredValues<'_> {
+    /// Value `i`, as f32.
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> f32 {
+        let half = |b: &[u8]| u16::from_le_bytes([b[2 * i], b[2 * i + 1]]);
+        match self {
+            Self::F32(b) => f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]),
+            Self::F16(b) => f16_to_f32(half(b)),
+            Self::BF16(b) => f32::from_bits(u32::from(half(b)) << 16),
+        }
+    }
+}
+
+/// IEEE half precision to single, exactly (every f16 is an f32).
+#[inline(always)]
+fn f16_to_f32(half: u16) -> f32 {
+    let sign = u32::from(half & 0x8000) << 16;
+    let exponent = u32::from((half >> 10) & 0x1f);
+    let mantissa = u32::from(half & 0x3ff);
+    let bits = match (exponent, mantissa) {
+        (0, 0) => sign,
+        // Subnormal: mantissa · 2^-24, normalized at its highest set bit p.
+        (0, m) => {
+            let p = 31 - m.leading_zeros();
+            sign | ((p + 103) << 23) | ((m << (23 - p)) & 0x7f_ffff)
+        }
+        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
+        (e, m) => sign | ((e + 112) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
 /// A checkpoint file, read through the prefix its names carry.
 pub struct TensorStore {
     path: PathBuf,
@@ -230,8 +271,9 @@ impl TensorStore {
         self.names.iter().filter_map(|n| n.strip_prefix(self.prefix))
     }
 
-    /// Loads `name` as f32, checking its shape and that it holds floats.
-    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    /// `name` with this checkpoint's prefix, checked to have `shape` and to
+    /// hold floats.
+    fn checked(&self, name: &str, shape: &[usize]) -> Result<String> {
         let full = format!("{}{name}", self.prefix);
         let actual =
             self.tensors.shape(&full).ok_or_else(|| anyhow!("{}: missing tensor `{full}`", self.path.display()))?;
@@ -239,13 +281,19 @@ impl TensorStore {
             bail!("{}: tensor `{full}` has shape {:?}, expected {:?}", self.path.display(), actual, shape);
         }
         match self.tensors.dtype(&full) {
-            Some(DType::F32 | DType::F16 | DType::BF16 | DType::F64) => {}
+            Some(DType::F32 | DType::F16 | DType::BF16 | DType::F64) => Ok(full),
             dtype => bail!(
                 "{}: tensor `{full}` has dtype {}, expected a float type (F32, F16, BF16)",
                 self.path.display(),
                 dtype.map_or("unknown to candle".to_string(), |d| format!("{d:?}").to_uppercase())
             ),
         }
+    }
+
+    /// Loads `name` as f32, checking its shape, that it holds floats, and
+    /// that they are all finite.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let full = self.checked(name, shape)?;
         let tensor = self
             .tensors
             .load(&full)
@@ -256,9 +304,34 @@ impl TensorStore {
         // (finite weights summing past f32's 3e38 do not occur).
         let sum = tensor.sum_all().and_then(|s| s.to_scalar::<f32>())?;
         if !sum.is_finite() {
-            bail!("{}: tensor `{full}` holds NaN or infinite values", self.path.display());
+            bail!("{}", self.not_finite(name));
         }
         Ok(tensor)
+    }
+
+    /// `name`'s values read in place from the file's bytes, its shape and
+    /// type checked (not its finiteness: that is the reader's, in its pass).
+    /// `None` where the format cannot be read in place (a pickle) or holds
+    /// f64: [`TensorStore::tensor`] copies those.
+    pub fn values(&self, name: &str, shape: &[usize]) -> Result<Option<StoredValues<'_>>> {
+        let full = self.checked(name, shape)?;
+        let view = match &self.tensors {
+            Tensors::Safetensors(t) => t.get(&full),
+            Tensors::Embedded(t) => t.get(&full),
+            Tensors::Pickle(_) => return Ok(None),
+        }
+        .with_context(|| format!("{}: cannot read tensor `{full}`", self.path.display()))?;
+        Ok(match view.dtype() {
+            safetensors::Dtype::F32 => Some(StoredValues::F32(view.data())),
+            safetensors::Dtype::F16 => Some(StoredValues::F16(view.data())),
+            safetensors::Dtype::BF16 => Some(StoredValues::BF16(view.data())),
+            _ => None,
+        })
+    }
+
+    /// The message for a tensor holding NaN or infinite values.
+    pub fn not_finite(&self, name: &str) -> String {
+        format!("{}: tensor `{}{name}` holds NaN or infinite values", self.path.display(), self.prefix)
     }
 
     /// Works out which naming scheme the file uses, role by role.
@@ -396,5 +469,24 @@ fn root_cause(error: &candle_core::Error) -> String {
         candle_core::Error::WithPath { inner, .. } => root_cause(inner),
         candle_core::Error::WithBacktrace { inner, .. } => root_cause(inner),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_half_precision_value_converts_as_candle_converts_it() {
+        let bytes: Vec<u8> = (0..=u16::MAX).flat_map(u16::to_le_bytes).collect();
+        let candle = Tensor::from_raw_buffer(&bytes, DType::F16, &[1 << 16], &Device::Cpu).unwrap();
+        let expected: Vec<f32> = candle.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        let values = StoredValues::F16(&bytes);
+        for (i, e) in expected.iter().enumerate() {
+            let ours = values.get(i);
+            assert!(ours.to_bits() == e.to_bits() || (ours.is_nan() && e.is_nan()), "{i:#06x}: {ours} vs {e}");
+        }
+        let bf16 = [0x80u8, 0x3f, 0x00, 0xc0];
+        assert_eq!([StoredValues::BF16(&bf16).get(0), StoredValues::BF16(&bf16).get(1)], [1.0, -2.0]);
     }
 }

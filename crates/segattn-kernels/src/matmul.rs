@@ -65,36 +65,50 @@ impl MatmulKernel {
 impl PackedWeight {
     /// Packs W, `outputs` rows of `inputs` values, for the best kernel here.
     pub fn new(weight: &[f32], outputs: usize, inputs: usize) -> Result<Self, ShapeError> {
-        if weight.len() != outputs * inputs || inputs == 0 {
+        if weight.len() != outputs * inputs {
             let shape = format!("{outputs} x {inputs}");
             return Err(ShapeError::new(format!("PackedWeight: {} values for a {shape} matrix", weight.len())));
         }
-        Ok(Self::for_kernel(weight, outputs, inputs, MatmulKernel::best()))
+        Self::from_fn(outputs, inputs, |k| weight[k])
+    }
+
+    /// Packs W, `outputs` rows of `inputs` values, whose value at flat index
+    /// `output · inputs + input` is `value(index)`: W read straight from
+    /// wherever it is stored (a mapped file, in f16), converted on the way,
+    /// in the one pass the packing makes anyway. Each value is read once.
+    pub fn from_fn(outputs: usize, inputs: usize, value: impl Fn(usize) -> f32 + Sync) -> Result<Self, ShapeError> {
+        if inputs == 0 {
+            return Err(ShapeError::new(format!("PackedWeight: a {outputs} x 0 matrix")));
+        }
+        Ok(Self::for_kernel(value, outputs, inputs, MatmulKernel::best()))
     }
 
     /// Each task writes 32 rows of the packed panels, one output column at a
     /// time, so every read is a 128-byte run of a row of W.
-    pub(crate) fn for_kernel(w: &[f32], outputs: usize, inputs: usize, kernel: MatmulKernel) -> Self {
+    pub(crate) fn for_kernel(
+        value: impl Fn(usize) -> f32 + Sync,
+        outputs: usize,
+        inputs: usize,
+        kernel: MatmulKernel,
+    ) -> Self {
         const STRIP: usize = 32;
         let width = kernel.panel_width(outputs).max(1);
         let panel_rows = outputs.div_ceil(width) * inputs;
-        {
-            let mut panels = Unwritten::new(panel_rows * width);
-            panels.slots().par_chunks_mut(STRIP * width).enumerate().for_each(|(strip, out)| {
-                let first = strip * STRIP;
-                let rows = (first..first + out.len() / width).map(|q| (q / inputs * width, q % inputs));
-                let rows: Vec<(usize, usize)> = rows.collect();
-                for lane in 0..width {
-                    for (r, &(panel_start, input)) in rows.iter().enumerate() {
-                        let output = panel_start + lane;
-                        out[r * width + lane].write(if output < outputs { w[output * inputs + input] } else { 0.0 });
-                    }
+        let mut panels = Unwritten::new(panel_rows * width);
+        panels.slots().par_chunks_mut(STRIP * width).enumerate().for_each(|(strip, out)| {
+            let first = strip * STRIP;
+            let rows = (first..first + out.len() / width).map(|q| (q / inputs * width, q % inputs));
+            let rows: Vec<(usize, usize)> = rows.collect();
+            for lane in 0..width {
+                for (r, &(panel_start, input)) in rows.iter().enumerate() {
+                    let output = panel_start + lane;
+                    out[r * width + lane].write(if output < outputs { value(output * inputs + input) } else { 0.0 });
                 }
-            });
-            // SAFETY: each strip wrote every lane of each of its rows.
-            let panels = unsafe { panels.assume_written() };
-            Self { panels, kernel, inputs, outputs }
-        }
+            }
+        });
+        // SAFETY: each strip wrote every lane of each of its rows.
+        let panels = unsafe { panels.assume_written() };
+        Self { panels, kernel, inputs, outputs }
     }
 
     pub fn outputs(&self) -> usize {
@@ -193,7 +207,8 @@ mod tests {
                     #[cfg(not(target_arch = "x86_64"))]
                     let kernels = vec![MatmulKernel::Gemm];
                     for kernel in kernels {
-                        let ours = matmul(&x, &PackedWeight::for_kernel(&weight, outputs, inputs, kernel)).unwrap();
+                        let packed = PackedWeight::for_kernel(|k| weight[k], outputs, inputs, kernel);
+                        let ours = matmul(&x, &packed).unwrap();
                         assert_eq!(ours.len(), expected.len());
                         for (a, e) in ours.iter().zip(&expected) {
                             assert!((a - e).abs() < 1e-4, "{kernel:?}, {rows}x{inputs} by {outputs}: {a} vs {e}");
