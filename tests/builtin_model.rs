@@ -88,7 +88,7 @@ fn run_with_no_model_finds_the_cat() {
     let teacher = image::open(fixture("builtin/teacher/cat.png")).unwrap().to_luma8();
     let score = iou(&mask, &teacher);
     println!("cat: IoU with the teacher's mask {score:.3}");
-    assert!(score >= 0.45, "the mask does not cover the cat: IoU {score:.3} with the teacher's");
+    assert!(score >= 0.55, "the mask does not cover the cat: IoU {score:.3} with the teacher's");
 }
 
 #[test]
@@ -103,7 +103,7 @@ fn eval_scores_the_builtin_model_and_other_masks() {
     println!("{scores}");
     assert_eq!(scores["head"], "linear", "the built-in model's own head is the default");
     assert_eq!(scores["images"], 4);
-    assert!(scores["mean_iou"].as_f64().unwrap() >= 0.5, "{scores}");
+    assert!(scores["mean_iou"].as_f64().unwrap() >= 0.55, "{scores}");
     // Where the model looks: most of the class token's attention on the object.
     assert!(scores["attention_inside"].as_f64().unwrap() >= 0.6, "{scores}");
 
