@@ -56,14 +56,20 @@ impl Linear {
         };
         let part_len = outputs * inputs;
         let not_finite = AtomicUsize::new(usize::MAX);
-        let weight = fused::pack_fn(names.len() * outputs, inputs, |k| {
-            let (part, i) = (k / part_len, k % part_len);
-            let value = weights[part].get(i);
+        let checked = |part: usize, value: f32| {
             if !value.is_finite() {
                 not_finite.fetch_min(part, Ordering::Relaxed);
             }
             value
-        })?;
+        };
+        // One layer (the common case) needs no part lookup per value.
+        let weight = match weights.as_slice() {
+            [only] => fused::pack_fn(outputs, inputs, |k| checked(0, only.get(k)))?,
+            _ => fused::pack_fn(names.len() * outputs, inputs, |k| {
+                let (part, i) = (k / part_len, k % part_len);
+                checked(part, weights[part].get(i))
+            })?,
+        };
         if let Some(name) = names.get(not_finite.into_inner()) {
             bail!("{}", store.not_finite(&format!("{name}.weight")));
         }
