@@ -64,7 +64,10 @@ impl Linear {
         };
         // One layer (the common case) needs no part lookup per value.
         let weight = match weights.as_slice() {
-            [only] => fused::pack_fn(outputs, inputs, |k| checked(0, only.get(k)))?,
+            [only] => match only.as_f32() {
+                Some(values) => fused::pack_fn(outputs, inputs, |k| checked(0, values[k]))?,
+                None => fused::pack_fn(outputs, inputs, |k| checked(0, only.get(k)))?,
+            },
             _ => fused::pack_fn(names.len() * outputs, inputs, |k| {
                 let (part, i) = (k / part_len, k % part_len);
                 checked(part, weights[part].get(i))

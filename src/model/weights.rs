@@ -172,6 +172,21 @@ pub enum StoredValues<'a> {
 }
 
 impl StoredValues<'_> {
+    /// The values as `f32`s in place, when they are stored so and aligned
+    /// for it (safetensors pads its header to 8 bytes, so most are).
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        let Self::F32(bytes) = self else {
+            return None;
+        };
+        if cfg!(target_endian = "big") {
+            return None;
+        }
+        // SAFETY: every bit pattern is a valid f32, and `align_to` returns
+        // only the part of `bytes` that is aligned for one.
+        let (before, values, after) = unsafe { bytes.align_to::<f32>() };
+        (before.is_empty() && after.is_empty()).then_some(values)
+    }
+
     /// Value `i`, as f32.
     #[inline(always)]
     pub fn get(&self, i: usize) -> f32 {
