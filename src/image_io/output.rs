@@ -226,8 +226,15 @@ pub fn write_stdout(bytes: &[u8]) -> Result<()> {
     out.write_all(bytes).and_then(|()| out.flush()).context("cannot write to standard output")
 }
 
+/// Decided once: a descriptor closed at start-up stays as the runtime left it.
 #[cfg(target_os = "linux")]
 fn stdout_was_closed() -> bool {
+    static CLOSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CLOSED.get_or_init(stdout_is_runtime_null)
+}
+
+#[cfg(target_os = "linux")]
+fn stdout_is_runtime_null() -> bool {
     let on_null = std::fs::read_link("/proc/self/fd/1").is_ok_and(|p| p == Path::new("/dev/null"));
     let read_write = || {
         let info = std::fs::read_to_string("/proc/self/fdinfo/1").unwrap_or_default();
