@@ -1,13 +1,15 @@
 //! segattn: find the main object in a photo with a vision transformer and
 //! show where the transformer looks.
 //!
-//! The data path reads top to bottom, each module using only those above it:
+//! The data path reads top to bottom, each module using only those above it
+//! ([`fnv`], a hash, serves any of them):
 //! [`image_io`] -> [`preprocess`] -> [`model`] (-> [`hub`], which finds
 //! checkpoints by name) -> [`maps`] -> [`attention`] -> [`head`]
 //! -> [`metrics`] -> [`train`] / [`render`] -> [`cli`].
 
 pub mod attention;
 pub mod cli;
+pub mod fnv;
 pub mod head;
 pub mod hub;
 pub mod image_io;

@@ -70,7 +70,7 @@ pub fn run(args: AttnMapArgs) -> Result<u8> {
     let plan = jobs::plan(&args.batch, &[])?;
     let model = args.model.load()?;
     let model_files = ModelArgs::files_of(&model);
-    jobs::refuse_to_write_over(&plan, model_files.iter().copied())?;
+    jobs::refuse_to_write_over(plan.jobs.iter().flat_map(Job::output_files), model_files.iter().copied())?;
     let layer = model.resolve_layer(args.layer)?;
     if let HeadChoice::Index(h) = args.head
         && h >= model.config().num_heads

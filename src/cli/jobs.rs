@@ -362,22 +362,30 @@ fn check_outputs(
 /// Fails when `output` is one of `inputs`, by whatever path: a command never
 /// writes over a file it reads, its model and head included.
 pub fn refuse_overwrite<'a>(output: &Path, inputs: impl IntoIterator<Item = &'a Path>) -> Result<()> {
-    let Some(target) = comparable(output) else {
-        return Ok(());
-    };
-    for input in inputs {
-        if input.is_file() && comparable(input).as_ref() == Some(&target) {
-            bail!("refusing to write {} over {}, one of this command's inputs", output.display(), input.display());
-        }
-    }
-    Ok(())
+    refuse_to_write_over([output], inputs)
 }
 
-/// Fails when an output of `plan` is one of `files` (the model's, the head's).
-pub fn refuse_to_write_over<'a>(plan: &Plan, files: impl IntoIterator<Item = &'a Path>) -> Result<()> {
-    let files: Vec<&Path> = files.into_iter().collect();
-    for output in plan.jobs.iter().flat_map(Job::output_files) {
-        refuse_overwrite(output, files.iter().copied())?;
+/// Fails when one of `outputs` is one of `inputs`. Each input is resolved
+/// once, however many outputs there are.
+pub fn refuse_to_write_over<'a, 'b>(
+    outputs: impl IntoIterator<Item = &'a Path>,
+    inputs: impl IntoIterator<Item = &'b Path>,
+) -> Result<()> {
+    let inputs: Vec<(&Path, PathBuf)> = inputs
+        .into_iter()
+        .filter(|input| input.is_file())
+        .filter_map(|input| Some((input, comparable(input)?)))
+        .collect();
+    if inputs.is_empty() {
+        return Ok(());
+    }
+    for output in outputs {
+        let Some(target) = comparable(output) else {
+            continue;
+        };
+        if let Some((input, _)) = inputs.iter().find(|(_, key)| *key == target) {
+            bail!("refusing to write {} over {}, one of this command's inputs", output.display(), input.display());
+        }
     }
     Ok(())
 }

@@ -45,7 +45,10 @@ pub fn run(args: RunArgs) -> Result<u8> {
     let plan = jobs::plan(&args.batch, &extras)?;
     let model = args.model.load()?;
     let model_files = ModelArgs::files_of(&model);
-    jobs::refuse_to_write_over(&plan, model_files.iter().copied().chain(args.head.head_weights.as_deref()))?;
+    jobs::refuse_to_write_over(
+        plan.jobs.iter().flat_map(Job::output_files),
+        model_files.iter().copied().chain(args.head.head_weights.as_deref()),
+    )?;
     let head = args.head.build(&model)?;
     batch::run(plan, &args.batch, &model_files, |job| segment_one(&model, head.as_ref(), &args, job))
 }

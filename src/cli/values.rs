@@ -82,9 +82,7 @@ impl Shard {
     /// this shard. FNV-1a of the path's bytes: fixed by its definition, so
     /// every machine and every segattn version splits the same way.
     pub fn holds(&self, relative: &[u8]) -> bool {
-        let hash =
-            relative.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-        hash % self.count == self.index
+        crate::fnv::fnv1a_64(relative.iter().copied()) % self.count == self.index
     }
 }
 

@@ -238,8 +238,7 @@ impl SegmentationHead for NormalizedCut {
         let patches = keys.narrow(0, out.num_prefix_tokens, out.grid.len())?;
         let affinity = Affinity::from_features(&patches.to_vec2::<f32>()?, self.tau);
         let vector = fiedler_vector(&affinity)?;
-        let last = out.qkv.as_ref().map_or(0, |qkv| qkv.layer);
-        let looks = attention::mean_map(&attention::cls_attention(out, last)?)?;
+        let looks = attention::mean_map(&attention::cls_attention(out, qkv.layer)?)?;
         let foreground = foreground_component(&vector, out.grid, Some(&looks.values));
         let values = foreground.into_iter().map(|f| if f { 1.0 } else { 0.0 }).collect();
         Ok(HeadMap::probability(PatchMap::new(out.grid, values)?))

@@ -18,6 +18,7 @@ use super::config::{Activation, HfConfig, VitConfig};
 use super::fused;
 use super::interpolate::resample_grid;
 use super::weights::{CONFIG_METADATA_KEY, Layout, ModelFiles, QkvNames, TensorStore};
+use crate::fnv::fnv1a_64;
 
 /// A trained segmentation head stored beside the encoder's tensors.
 pub const HEAD_WEIGHT: &str = "head.weight";
@@ -644,16 +645,10 @@ impl Vit {
     }
 }
 
-/// FNV-1a over the tensors' f32 values.
+/// FNV-1a over the tensors' f32 values, little-endian.
 fn fingerprint(tensors: &[&Tensor]) -> Result<String> {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for t in tensors {
-        for v in t.flatten_all()?.to_vec1::<f32>()? {
-            for byte in v.to_le_bytes() {
-                hash = (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
-            }
-        }
-    }
+    let values = tensors.iter().map(|t| t.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<Vec<_>>>()?;
+    let hash = fnv1a_64(values.iter().flatten().flat_map(|v| v.to_le_bytes()));
     Ok(format!("{hash:016x}"))
 }
 
