@@ -32,11 +32,15 @@ pub fn pack(weight: &Tensor) -> Result<PackedWeight> {
     cpu_slice(weight, |w| Ok(PackedWeight::new(w, outputs, inputs)?))
 }
 
-/// W, `outputs` x `inputs`, from `value` of each flat index, laid out for
-/// the kernel that will read it.
-pub fn pack_fn(outputs: usize, inputs: usize, value: impl Fn(usize) -> f32 + Sync) -> Result<PackedWeight> {
+/// W, `outputs` x `inputs`, laid out for the kernel that will read it from
+/// `read(output, first, into)`, which fills `into` with W[output][first..].
+pub fn pack_rows(
+    outputs: usize,
+    inputs: usize,
+    read: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Result<PackedWeight> {
     limit_kernels();
-    Ok(PackedWeight::from_fn(outputs, inputs, value)?)
+    Ok(PackedWeight::from_rows(outputs, inputs, read)?)
 }
 
 /// `x · Wᵀ` for `x` (…, inputs), as a fresh buffer: candle's matmul zeroes

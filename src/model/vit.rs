@@ -55,25 +55,14 @@ impl Linear {
                 .collect::<Result<Vec<_>>>()?;
             return Ok(Self { weight: fused::pack(&Tensor::cat(&parts, 0)?)?, bias });
         };
-        let part_len = outputs * inputs;
         let not_finite = AtomicUsize::new(usize::MAX);
-        let checked = |part: usize, value: f32| {
-            if !value.is_finite() {
+        let weight = fused::pack_rows(names.len() * outputs, inputs, |output, first, into| {
+            let (part, row) = (output / outputs, output % outputs);
+            weights[part].read(row * inputs + first, into);
+            if !into.iter().all(|v| v.is_finite()) {
                 not_finite.fetch_min(part, Ordering::Relaxed);
             }
-            value
-        };
-        // One layer (the common case) needs no part lookup per value.
-        let weight = match weights.as_slice() {
-            [only] => match only.as_f32() {
-                Some(values) => fused::pack_fn(outputs, inputs, |k| checked(0, values[k]))?,
-                None => fused::pack_fn(outputs, inputs, |k| checked(0, only.get(k)))?,
-            },
-            _ => fused::pack_fn(names.len() * outputs, inputs, |k| {
-                let (part, i) = (k / part_len, k % part_len);
-                checked(part, weights[part].get(i))
-            })?,
-        };
+        })?;
         if let Some(name) = names.get(not_finite.into_inner()) {
             bail!("{}", store.not_finite(&format!("{name}.weight")));
         }

@@ -172,12 +172,33 @@ pub enum StoredValues<'a> {
 }
 
 impl StoredValues<'_> {
-    /// The values as `f32`s in place, when they are stored so and aligned
-    /// for it (safetensors pads its header to 8 bytes, so most are).
-    pub fn as_f32(&self) -> Option<&[f32]> {
-        let Self::F32(bytes) = self else {
-            return None;
-        };
+    /// Fills `into` with the values from index `first` on, as f32.
+    pub fn read(&self, first: usize, into: &mut [f32]) {
+        let len = into.len();
+        match self {
+            Self::F32(bytes) => match Self::aligned_f32s(bytes) {
+                Some(values) => into.copy_from_slice(&values[first..first + len]),
+                None => {
+                    let bytes = bytes[4 * first..4 * (first + len)].chunks_exact(4);
+                    into.iter_mut().zip(bytes).for_each(|(v, b)| *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                }
+            },
+            Self::F16(bytes) => {
+                let halves = bytes[2 * first..2 * (first + len)].chunks_exact(2);
+                into.iter_mut().zip(halves).for_each(|(v, b)| *v = f16_to_f32(u16::from_le_bytes([b[0], b[1]])));
+            }
+            Self::BF16(bytes) => {
+                let halves = bytes[2 * first..2 * (first + len)].chunks_exact(2);
+                into.iter_mut()
+                    .zip(halves)
+                    .for_each(|(v, b)| *v = f32::from_bits(u32::from(b[1]) << 24 | u32::from(b[0]) << 16));
+            }
+        }
+    }
+
+    /// `bytes` as `f32`s in place, when they are aligned for it (safetensors
+    /// pads its header to 8 bytes, so most are).
+    fn aligned_f32s(bytes: &[u8]) -> Option<&[f32]> {
         if cfg!(target_endian = "big") {
             return None;
         }
@@ -185,17 +206,6 @@ impl StoredValues<'_> {
         // only the part of `bytes` that is aligned for one.
         let (before, values, after) = unsafe { bytes.align_to::<f32>() };
         (before.is_empty() && after.is_empty()).then_some(values)
-    }
-
-    /// Value `i`, as f32.
-    #[inline(always)]
-    pub fn get(&self, i: usize) -> f32 {
-        let half = |b: &[u8]| u16::from_le_bytes([b[2 * i], b[2 * i + 1]]);
-        match self {
-            Self::F32(b) => f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]),
-            Self::F16(b) => f16_to_f32(half(b)),
-            Self::BF16(b) => f32::from_bits(u32::from(half(b)) << 16),
-        }
     }
 }
 
@@ -496,12 +506,15 @@ mod tests {
         let bytes: Vec<u8> = (0..=u16::MAX).flat_map(u16::to_le_bytes).collect();
         let candle = Tensor::from_raw_buffer(&bytes, DType::F16, &[1 << 16], &Device::Cpu).unwrap();
         let expected: Vec<f32> = candle.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
-        let values = StoredValues::F16(&bytes);
-        for (i, e) in expected.iter().enumerate() {
-            let ours = values.get(i);
+        let mut ours = vec![0.0; 1 << 16];
+        StoredValues::F16(&bytes).read(0, &mut ours);
+        for (i, (ours, e)) in ours.iter().zip(&expected).enumerate() {
             assert!(ours.to_bits() == e.to_bits() || (ours.is_nan() && e.is_nan()), "{i:#06x}: {ours} vs {e}");
         }
-        let bf16 = [0x80u8, 0x3f, 0x00, 0xc0];
-        assert_eq!([StoredValues::BF16(&bf16).get(0), StoredValues::BF16(&bf16).get(1)], [1.0, -2.0]);
+        let mut two = [0.0; 2];
+        StoredValues::BF16(&[0x80, 0x3f, 0x00, 0xc0]).read(0, &mut two);
+        assert_eq!(two, [1.0, -2.0]);
+        StoredValues::F32(&[0x00, 0x00, 0x80, 0x3f, 0x00, 0x00, 0x00, 0xc0]).read(1, &mut two[..1]);
+        assert_eq!(two[0], -2.0);
     }
 }

@@ -69,44 +69,55 @@ impl PackedWeight {
             let shape = format!("{outputs} x {inputs}");
             return Err(ShapeError::new(format!("PackedWeight: {} values for a {shape} matrix", weight.len())));
         }
-        Self::from_fn(outputs, inputs, |k| weight[k])
+        Self::from_rows(outputs, inputs, |output, first, into| {
+            into.copy_from_slice(&weight[output * inputs + first..][..into.len()]);
+        })
     }
 
-    /// Packs W, `outputs` rows of `inputs` values, whose value at flat index
-    /// `output · inputs + input` is `value(index)`: W read straight from
-    /// wherever it is stored (a mapped file, in f16), converted on the way,
-    /// in the one pass the packing makes anyway. Each value is read once.
-    pub fn from_fn(outputs: usize, inputs: usize, value: impl Fn(usize) -> f32 + Sync) -> Result<Self, ShapeError> {
+    /// Packs W, `outputs` rows of `inputs` values, that `read(output, first,
+    /// into)` fills `into` with from: W[output][first..first + into.len()].
+    /// W is read straight from wherever it is stored (a mapped file, in f16),
+    /// converted and checked on the way, in the one pass the packing makes
+    /// anyway. Each value is read once.
+    pub fn from_rows(
+        outputs: usize,
+        inputs: usize,
+        read: impl Fn(usize, usize, &mut [f32]) + Sync,
+    ) -> Result<Self, ShapeError> {
         if inputs == 0 {
             return Err(ShapeError::new(format!("PackedWeight: a {outputs} x 0 matrix")));
         }
-        Ok(Self::for_kernel(value, outputs, inputs, MatmulKernel::best()))
+        Ok(Self::for_kernel(read, outputs, inputs, MatmulKernel::best()))
     }
 
-    /// Each task writes 32 rows of the packed panels, one output column at a
-    /// time, so every read is a 128-byte run of a row of W.
+    /// Each task lays out a piece of one panel: [`PIECE`] inputs of its
+    /// outputs, read as runs of rows of W into a buffer that stays in L1,
+    /// then written to the panel one input at a time.
     pub(crate) fn for_kernel(
-        value: impl Fn(usize) -> f32 + Sync,
+        read: impl Fn(usize, usize, &mut [f32]) + Sync,
         outputs: usize,
         inputs: usize,
         kernel: MatmulKernel,
     ) -> Self {
-        const STRIP: usize = 32;
+        const PIECE: usize = 128;
         let width = kernel.panel_width(outputs).max(1);
-        let panel_rows = outputs.div_ceil(width) * inputs;
-        let mut panels = Unwritten::new(panel_rows * width);
-        panels.slots().par_chunks_mut(STRIP * width).enumerate().for_each(|(strip, out)| {
-            let first = strip * STRIP;
-            let rows = (first..first + out.len() / width).map(|q| (q / inputs * width, q % inputs));
-            let rows: Vec<(usize, usize)> = rows.collect();
-            for lane in 0..width {
-                for (r, &(panel_start, input)) in rows.iter().enumerate() {
-                    let output = panel_start + lane;
-                    out[r * width + lane].write(if output < outputs { value(output * inputs + input) } else { 0.0 });
+        let mut panels = Unwritten::new(outputs.div_ceil(width) * inputs * width);
+        panels.slots().par_chunks_mut(inputs * width).enumerate().for_each(|(panel, out)| {
+            let lanes = width.min(outputs - panel * width);
+            out.par_chunks_mut(PIECE * width).enumerate().for_each(|(piece, out)| {
+                let (first, len) = (piece * PIECE, out.len() / width);
+                let mut rows = vec![0.0; lanes * len];
+                for (lane, row) in rows.chunks_exact_mut(len).enumerate() {
+                    read(panel * width + lane, first, row);
                 }
-            }
+                for (k, out) in out.chunks_exact_mut(width).enumerate() {
+                    for (lane, slot) in out.iter_mut().enumerate() {
+                        slot.write(if lane < lanes { rows[lane * len + k] } else { 0.0 });
+                    }
+                }
+            });
         });
-        // SAFETY: each strip wrote every lane of each of its rows.
+        // SAFETY: each piece wrote every lane of each of its inputs.
         let panels = unsafe { panels.assume_written() };
         Self { panels, kernel, inputs, outputs }
     }
@@ -190,9 +201,10 @@ mod tests {
     #[test]
     fn matmul_kernels_match_the_formula() {
         // Rows around a row tile (6); outputs around a panel (8 or 16 lanes)
-        // and a group of panels, full and partial; one input and many.
+        // and a group of panels, full and partial; one input, many, and more
+        // than one piece of the packing (128) with a partial last.
         for rows in [1, 5, 6, 7, 37] {
-            for inputs in [1, 19, 64] {
+            for inputs in [1, 19, 64, 300] {
                 let x = crate::noise(rows * inputs, (rows * 100 + inputs) as u64);
                 for outputs in [1, 8, 16, 17, 23, 83] {
                     let weight = crate::noise(outputs * inputs, outputs as u64);
@@ -207,7 +219,10 @@ mod tests {
                     #[cfg(not(target_arch = "x86_64"))]
                     let kernels = vec![MatmulKernel::Gemm];
                     for kernel in kernels {
-                        let packed = PackedWeight::for_kernel(|k| weight[k], outputs, inputs, kernel);
+                        let read = |output: usize, first: usize, into: &mut [f32]| {
+                            into.copy_from_slice(&weight[output * inputs + first..][..into.len()]);
+                        };
+                        let packed = PackedWeight::for_kernel(read, outputs, inputs, kernel);
                         let ours = matmul(&x, &packed).unwrap();
                         assert_eq!(ours.len(), expected.len());
                         for (a, e) in ours.iter().zip(&expected) {
