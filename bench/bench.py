@@ -9,7 +9,8 @@ Prints, as ratios segattn / torch (below 1 means segattn is faster or smaller):
   - how time grows with the token count (ViT-S/16, 256 -> 4096 tokens);
   - a folder of 16 photos end to end (decode, resize, encode, attention-mass
     mask, PNG): the segattn CLI against an equivalent torch + Pillow script;
-  - peak memory (max RSS) of every process, and segattn's model load time.
+  - peak memory (max RSS) of every process, and segattn's model load time;
+  - on CPUs with AVX512-BF16, segattn's encoder with --precision bf16 too.
 Models are random-weight, real-size, saved once by transformers as
 safetensors so that both sides load the same file.
 """
@@ -132,6 +133,14 @@ def torch_folder(args):
         Image.fromarray(mask).save(os.path.join(args.output, os.path.splitext(name)[0] + ".png"))
 
 
+def cpu_model():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def cargo_encoder_binary():
     out = subprocess.run(["cargo", "bench", "--bench", "encoder", "--no-run", "--message-format=json"],
                          cwd=ROOT, capture_output=True, text=True, check=True)
@@ -171,15 +180,24 @@ def main():
     segattn = os.path.join(ROOT, "target", "release", "segattn")
     encoder = cargo_encoder_binary()
     me = [sys.executable, os.path.abspath(__file__)]
+    weights16 = os.path.join(WORK, "vits16")
+    info = json.loads(subprocess.run([segattn, "info", "--weights", weights16, "--json"], capture_output=True,
+                                     text=True, check=True).stdout)
+    bf16_info = json.loads(subprocess.run([segattn, "info", "--weights", weights16, "--json", "--precision", "bf16"],
+                                          capture_output=True, text=True, check=True).stdout)
+    has_bf16 = bf16_info["linear_kernel"] != info["linear_kernel"]
+    print(f"CPU: {cpu_model()}; segattn's linear layers on {info['linear_kernel']}, attention on "
+          f"{info['attention_kernel']}" + (f"; with --precision bf16, linear layers on {bf16_info['linear_kernel']}"
+                                            if has_bf16 else "; no AVX512-BF16 here, so no bf16 column"))
     print(f"{THREADS} threads on each side; encoder: medians of {args.runs} runs after a warm-up, "
           f"median over {args.rounds} alternating rounds\n")
 
-    def compare(model, height, width):
+    def compare(model, height, width, bf16=False):
         weights = os.path.join(WORK, MODELS[model][0])
         size = [str(height), str(width), str(args.runs)]
 
-        def our_round():
-            out, _, rss = timed([encoder, weights, *size, "none"])
+        def our_round(precision):
+            out, _, rss = timed([encoder, weights, *size, "none", precision])
             return json.loads(out), rss
 
         def their_round():
@@ -187,24 +205,29 @@ def main():
                                       "--width", str(width), "--runs", str(args.runs), "--threads", str(THREADS)])
             return json.loads(out), rss
 
-        ours, theirs = [], []
+        ours, theirs, ours_bf16 = [], [], []
+        sides = [(lambda: our_round("f32"), ours), (their_round, theirs)]
+        if bf16:
+            sides.append((lambda: our_round("bf16"), ours_bf16))
         for i in range(args.rounds):
-            sides = [(our_round, ours), (their_round, theirs)]
             for run, results in sides if i % 2 == 0 else sides[::-1]:
                 results.append(run())
         median = lambda results, key: statistics.median(r[key] for r, _ in results)
         summary = {"tokens": ours[0][0]["tokens"], "median_ms": median(ours, "median_ms"),
-                   "load_ms": median(ours, "load_ms")}
+                   "load_ms": median(ours, "load_ms"),
+                   "bf16_ms": median(ours_bf16, "median_ms") if bf16 else None}
         return summary, max(rss for _, rss in ours), median(theirs, "median_ms"), max(rss for _, rss in theirs)
 
+    bf16_header = f"{'bf16 ms':>9}{'ratio':>7}" if has_bf16 else ""
     print(f"{'encoder forward':<28}{'tokens':>7}{'segattn ms':>12}{'torch ms':>10}{'ratio':>7}"
-          f"{'segattn MB':>12}{'torch MB':>10}{'ratio':>7}{'load ms':>9}")
+          f"{'segattn MB':>12}{'torch MB':>10}{'ratio':>7}{'load ms':>9}{bf16_header}")
     for model, (height, width) in [("ViT-S/16", (224, 224)), ("ViT-S/16", (480, 640)), ("ViT-S/8", (224, 224)),
                                    ("ViT-S/8", (480, 640)), ("DINOv2-S/14", (224, 224)), ("DINOv2-S/14", (476, 644))]:
-        ours, our_rss, theirs, their_rss = compare(model, height, width)
+        ours, our_rss, theirs, their_rss = compare(model, height, width, bf16=has_bf16)
         label = f"{model} {height}x{width}"
+        bf16_columns = f"{ours['bf16_ms']:>9.1f}{ours['bf16_ms'] / theirs:>7.2f}" if has_bf16 else ""
         print(f"{label:<28}{ours['tokens']:>7}{ours['median_ms']:>12.1f}{theirs:>10.1f}{ours['median_ms'] / theirs:>7.2f}"
-              f"{our_rss:>12.0f}{their_rss:>10.0f}{our_rss / their_rss:>7.2f}{ours['load_ms']:>9.1f}")
+              f"{our_rss:>12.0f}{their_rss:>10.0f}{our_rss / their_rss:>7.2f}{ours['load_ms']:>9.1f}{bf16_columns}")
 
     print(f"\n{'scaling (ViT-S/16)':<28}{'tokens':>7}{'segattn ms':>12}{'torch ms':>10}{'ratio':>7}{'ms/token':>10}")
     for side in (256, 512, 1024):
@@ -212,7 +235,7 @@ def main():
         print(f"{f'{side}x{side}':<28}{ours['tokens']:>7}{ours['median_ms']:>12.1f}{theirs:>10.1f}"
               f"{ours['median_ms'] / theirs:>7.2f}{ours['median_ms'] / ours['tokens']:>10.3f}")
 
-    weights = os.path.join(WORK, "vits16")
+    weights = weights16
     count = len(os.listdir(photos))
     _, our_wall, our_rss = timed([segattn, "run", photos, "--out-dir", os.path.join(WORK, "masks_segattn"),
                                   "--weights", weights, "--size", "480"])

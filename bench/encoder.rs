@@ -2,27 +2,31 @@
 //! checkpoint, runs the encoder forward on random pixels, prints one JSON
 //! line with the load time and the median forward time.
 //!
-//! cargo bench --bench encoder -- WEIGHTS HEIGHT WIDTH RUNS [cls|none|all]
+//! cargo bench --bench encoder -- WEIGHTS HEIGHT WIDTH RUNS [cls|none|all] [f32|bf16]
 //!
 //! WEIGHTS `segattn-s16` is the built-in model. RUNS 0 times the load alone.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use segattn::model::{Capture, Keep, Vit, builtin};
+use segattn::model::{Capture, Keep, Precision, Vit, builtin};
 
 fn main() -> anyhow::Result<()> {
     // SAFETY: first statement of main; no other thread exists yet.
     unsafe { segattn::configure_runtime() };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let [weights, height, width, runs, ..] = &args[..] else {
-        anyhow::bail!("usage: encoder WEIGHTS HEIGHT WIDTH RUNS [cls|none|all]");
+        anyhow::bail!("usage: encoder WEIGHTS HEIGHT WIDTH RUNS [cls|none|all] [f32|bf16]");
     };
     let (height, width, runs): (usize, usize, usize) = (height.parse()?, width.parse()?, runs.parse()?);
+    let precision = match args.get(5).map(String::as_str) {
+        Some("bf16") => Precision::Bf16,
+        _ => Precision::F32,
+    };
     let start = Instant::now();
     let model = match weights.as_str() {
-        builtin::NAME => Vit::builtin()?,
-        path => Vit::load(path.as_ref())?,
+        builtin::NAME => Vit::builtin_in(precision)?,
+        path => Vit::load_in(path.as_ref(), precision)?,
     };
     let load_ms = start.elapsed().as_secs_f64() * 1000.0;
     let last = model.config().num_layers - 1;
@@ -33,7 +37,7 @@ fn main() -> anyhow::Result<()> {
         _ => Capture::attention([last], Keep::ClsRow),
     };
     if runs == 0 {
-        println!("{{\"load_ms\": {load_ms:.2}}}");
+        println!("{{\"load_ms\": {load_ms:.2}, \"precision\": \"{:?}\"}}", model.precision());
         return Ok(());
     }
     let pixels = Tensor::randn(0f32, 1.0, (1, 3, height, width), &Device::Cpu)?;
@@ -46,9 +50,10 @@ fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     times.sort_by(f64::total_cmp);
     println!(
-        "{{\"load_ms\": {load_ms:.2}, \"median_ms\": {:.2}, \"runs\": {runs}, \"tokens\": {}}}",
+        "{{\"load_ms\": {load_ms:.2}, \"median_ms\": {:.2}, \"runs\": {runs}, \"tokens\": {}, \"precision\": \"{:?}\"}}",
         times[runs / 2],
-        (height / model.config().patch_size) * (width / model.config().patch_size) + model.config().num_prefix_tokens()
+        (height / model.config().patch_size) * (width / model.config().patch_size) + model.config().num_prefix_tokens(),
+        model.precision()
     );
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use segattn::head::{LinearHead, SegmentationHead};
-use segattn::model::{Capture, Keep, Vit};
+use segattn::model::{Capture, Keep, Precision, Vit, precision_is_available};
 use segattn::preprocess;
 
 mod common;
@@ -56,6 +56,47 @@ fn builtin_model_matches_pytorch() {
         assert!(soft_err <= 1e-3, "{name}: soft masks differ by {soft_err}");
         assert!(attention_err <= 1e-5, "{name}: class-token attention differs by {attention_err}");
     }
+}
+
+/// bfloat16 linear layers, where the CPU has them, give the f32 path's masks
+/// to within a few pixels; elsewhere the model says it runs in f32.
+#[test]
+fn bfloat16_masks_agree_with_f32_masks() {
+    let exact = Vit::builtin().unwrap();
+    let fast = Vit::builtin_in(Precision::Bf16).unwrap();
+    let bf16_here = precision_is_available(Precision::Bf16);
+    assert_eq!(fast.precision(), if bf16_here { Precision::Bf16 } else { Precision::F32 });
+    let head = LinearHead::bundled(&exact).unwrap().unwrap();
+    for name in ["cat.jpg", "astronaut.jpg", "coffee.jpg", "rocket.jpg"] {
+        let photo = image::open(sample(name)).unwrap();
+        let x = preprocess::model_input(&photo, 224, 16).unwrap();
+        let (_, _, h, w) = x.dims4().unwrap();
+        let soft = |model: &Vit| {
+            let out = model.forward(&x, &Capture::default()).unwrap();
+            head.predict(model, &out).unwrap().to_pixels(w as u32, h as u32).values
+        };
+        let (a, b) = (soft(&exact), soft(&fast));
+        let largest = a.iter().zip(&b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let flipped = a.iter().zip(&b).filter(|&(a, b)| (*a >= 0.5) != (*b >= 0.5)).count();
+        println!("{name}: soft masks differ by at most {largest:.2e}; {flipped} of {} pixels flip", a.len());
+        if bf16_here {
+            assert!(largest > 0.0, "{name}: the bfloat16 path gave f32's mask exactly: did it run?");
+        }
+        assert!(largest <= 0.02, "{name}: soft masks differ by {largest}");
+        assert!(flipped * 1000 <= a.len(), "{name}: {flipped} of {} pixels flip", a.len());
+    }
+}
+
+#[test]
+fn precision_bf16_runs_or_says_it_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cat_mask.png");
+    let result = segattn(&["run", s(&sample("cat.jpg")), "--out", s(&out), "--precision", "bf16"]).output().unwrap();
+    assert!(result.status.success(), "{}", stderr(&result));
+    let warned = stderr(&result).contains("--precision bf16 needs a CPU with AVX512-BF16");
+    assert_eq!(warned, !precision_is_available(Precision::Bf16), "{}", stderr(&result));
+    let teacher = image::open(fixture("builtin/teacher/cat.png")).unwrap().to_luma8();
+    assert!(iou(&image::open(&out).unwrap().to_luma8(), &teacher) >= 0.55);
 }
 
 /// `segattn` with no model named anywhere.

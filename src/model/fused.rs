@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Storage, Tensor};
 use segattn_kernels as kernels;
 
-pub use kernels::PackedWeight;
+pub use kernels::{PackedWeight, Precision};
 
 /// Applies SEGATTN_KERNELS (`avx2`, or `portable` for the gemm crate's
 /// path) before any kernel runs, so that CI can test every path on one
@@ -25,22 +25,34 @@ fn limit_kernels() {
     });
 }
 
-/// W, (outputs, inputs) as stored, laid out for the kernel that will read it.
-pub fn pack(weight: &Tensor) -> Result<PackedWeight> {
+/// Whether this machine (under SEGATTN_KERNELS) multiplies in `precision`.
+pub fn is_available(precision: Precision) -> bool {
     limit_kernels();
-    let (outputs, inputs) = weight.dims2()?;
-    cpu_slice(weight, |w| Ok(PackedWeight::new(w, outputs, inputs)?))
+    precision.is_available()
 }
 
-/// W, `outputs` x `inputs`, laid out for the kernel that will read it from
+/// W, (outputs, inputs) as stored, laid out for the kernel that will read
+/// it in `precision`.
+pub fn pack(weight: &Tensor, precision: Precision) -> Result<PackedWeight> {
+    let (outputs, inputs) = weight.dims2()?;
+    cpu_slice(weight, |w| {
+        pack_rows(precision, outputs, inputs, |output, first, into| {
+            into.copy_from_slice(&w[output * inputs + first..][..into.len()]);
+        })
+    })
+}
+
+/// W, `outputs` x `inputs`, laid out for the kernel that will read it in
+/// `precision` (f32 where that is not available), from
 /// `read(output, first, into)`, which fills `into` with W[output][first..].
 pub fn pack_rows(
+    precision: Precision,
     outputs: usize,
     inputs: usize,
     read: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> Result<PackedWeight> {
     limit_kernels();
-    Ok(PackedWeight::from_rows(outputs, inputs, read)?)
+    Ok(PackedWeight::from_rows(precision, outputs, inputs, read)?)
 }
 
 /// `x · Wᵀ` for `x` (…, inputs), as a fresh buffer: candle's matmul zeroes
@@ -113,9 +125,9 @@ pub fn attention(qkv: &Tensor, num_heads: usize, scale: f32, keep_cls_row: bool)
 
 /// The kernels that compute the linear layers and the attention of heads of
 /// `head_dim` dimensions on this machine, in words, for `segattn info`.
-pub fn kernel_names(head_dim: usize) -> (String, String) {
+pub fn kernel_names(precision: Precision, head_dim: usize) -> (String, String) {
     limit_kernels();
-    kernels::kernel_names(head_dim)
+    kernels::kernel_names(precision, head_dim)
 }
 
 fn cpu_slice<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {

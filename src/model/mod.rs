@@ -8,6 +8,7 @@ pub mod vit;
 pub mod weights;
 
 pub use config::VitConfig;
+pub use fused::{Precision, is_available as precision_is_available};
 pub use interpolate::PosInterpolation;
 pub use vit::{Capture, EncoderOutput, Keep, PatchGrid, Qkv, Vit};
 pub use weights::{ModelFiles, WEIGHT_FILES};

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::builtin;
 use super::config::{Activation, HfConfig, VitConfig};
-use super::fused;
+use super::fused::{self, Precision};
 use super::interpolate::resample_grid;
 use super::weights::{CONFIG_METADATA_KEY, Layout, ModelFiles, QkvNames, TensorStore};
 use crate::fnv::fnv1a_64;
@@ -35,8 +35,8 @@ struct Linear {
 }
 
 impl Linear {
-    fn new(store: &TensorStore, name: &str, inputs: usize, outputs: usize) -> Result<Self> {
-        Self::stacked(store, &[name.to_string()], inputs, outputs)
+    fn new(store: &TensorStore, name: &str, inputs: usize, outputs: usize, precision: Precision) -> Result<Self> {
+        Self::stacked(store, &[name.to_string()], inputs, outputs, precision)
     }
 
     /// The layers `names` (each `outputs` x `inputs`) as one, their outputs
@@ -44,7 +44,13 @@ impl Linear {
     /// W is read in place from the file and packed in one pass, its
     /// finiteness checked on the way; formats that cannot be read in place
     /// are loaded as tensors first.
-    fn stacked(store: &TensorStore, names: &[String], inputs: usize, outputs: usize) -> Result<Self> {
+    fn stacked(
+        store: &TensorStore,
+        names: &[String],
+        inputs: usize,
+        outputs: usize,
+        precision: Precision,
+    ) -> Result<Self> {
         let bias_parts =
             (names.iter().map(|name| store.tensor(&format!("{name}.bias"), &[outputs]))).collect::<Result<Vec<_>>>()?;
         let bias = Tensor::cat(&bias_parts, 0)?;
@@ -53,10 +59,10 @@ impl Linear {
         let Some(weights) = weights else {
             let parts = (names.iter().map(|name| store.tensor(&format!("{name}.weight"), &[outputs, inputs])))
                 .collect::<Result<Vec<_>>>()?;
-            return Ok(Self { weight: fused::pack(&Tensor::cat(&parts, 0)?)?, bias });
+            return Ok(Self { weight: fused::pack(&Tensor::cat(&parts, 0)?, precision)?, bias });
         };
         let not_finite = AtomicUsize::new(usize::MAX);
-        let weight = fused::pack_rows(names.len() * outputs, inputs, |output, first, into| {
+        let weight = fused::pack_rows(precision, names.len() * outputs, inputs, |output, first, into| {
             let (part, row) = (output / outputs, output % outputs);
             weights[part].read(row * inputs + first, into);
             if !into.iter().all(|v| v.is_finite()) {
@@ -143,7 +149,7 @@ struct PatchEmbed {
 }
 
 impl PatchEmbed {
-    fn new(store: &TensorStore, layout: &Layout, config: &VitConfig) -> Result<Self> {
+    fn new(store: &TensorStore, layout: &Layout, config: &VitConfig, precision: Precision) -> Result<Self> {
         let mut inputs = 3;
         let mut stem = Vec::with_capacity(config.stem_channels.len());
         for (i, &outputs) in config.stem_channels.iter().enumerate() {
@@ -154,7 +160,7 @@ impl PatchEmbed {
         let q = config.patch_size >> stem.len();
         let weight = store.tensor(&format!("{}.weight", layout.patch_embed), &[d, inputs, q, q])?;
         let bias = store.tensor(&format!("{}.bias", layout.patch_embed), &[d])?;
-        let projection = Linear { weight: fused::pack(&weight.reshape((d, inputs * q * q))?)?, bias };
+        let projection = Linear { weight: fused::pack(&weight.reshape((d, inputs * q * q))?, precision)?, bias };
         Ok(Self { stem, projection, projection_size: q, patch_size: config.patch_size })
     }
 
@@ -326,16 +332,22 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(store: &TensorStore, layout: &Layout, layer: usize, config: &VitConfig) -> Result<Self> {
+    fn new(
+        store: &TensorStore,
+        layout: &Layout,
+        layer: usize,
+        config: &VitConfig,
+        precision: Precision,
+    ) -> Result<Self> {
         let d = config.hidden_size;
         let qkv = match layout.qkv {
-            QkvNames::Fused(name) => Linear::new(store, &layout.block(layer, name), d, 3 * d)?,
+            QkvNames::Fused(name) => Linear::new(store, &layout.block(layer, name), d, 3 * d, precision)?,
             QkvNames::Separate(names) => {
                 let names: Vec<String> = names.iter().map(|name| layout.block(layer, name)).collect();
-                Linear::stacked(store, &names, d, d)?
+                Linear::stacked(store, &names, d, d, precision)?
             }
         };
-        let out = Linear::new(store, &layout.block(layer, layout.attn_out), d, d)?;
+        let out = Linear::new(store, &layout.block(layer, layout.attn_out), d, d, precision)?;
         let scale = 1.0 / (config.head_dim() as f64).sqrt();
         Ok(Self { qkv, out, num_heads: config.num_heads, scale })
     }
@@ -418,7 +430,13 @@ struct Block {
 }
 
 impl Block {
-    fn new(store: &TensorStore, layout: &Layout, layer: usize, config: &VitConfig) -> Result<Self> {
+    fn new(
+        store: &TensorStore,
+        layout: &Layout,
+        layer: usize,
+        config: &VitConfig,
+        precision: Precision,
+    ) -> Result<Self> {
         let (d, eps) = (config.hidden_size, config.layer_norm_eps);
         let name = |role: &str| layout.block(layer, role);
         let layer_scale = |role: &str| -> Result<Option<Tensor>> {
@@ -426,12 +444,12 @@ impl Block {
         };
         Ok(Self {
             norm1: LayerNorm::new(store, &name(layout.norm1), d, eps)?,
-            attention: Attention::new(store, layout, layer, config)?,
+            attention: Attention::new(store, layout, layer, config, precision)?,
             layer_scale1: layer_scale(layout.layer_scale[0])?,
             norm2: LayerNorm::new(store, &name(layout.norm2), d, eps)?,
             mlp: Mlp {
-                fc1: Linear::new(store, &name(layout.fc1), d, config.mlp_hidden_size)?,
-                fc2: Linear::new(store, &name(layout.fc2), config.mlp_hidden_size, d)?,
+                fc1: Linear::new(store, &name(layout.fc1), d, config.mlp_hidden_size, precision)?,
+                fc2: Linear::new(store, &name(layout.fc2), config.mlp_hidden_size, d, precision)?,
                 activation: config.activation,
             },
             layer_scale2: layer_scale(layout.layer_scale[1])?,
@@ -481,24 +499,37 @@ pub struct Vit {
     bundled_head: Option<(Tensor, Tensor)>,
     default_short_side: Option<usize>,
     fingerprint: String,
+    precision: Precision,
 }
 
 impl Vit {
     /// Loads a checkpoint from a `.safetensors` file or a Hugging Face snapshot directory.
     /// It runs on the CPU: the fused kernels are CPU code.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_in(path, Precision::F32)
+    }
+
+    /// [`Vit::load`], its linear layers multiplying in `precision` where
+    /// this CPU has it (else in f32: [`Vit::precision`] says which).
+    pub fn load_in(path: &Path, precision: Precision) -> Result<Self> {
         let files = ModelFiles::locate(path)?;
         let store = TensorStore::open(&files.weights)?;
-        Self::from_store(store, files)
+        Self::from_store(store, files, precision)
     }
 
     /// segattn's own model, compiled into the binary ([`builtin`]).
     pub fn builtin() -> Result<Self> {
-        let store = TensorStore::embedded(builtin::DISPLAY_NAME, builtin::SAFETENSORS)?;
-        Self::from_store(store, ModelFiles { weights: builtin::DISPLAY_NAME.into(), config: None })
+        Self::builtin_in(Precision::F32)
     }
 
-    fn from_store(store: TensorStore, files: ModelFiles) -> Result<Self> {
+    /// [`Vit::builtin`] in `precision`, as [`Vit::load_in`].
+    pub fn builtin_in(precision: Precision) -> Result<Self> {
+        let store = TensorStore::embedded(builtin::DISPLAY_NAME, builtin::SAFETENSORS)?;
+        Self::from_store(store, ModelFiles { weights: builtin::DISPLAY_NAME.into(), config: None }, precision)
+    }
+
+    fn from_store(store: TensorStore, files: ModelFiles, precision: Precision) -> Result<Self> {
+        let precision = if fused::is_available(precision) { precision } else { Precision::F32 };
         // A config.json beside the weights, else one carried in the file's metadata.
         let hf = match (&files.config, store.metadata(CONFIG_METADATA_KEY)) {
             (Some(config_path), _) => HfConfig::read(config_path)?,
@@ -516,10 +547,10 @@ impl Vit {
         // parallel, load time is what one core's share of the file takes.
         let blocks = (0..config.num_layers)
             .into_par_iter()
-            .map(|layer| Block::new(&store, &layout, layer, &config))
+            .map(|layer| Block::new(&store, &layout, layer, &config, precision))
             .collect::<Result<Vec<_>>>()?;
         let cls_token = store.tensor(layout.cls_token, &[1, 1, d])?;
-        let patch_embed = PatchEmbed::new(&store, &layout, &config)?;
+        let patch_embed = PatchEmbed::new(&store, &layout, &config, precision)?;
         let fingerprint = fingerprint(&[&cls_token, &patch_embed.projection.bias])?;
         let num_parameters = store.names().filter_map(|n| store.shape(n)).map(|s| s.iter().product::<usize>()).sum();
         let bundled_head = match (store.shape(HEAD_WEIGHT), store.shape(HEAD_BIAS)) {
@@ -545,6 +576,7 @@ impl Vit {
             default_short_side,
             config,
             files,
+            precision,
         })
     }
 
@@ -569,7 +601,12 @@ impl Vit {
     /// What computes the linear layers and the attention on this machine,
     /// in words.
     pub fn kernel_names(&self) -> (String, String) {
-        fused::kernel_names(self.config.head_dim())
+        fused::kernel_names(self.precision, self.config.head_dim())
+    }
+
+    /// What the linear layers multiply in.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Parameters stored in the checkpoint (all of its tensors).

@@ -1,10 +1,10 @@
 //! Median times of the kernels at ViT-S sizes (hidden 384, 6 heads of 64):
 //! 197 tokens (224x224 at 16-pixel patches) and 1201 (480x640).
-//!   cargo bench -p segattn-kernels [-- widest|avx2|portable]
+//!   cargo bench -p segattn-kernels [-- widest|avx2|portable|bf16]
 
 use std::time::Instant;
 
-use segattn_kernels::{self as kernels, Limit, Norm, PackedWeight};
+use segattn_kernels::{self as kernels, Limit, Norm, PackedWeight, Precision};
 
 fn values(n: usize) -> Vec<f32> {
     (0..n).map(|i| ((i as f32) * 0.618).sin()).collect()
@@ -25,17 +25,25 @@ fn time(runs: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let limit = match std::env::args().skip(1).find(|a| !a.starts_with('-')).as_deref() {
-        Some("avx2") => Limit::Avx2,
-        Some("portable") => Limit::Portable,
-        _ => Limit::Widest,
+    let choice = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let (limit, precision) = match choice.as_deref() {
+        Some("avx2") => (Limit::Avx2, Precision::F32),
+        Some("portable") => (Limit::Portable, Precision::F32),
+        Some("bf16") => (Limit::Widest, Precision::Bf16),
+        _ => (Limit::Widest, Precision::F32),
     };
     kernels::set_limit(limit);
-    let (matmul_kernel, attention_kernel) = kernels::kernel_names(64);
-    println!("{limit:?}: linear layers on {matmul_kernel}; attention on {attention_kernel}");
+    let (matmul_kernel, attention_kernel) = kernels::kernel_names(precision, 64);
+    println!("{limit:?}, {precision:?}: linear layers on {matmul_kernel}; attention on {attention_kernel}");
     let hidden = 384;
-    let qkv_weight = PackedWeight::new(&values(3 * hidden * hidden), 3 * hidden, hidden).unwrap();
-    let fc1 = PackedWeight::new(&values(4 * hidden * hidden), 4 * hidden, hidden).unwrap();
+    let weight = |outputs: usize, inputs: usize| {
+        let w = values(outputs * inputs);
+        let read =
+            |o: usize, first: usize, into: &mut [f32]| into.copy_from_slice(&w[o * inputs + first..][..into.len()]);
+        PackedWeight::from_rows(precision, outputs, inputs, read).unwrap()
+    };
+    let qkv_weight = weight(3 * hidden, hidden);
+    let fc1 = weight(4 * hidden, hidden);
     let (weight, bias) = (values(hidden), values(hidden));
     for tokens in [197, 1201] {
         let x = values(tokens * hidden);

@@ -10,7 +10,9 @@
 //! On x86-64 CPUs with AVX-512, or AVX2 + FMA, the products run on register
 //! tiles written once for both (`simd`, `tile_matmul`, `tile_attention`),
 //! chosen at run time; elsewhere, and for attention heads other than 64
-//! dimensions, on the gemm crate. Work is shared out on rayon's pool.
+//! dimensions, on the gemm crate. On request ([`Precision::Bf16`]), the
+//! linear layers multiply in bfloat16 on CPUs with AVX512-BF16, on the same
+//! tiles. Work is shared out on rayon's pool.
 
 /// `fn name(args) = portable`: `name` runs `portable` compiled for the widest
 /// vectors the CPU has (AVX-512, else AVX2 + FMA, else baseline) that
@@ -57,7 +59,7 @@ mod tile_matmul;
 use std::sync::OnceLock;
 
 pub use attention::{Attended, attention};
-pub use matmul::{PackedWeight, matmul};
+pub use matmul::{PackedWeight, Precision, matmul};
 pub use rows::{Norm, add_bias, bias_gelu, layer_norm, residual_layer_norm};
 
 /// A shape the kernels cannot work on, in words.
@@ -102,10 +104,11 @@ fn limit() -> Limit {
     *LIMIT.get_or_init(|| Limit::Widest)
 }
 
-/// The kernels that compute `x · Wᵀ` and the attention of heads of
-/// `head_dim` dimensions on this machine, in words.
-pub fn kernel_names(head_dim: usize) -> (String, String) {
-    (matmul::MatmulKernel::best().to_string(), attention::AttentionKernel::best(head_dim).to_string())
+/// The kernels that compute `x · Wᵀ` in `precision` (or in f32, where it
+/// is not available) and the attention of heads of `head_dim` dimensions on
+/// this machine, in words.
+pub fn kernel_names(precision: Precision, head_dim: usize) -> (String, String) {
+    (matmul::MatmulKernel::best(precision).to_string(), attention::AttentionKernel::best(head_dim).to_string())
 }
 
 /// Deterministic values in [-2, 2), for test inputs.

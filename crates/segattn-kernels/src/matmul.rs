@@ -1,6 +1,7 @@
 //! `x · Wᵀ` for the linear layers, with W laid out once, when the model
 //! loads, in the panels its kernel reads: register tiles on x86-64 with
-//! AVX-512 or AVX2 + FMA, the gemm crate elsewhere.
+//! AVX-512 or AVX2 + FMA, the gemm crate elsewhere; on request, bfloat16
+//! tiles where the CPU has AVX512-BF16.
 
 use std::mem::MaybeUninit;
 
@@ -9,7 +10,7 @@ use rayon::prelude::*;
 use crate::ShapeError;
 use crate::buffers::{SharedOut, Strided, Unwritten, overwrite_product};
 #[cfg(target_arch = "x86_64")]
-use crate::simd::{self, Avx2, Avx512, Isa, Vector, Width};
+use crate::simd::{self, Avx2, Avx512, Bf16Isa, Bf16Pairs, Isa, Vector, Width};
 #[cfg(target_arch = "x86_64")]
 use crate::tile_matmul;
 
@@ -24,6 +25,29 @@ pub struct PackedWeight {
     outputs: usize,
 }
 
+/// What the linear layers multiply in. Sums are f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+    /// x and W rounded to bfloat16 (8 bits of mantissa), on CPUs with
+    /// AVX512-BF16: twice the products per instruction.
+    Bf16,
+}
+
+impl Precision {
+    /// Whether this CPU (under [`crate::set_limit`]) runs it.
+    pub fn is_available(self) -> bool {
+        match self {
+            Self::F32 => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Bf16 => simd::bf16().is_some(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Self::Bf16 => false,
+        }
+    }
+}
+
 /// What computes `x · W`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum MatmulKernel {
@@ -32,6 +56,9 @@ pub(crate) enum MatmulKernel {
     /// Register tiles on W in one-vector panels.
     #[cfg(target_arch = "x86_64")]
     Tiles(Isa),
+    /// Register tiles on x and W in bfloat16 pairs ([`Bf16Pairs`]).
+    #[cfg(target_arch = "x86_64")]
+    Bf16Tiles(Bf16Isa),
 }
 
 impl std::fmt::Display for MatmulKernel {
@@ -40,12 +67,20 @@ impl std::fmt::Display for MatmulKernel {
             Self::Gemm => f.write_str("gemm crate"),
             #[cfg(target_arch = "x86_64")]
             Self::Tiles(isa) => write!(f, "register tiles, {isa}"),
+            #[cfg(target_arch = "x86_64")]
+            Self::Bf16Tiles(_) => f.write_str("bfloat16 register tiles, AVX512-BF16"),
         }
     }
 }
 
 impl MatmulKernel {
-    pub(crate) fn best() -> Self {
+    /// The fastest kernel in `precision` here; f32's where bfloat16 is not
+    /// available.
+    pub(crate) fn best(precision: Precision) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if let (Precision::Bf16, Some(isa)) = (precision, simd::bf16()) {
+            return Self::Bf16Tiles(isa);
+        }
         #[cfg(target_arch = "x86_64")]
         if let Some(isa) = simd::widest() {
             return Self::Tiles(isa);
@@ -53,11 +88,29 @@ impl MatmulKernel {
         Self::Gemm
     }
 
+    pub(crate) fn precision(self) -> Precision {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Bf16Tiles(_) => Precision::Bf16,
+            _ => Precision::F32,
+        }
+    }
+
     fn panel_width(self, outputs: usize) -> usize {
         match self {
             Self::Gemm => outputs,
             #[cfg(target_arch = "x86_64")]
             Self::Tiles(isa) => isa.lanes(),
+            #[cfg(target_arch = "x86_64")]
+            Self::Bf16Tiles(_) => Bf16Pairs::LANES,
+        }
+    }
+
+    /// Inputs per value of a panel: pairs, in bfloat16.
+    fn inputs_per_slot(self) -> usize {
+        match self.precision() {
+            Precision::F32 => 1,
+            Precision::Bf16 => 2,
         }
     }
 }
@@ -69,7 +122,7 @@ impl PackedWeight {
             let shape = format!("{outputs} x {inputs}");
             return Err(ShapeError::new(format!("PackedWeight: {} values for a {shape} matrix", weight.len())));
         }
-        Self::from_rows(outputs, inputs, |output, first, into| {
+        Self::from_rows(Precision::F32, outputs, inputs, |output, first, into| {
             into.copy_from_slice(&weight[output * inputs + first..][..into.len()]);
         })
     }
@@ -78,8 +131,10 @@ impl PackedWeight {
     /// into)` fills `into` with from: W[output][first..first + into.len()].
     /// W is read straight from wherever it is stored (a mapped file, in f16),
     /// converted and checked on the way, in the one pass the packing makes
-    /// anyway. Each value is read once.
+    /// anyway. Each value is read once. In [`Precision::Bf16`] where it is
+    /// available, else in f32 ([`PackedWeight::precision`] says which).
     pub fn from_rows(
+        precision: Precision,
         outputs: usize,
         inputs: usize,
         read: impl Fn(usize, usize, &mut [f32]) + Sync,
@@ -87,12 +142,12 @@ impl PackedWeight {
         if inputs == 0 {
             return Err(ShapeError::new(format!("PackedWeight: a {outputs} x 0 matrix")));
         }
-        Ok(Self::for_kernel(read, outputs, inputs, MatmulKernel::best()))
+        Ok(Self::for_kernel(read, outputs, inputs, MatmulKernel::best(precision)))
     }
 
-    /// Each task lays out a piece of one panel: [`PIECE`] inputs of its
-    /// outputs, read as runs of rows of W into a buffer that stays in L1,
-    /// then written to the panel one input at a time.
+    /// Each task lays out a piece of one panel: [`PIECE`] of its rows
+    /// (inputs, or pairs of them), read as runs of rows of W into a buffer
+    /// that stays in L1, then written to the panel one row at a time.
     pub(crate) fn for_kernel(
         read: impl Fn(usize, usize, &mut [f32]) + Sync,
         outputs: usize,
@@ -101,25 +156,41 @@ impl PackedWeight {
     ) -> Self {
         const PIECE: usize = 128;
         let width = kernel.panel_width(outputs).max(1);
-        let mut panels = Unwritten::new(outputs.div_ceil(width) * inputs * width);
-        panels.slots().par_chunks_mut(inputs * width).enumerate().for_each(|(panel, out)| {
+        let per_slot = kernel.inputs_per_slot();
+        let depth = inputs.div_ceil(per_slot);
+        let mut panels = Unwritten::new(outputs.div_ceil(width) * depth * width);
+        panels.slots().par_chunks_mut(depth * width).enumerate().for_each(|(panel, out)| {
             let lanes = width.min(outputs - panel * width);
             out.par_chunks_mut(PIECE * width).enumerate().for_each(|(piece, out)| {
-                let (first, len) = (piece * PIECE, out.len() / width);
+                let first = piece * PIECE * per_slot;
+                let len = (out.len() / width * per_slot).min(inputs - first);
                 let mut rows = vec![0.0; lanes * len];
                 for (lane, row) in rows.chunks_exact_mut(len).enumerate() {
                     read(panel * width + lane, first, row);
                 }
+                let slot = |lane: usize, k: usize| match kernel.precision() {
+                    Precision::F32 => rows[lane * len + k],
+                    Precision::Bf16 => {
+                        let row = &rows[lane * len..][..len];
+                        let high = row.get(2 * k + 1).map_or(0, |&v| bf16_bits(v));
+                        f32::from_bits(u32::from(bf16_bits(row[2 * k])) | u32::from(high) << 16)
+                    }
+                };
                 for (k, out) in out.chunks_exact_mut(width).enumerate() {
-                    for (lane, slot) in out.iter_mut().enumerate() {
-                        slot.write(if lane < lanes { rows[lane * len + k] } else { 0.0 });
+                    for (lane, value) in out.iter_mut().enumerate() {
+                        value.write(if lane < lanes { slot(lane, k) } else { 0.0 });
                     }
                 }
             });
         });
-        // SAFETY: each piece wrote every lane of each of its inputs.
+        // SAFETY: each piece wrote every lane of each of its rows.
         let panels = unsafe { panels.assume_written() };
         Self { panels, kernel, inputs, outputs }
+    }
+
+    /// What the product multiplies in.
+    pub fn precision(&self) -> Precision {
+        self.kernel.precision()
     }
 
     pub fn outputs(&self) -> usize {
@@ -162,10 +233,48 @@ pub fn matmul(x: &[f32], weight: &PackedWeight) -> Result<Vec<f32>, ShapeError> 
                     )
                 },
             },
+            #[cfg(target_arch = "x86_64")]
+            MatmulKernel::Bf16Tiles(isa) => {
+                let pairs = bf16_rows(isa, x, inputs);
+                // SAFETY: a `Bf16Isa` is made only where the CPU has
+                // AVX512-BF16; `for_kernel` packed the panels in pairs, as
+                // `bf16_rows` laid out x.
+                unsafe {
+                    tile_matmul::product::<Bf16Pairs, { Bf16Pairs::TILE_PANELS }>(
+                        &pairs,
+                        inputs.div_ceil(2),
+                        &weight.panels,
+                        outputs,
+                        product.slots(),
+                    )
+                }
+            }
         }
         // SAFETY: either kernel writes every value of the product when inputs > 0.
         Ok(unsafe { product.assume_written() })
     }
+}
+
+/// f32 to bfloat16, rounded to nearest even as `vcvtneps2bf16` rounds
+/// finite values.
+fn bf16_bits(value: f32) -> u16 {
+    let bits = value.to_bits();
+    (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// x's rows of `inputs` values as rows of bfloat16 pairs ([`Bf16Pairs`]).
+#[cfg(target_arch = "x86_64")]
+fn bf16_rows(_: Bf16Isa, x: &[f32], inputs: usize) -> Vec<f32> {
+    let slots = inputs.div_ceil(2);
+    let mut pairs = Unwritten::new(x.len() / inputs * slots);
+    pairs.slots().par_chunks_mut(64 * slots).zip(x.par_chunks(64 * inputs)).for_each(|(out, x)| {
+        for (out, row) in out.chunks_exact_mut(slots).zip(x.chunks_exact(inputs)) {
+            // SAFETY: the caller holds a `Bf16Isa`; the row has `slots` slots.
+            unsafe { simd::bf16_pairs(row, out) };
+        }
+    });
+    // SAFETY: every row's slots were written.
+    unsafe { pairs.assume_written() }
 }
 
 /// `out = x · B` for B (inputs, outputs) row-major. Each task, two per
@@ -198,27 +307,47 @@ fn gemm_product(x: &[f32], inputs: usize, b: &[f32], outputs: usize, out: &mut [
 mod tests {
     use super::*;
 
+    /// Every kernel this CPU runs, bfloat16's included.
+    fn kernels_here() -> Vec<MatmulKernel> {
+        #[cfg(target_arch = "x86_64")]
+        return std::iter::once(MatmulKernel::Gemm)
+            .chain(simd::usable().map(MatmulKernel::Tiles))
+            .chain(simd::bf16().map(MatmulKernel::Bf16Tiles))
+            .collect();
+        #[cfg(not(target_arch = "x86_64"))]
+        vec![MatmulKernel::Gemm]
+    }
+
     #[test]
     fn matmul_kernels_match_the_formula() {
         // Rows around a row tile (6); outputs around a panel (8 or 16 lanes)
-        // and a group of panels, full and partial; one input, many, and more
-        // than one piece of the packing (128) with a partial last.
+        // and a group of panels, full and partial; one input, an odd number
+        // (a bfloat16 pair half empty), many, and more than one piece of the
+        // packing (128 rows) with a partial last.
         for rows in [1, 5, 6, 7, 37] {
             for inputs in [1, 19, 64, 300] {
                 let x = crate::noise(rows * inputs, (rows * 100 + inputs) as u64);
                 for outputs in [1, 8, 16, 17, 23, 83] {
                     let weight = crate::noise(outputs * inputs, outputs as u64);
-                    let expected: Vec<f32> = (0..rows * outputs)
-                        .map(|i| {
-                            (0..inputs).map(|k| x[i / outputs * inputs + k] * weight[i % outputs * inputs + k]).sum()
-                        })
-                        .collect();
-                    #[cfg(target_arch = "x86_64")]
-                    let kernels: Vec<MatmulKernel> =
-                        std::iter::once(MatmulKernel::Gemm).chain(simd::usable().map(MatmulKernel::Tiles)).collect();
-                    #[cfg(not(target_arch = "x86_64"))]
-                    let kernels = vec![MatmulKernel::Gemm];
-                    for kernel in kernels {
+                    for kernel in kernels_here() {
+                        // bfloat16 multiplies x and W rounded; its sums are f32.
+                        let rounded = |v: &[f32]| -> Vec<f32> {
+                            match kernel.precision() {
+                                Precision::F32 => v.to_vec(),
+                                Precision::Bf16 => {
+                                    v.iter().map(|&v| f32::from_bits(u32::from(bf16_bits(v)) << 16)).collect()
+                                }
+                            }
+                        };
+                        let (xr, wr) = (rounded(&x), rounded(&weight));
+                        let expected: Vec<f64> = (0..rows * outputs)
+                            .map(|i| {
+                                let (row, output) = (i / outputs, i % outputs);
+                                (0..inputs)
+                                    .map(|k| f64::from(xr[row * inputs + k]) * f64::from(wr[output * inputs + k]))
+                                    .sum()
+                            })
+                            .collect();
                         let read = |output: usize, first: usize, into: &mut [f32]| {
                             into.copy_from_slice(&weight[output * inputs + first..][..into.len()]);
                         };
@@ -226,9 +355,47 @@ mod tests {
                         let ours = matmul(&x, &packed).unwrap();
                         assert_eq!(ours.len(), expected.len());
                         for (a, e) in ours.iter().zip(&expected) {
-                            assert!((a - e).abs() < 1e-4, "{kernel:?}, {rows}x{inputs} by {outputs}: {a} vs {e}");
+                            assert!(
+                                (f64::from(*a) - e).abs() < 1e-4,
+                                "{kernel:?}, {rows}x{inputs} by {outputs}: {a} vs {e}"
+                            );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bfloat16_rounds_to_nearest_even() {
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: even is 1. 1 + 3·2^-8
+        // is halfway between 1 + 2^-7 and 1 + 2^-6: even is the latter.
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0 + 1e-6), 0x3f81);
+        assert_eq!(bf16_bits(-2.0), 0xc000);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn rows_of_x_become_the_pairs_the_weights_are_packed_in() {
+        let Some(isa) = simd::bf16() else {
+            return;
+        };
+        for inputs in [1, 2, 15, 16, 17, 33, 300] {
+            let mut x = crate::noise(3 * inputs, inputs as u64);
+            x[0] = 1.0 + 1.0 / 256.0;
+            let pairs = bf16_rows(isa, &x, inputs);
+            let slots = inputs.div_ceil(2);
+            assert_eq!(pairs.len(), 3 * slots);
+            for (row, pairs) in x.chunks(inputs).zip(pairs.chunks(slots)) {
+                for (k, pair) in pairs.iter().enumerate() {
+                    let high = row.get(2 * k + 1).map_or(0, |&v| bf16_bits(v));
+                    assert_eq!(
+                        pair.to_bits(),
+                        u32::from(bf16_bits(row[2 * k])) | u32::from(high) << 16,
+                        "{inputs}: slot {k}"
+                    );
                 }
             }
         }

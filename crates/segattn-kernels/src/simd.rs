@@ -89,8 +89,18 @@ pub(crate) trait Vector: Copy {
     unsafe fn store(self, to: *mut f32);
     /// Stores the first `lanes` lanes only.
     unsafe fn store_first(self, to: *mut f32, lanes: usize);
-    /// self · b + acc, in one rounding.
+    /// The product step of a tile: self · b + acc, in one rounding, for
+    /// vectors of floats; for [`Bf16Pairs`], acc plus the dot product of
+    /// each lane's pair.
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self;
+}
+
+/// A vector whose lanes are f32s, for the steps that read them as numbers:
+/// all but [`Bf16Pairs`].
+///
+/// # Safety
+/// As [`Vector`].
+pub(crate) trait FloatLanes: Vector {
     unsafe fn mul(self, b: Self) -> Self;
     /// Softmax of `row` short of its last step: leaves e^(s - max) in the
     /// row and returns 1/Σ.
@@ -135,6 +145,10 @@ impl Vector for Avx512 {
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
         unsafe { Self(_mm512_fmadd_ps(self.0, b.0, acc.0)) }
     }
+}
+
+// SAFETY (all methods): as above.
+impl FloatLanes for Avx512 {
     #[inline(always)]
     unsafe fn mul(self, b: Self) -> Self {
         unsafe { Self(_mm512_mul_ps(self.0, b.0)) }
@@ -191,6 +205,10 @@ impl Vector for Avx2 {
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
         unsafe { Self(_mm256_fmadd_ps(self.0, b.0, acc.0)) }
     }
+}
+
+// SAFETY (all methods): as above.
+impl FloatLanes for Avx2 {
     #[inline(always)]
     unsafe fn mul(self, b: Self) -> Self {
         unsafe { Self(_mm256_mul_ps(self.0, b.0)) }
@@ -201,6 +219,107 @@ impl Vector for Avx2 {
         let mut inv_sum = [0f32];
         crate::rows::softmax_numerators_portable(row, row.len(), &mut inv_sum);
         inv_sum[0]
+    }
+}
+
+/// AVX512-BF16, which this CPU has and [`crate::set_limit`] allows (it
+/// needs [`crate::Limit::Widest`]). Only [`bf16`] makes one, after
+/// detection, so holding it is what lets the bfloat16 kernels run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Bf16Isa(());
+
+/// AVX512-BF16 (with the AVX-512 F and BW it extends), if this CPU has it
+/// and the limit allows it. Decided once per process.
+pub(crate) fn bf16() -> Option<Bf16Isa> {
+    static BF16: std::sync::OnceLock<Option<Bf16Isa>> = std::sync::OnceLock::new();
+    *BF16.get_or_init(|| {
+        let cpu = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16");
+        (cpu && crate::limit() == crate::Limit::Widest).then_some(Bf16Isa(()))
+    })
+}
+
+/// Sixteen lanes, each a pair of bfloat16s (the lower at the lower address)
+/// in the bits of an f32, so that the f32 tile driver moves them as it moves
+/// floats; only [`Vector::mul_add`] reads them as pairs, with `vdpbf16ps`,
+/// summing in f32: a tile over k-pairs computes what the f32 tile computes
+/// over k, at twice the products per instruction.
+#[derive(Clone, Copy)]
+pub(crate) struct Bf16Pairs(__m512);
+
+// SAFETY (all methods): the caller runs them on a CPU with AVX512-BF16 (a
+// `Bf16Isa`), which has AVX-512F and BW.
+impl Vector for Bf16Pairs {
+    const LANES: usize = 16;
+    /// As [`Avx512`]: 6 x 4 + 4 + 1 of the 32 registers.
+    const TILE_PANELS: usize = 4;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn enter<T>(kernel: impl FnOnce() -> T) -> T {
+        kernel()
+    }
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        unsafe { Self(_mm512_setzero_ps()) }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        unsafe { Self(_mm512_set1_ps(x)) }
+    }
+    #[inline(always)]
+    unsafe fn load(from: *const f32) -> Self {
+        unsafe { Self(_mm512_loadu_ps(from)) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, to: *mut f32) {
+        unsafe { _mm512_storeu_ps(to, self.0) }
+    }
+    #[inline(always)]
+    unsafe fn store_first(self, to: *mut f32, lanes: usize) {
+        let mask: __mmask16 = if lanes >= 16 { !0 } else { (1 << lanes) - 1 };
+        unsafe { _mm512_mask_storeu_ps(to, mask, self.0) }
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
+        // SAFETY: a bit cast between two 512-bit vector types.
+        unsafe {
+            let (pairs, b) =
+                (std::mem::transmute::<__m512, __m512bh>(self.0), std::mem::transmute::<__m512, __m512bh>(b.0));
+            Self(_mm512_dpbf16_ps(acc.0, pairs, b))
+        }
+    }
+}
+
+/// `values` as bfloat16s, rounded to nearest even as `vcvtneps2bf16`
+/// rounds, two to each f32 slot of `into` (see [`Bf16Pairs`]); a last odd
+/// value is paired with zero.
+///
+/// # Safety
+/// The CPU has AVX512-BF16 (a [`Bf16Isa`]); `into` holds
+/// `values.len().div_ceil(2)` slots.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn bf16_pairs(values: &[f32], into: &mut [std::mem::MaybeUninit<f32>]) {
+    assert_eq!(into.len(), values.len().div_ceil(2));
+    let full = values.len() - values.len() % 16;
+    let out = into.as_mut_ptr().cast::<u16>();
+    // SAFETY: reads below `full` are inside `values`; 16 values fill 8 slots,
+    // inside `into`; the tail's masked loads and stores touch only its lanes,
+    // and its odd last half slot is written as zero.
+    unsafe {
+        for i in (0..full).step_by(16) {
+            let halves = _mm512_cvtneps_pbh(_mm512_loadu_ps(values.as_ptr().add(i)));
+            _mm256_storeu_si256(out.add(i).cast(), std::mem::transmute::<__m256bh, __m256i>(halves));
+        }
+        let tail = values.len() - full;
+        if tail > 0 {
+            let mask: __mmask16 = (1 << tail) - 1;
+            let halves = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, values.as_ptr().add(full)));
+            // Up to 16 halves: the mask is made wider than its 16 bits.
+            let mask = ((1u32 << tail.next_multiple_of(2)) - 1) as __mmask16;
+            _mm256_mask_storeu_epi16(out.add(full).cast(), mask, std::mem::transmute::<__m256bh, __m256i>(halves));
+        }
     }
 }
 

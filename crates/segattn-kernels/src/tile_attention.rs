@@ -9,7 +9,7 @@
 //! tokens, 29 KB at 1201 tokens) stay in L1.
 
 use crate::attention::{HeadMajor, QueryBlock};
-use crate::simd::Vector;
+use crate::simd::FloatLanes;
 use crate::tile_matmul::{TILE_ROWS, tile_product};
 
 /// Dimensions per head that the tiles are written for.
@@ -21,7 +21,7 @@ pub(crate) const HEAD_DIM: usize = 64;
 /// The CPU must have V's instruction set; `heads` packed from `qkv` in
 /// V::LANES-wide panels, with heads of [`HEAD_DIM`] dimensions, and
 /// `first + out.len() / hidden <= heads.tokens`.
-pub(crate) unsafe fn attend_block<V: Vector, const P: usize>(block: QueryBlock) -> Vec<f32> {
+pub(crate) unsafe fn attend_block<V: FloatLanes, const P: usize>(block: QueryBlock) -> Vec<f32> {
     // SAFETY: the caller's contract.
     unsafe {
         V::enter(
@@ -37,7 +37,7 @@ pub(crate) unsafe fn attend_block<V: Vector, const P: usize>(block: QueryBlock) 
 /// As [`attend_block`]: it reads and writes through pointers into `block`
 /// that only that contract keeps in bounds.
 #[inline(always)]
-unsafe fn attend_tiles<V: Vector, const P: usize>(block: QueryBlock) -> Vec<f32> {
+unsafe fn attend_tiles<V: FloatLanes, const P: usize>(block: QueryBlock) -> Vec<f32> {
     let QueryBlock { qkv, heads, out, first, scale, keep_first_row } = block;
     let HeadMajor { tokens, num_heads, .. } = *heads;
     let d = num_heads * HEAD_DIM;
@@ -95,7 +95,7 @@ impl Tile {
     /// V's instruction set; R rows of `q` and `out` at their strides,
     /// `panels` key panels and `tokens` value rows readable.
     #[inline(always)]
-    unsafe fn run<V: Vector, const R: usize, const P: usize>(&self, scores: &mut [f32]) -> f32 {
+    unsafe fn run<V: FloatLanes, const R: usize, const P: usize>(&self, scores: &mut [f32]) -> f32 {
         let padded = self.panels * V::LANES;
         let mut panel = 0;
         // SAFETY: the caller's contract; scores holds TILE_ROWS >= R rows of `padded`.
@@ -130,7 +130,12 @@ impl Tile {
     /// `panel..panel + P` of the keys readable; `scores` writable for R rows
     /// of `padded`, which covers those panels.
     #[inline(always)]
-    unsafe fn scores<V: Vector, const R: usize, const P: usize>(&self, panel: usize, scores: *mut f32, padded: usize) {
+    unsafe fn scores<V: FloatLanes, const R: usize, const P: usize>(
+        &self,
+        panel: usize,
+        scores: *mut f32,
+        padded: usize,
+    ) {
         // SAFETY: (all pointer reads and writes) the caller's contract.
         unsafe {
             let keys = self.keys.add(panel * HEAD_DIM * V::LANES);
@@ -151,7 +156,7 @@ impl Tile {
     /// holding `tokens` values; panels `panel..panel + P` of the values
     /// readable; R rows of `out` writable at `out_stride` over those panels.
     #[inline(always)]
-    unsafe fn mix<V: Vector, const R: usize, const P: usize>(
+    unsafe fn mix<V: FloatLanes, const R: usize, const P: usize>(
         &self,
         panel: usize,
         scores: *const f32,
