@@ -58,8 +58,9 @@ fn builtin_model_matches_pytorch() {
     }
 }
 
-/// bfloat16 linear layers, where the CPU has them, give the f32 path's masks
-/// to within a few pixels; elsewhere the model says it runs in f32.
+/// bfloat16 products, where the CPU has them, give the f32 path's masks to
+/// within a few pixels and its attention to within a few percent; elsewhere
+/// the model says it runs in f32.
 #[test]
 fn bfloat16_masks_agree_with_f32_masks() {
     let exact = Vit::builtin().unwrap();
@@ -75,6 +76,16 @@ fn bfloat16_masks_agree_with_f32_masks() {
             let out = model.forward(&x, &Capture::default()).unwrap();
             head.predict(model, &out).unwrap().to_pixels(w as u32, h as u32).values
         };
+        let looks = |model: &Vit| -> Vec<f32> {
+            let last = model.config().num_layers - 1;
+            let out = model.forward(&x, &Capture::attention([last], Keep::ClsRow)).unwrap();
+            out.attention(last).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let (p, q) = (looks(&exact), looks(&fast));
+        let attention_diff = p.iter().zip(&q).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        let attention_max = p.iter().copied().fold(0f32, f32::max);
+        println!("{name}: class-token attention differs by at most {attention_diff:.2e} (largest {attention_max:.2e})");
+        assert!(attention_diff <= 0.05 * attention_max, "{name}: attention differs by {attention_diff}");
         let (a, b) = (soft(&exact), soft(&fast));
         let largest = a.iter().zip(&b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         let flipped = a.iter().zip(&b).filter(|&(a, b)| (*a >= 0.5) != (*b >= 0.5)).count();

@@ -111,12 +111,20 @@ pub fn residual_layer_norm(
 }
 
 /// Attention over `qkv` of shape (B, tokens, 3·hidden) laid out as
-/// (token, [q|k|v], head, head_dim). Returns the mixed values (B, tokens,
-/// hidden) and, when `keep_cls_row`, the class token's attention (B, heads, 1, tokens).
-pub fn attention(qkv: &Tensor, num_heads: usize, scale: f32, keep_cls_row: bool) -> Result<(Tensor, Option<Tensor>)> {
+/// (token, [q|k|v], head, head_dim), its products in `precision` where
+/// that is available. Returns the mixed values (B, tokens, hidden) and, when
+/// `keep_cls_row`, the class token's attention (B, heads, 1, tokens).
+pub fn attention(
+    qkv: &Tensor,
+    num_heads: usize,
+    scale: f32,
+    keep_cls_row: bool,
+    precision: Precision,
+) -> Result<(Tensor, Option<Tensor>)> {
     limit_kernels();
     let (batch, tokens, three_d) = qkv.dims3()?;
-    let attended = cpu_slice(qkv, |qkv| Ok(kernels::attention(qkv, (batch, tokens), num_heads, scale, keep_cls_row)?))?;
+    let attended =
+        cpu_slice(qkv, |qkv| Ok(kernels::attention(qkv, (batch, tokens), num_heads, scale, keep_cls_row, precision)?))?;
     let mixed = Tensor::from_vec(attended.mixed, (batch, tokens, three_d / 3), qkv.device())?;
     let shape = (batch, num_heads, 1, tokens);
     let cls = attended.cls_rows.map(|rows| Tensor::from_vec(rows, shape, qkv.device())).transpose()?;

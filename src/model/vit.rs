@@ -329,6 +329,7 @@ struct Attention {
     out: Linear,
     num_heads: usize,
     scale: f64,
+    precision: Precision,
 }
 
 impl Attention {
@@ -349,7 +350,7 @@ impl Attention {
         };
         let out = Linear::new(store, &layout.block(layer, layout.attn_out), d, d, precision)?;
         let scale = 1.0 / (config.head_dim() as f64).sqrt();
-        Ok(Self { qkv, out, num_heads: config.num_heads, scale })
+        Ok(Self { qkv, out, num_heads: config.num_heads, scale, precision })
     }
 
     fn forward(&self, x: &Tensor, capture: BlockCapture) -> Result<AttentionOutput> {
@@ -366,7 +367,8 @@ impl Attention {
             // The common case: no matrix kept, so never build one.
             None | Some(Keep::ClsRow) => {
                 let keep_cls_row = capture.probabilities == Some(Keep::ClsRow);
-                let (mixed, cls) = fused::attention(&qkv, self.num_heads, self.scale as f32, keep_cls_row)?;
+                let (mixed, cls) =
+                    fused::attention(&qkv, self.num_heads, self.scale as f32, keep_cls_row, self.precision)?;
                 (mixed, cls, if capture.qkv { Some(split()?) } else { None })
             }
             Some(keep @ (Keep::HeadMean | Keep::Full)) => {

@@ -52,7 +52,10 @@ fn main() {
         let rows = [
             ("qkv projection", time(runs, || drop(kernels::matmul(&x, &qkv_weight).unwrap()))),
             ("fc1", time(runs, || drop(kernels::matmul(&x, &fc1).unwrap()))),
-            ("attention", time(runs, || drop(kernels::attention(&qkv, (1, tokens), 6, 0.125, true).unwrap()))),
+            (
+                "attention",
+                time(runs, || drop(kernels::attention(&qkv, (1, tokens), 6, 0.125, true, precision).unwrap())),
+            ),
             ("residual + LayerNorm", {
                 let mut update = x.clone();
                 let norm = Norm { weight: &weight, bias: &bias, eps: 1e-6 };

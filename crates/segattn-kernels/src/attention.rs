@@ -11,9 +11,12 @@ use rayon::prelude::*;
 
 use crate::ShapeError;
 use crate::buffers::{Strided, Unwritten, overwrite_product, panel_slot};
+use crate::matmul::Precision;
+#[cfg(target_arch = "x86_64")]
+use crate::matmul::bf16_bits;
 use crate::rows::softmax_numerators;
 #[cfg(target_arch = "x86_64")]
-use crate::simd::{self, Avx2, Avx512, Isa, Vector, Width};
+use crate::simd::{self, Avx2, Avx512, Bf16Isa, Isa, Vector, Width};
 #[cfg(target_arch = "x86_64")]
 use crate::tile_attention;
 
@@ -44,20 +47,23 @@ pub struct Attended {
 
 /// softmax(Q Kᵀ · scale) V per head, for `qkv` of `batch` x `tokens` rows of
 /// 3·hidden values laid out as ([q|k|v], head, head_dim), as a fused qkv
-/// projection writes them.
+/// projection writes them. In [`Precision::Bf16`], where it is available
+/// and heads have 64 dimensions, the two products multiply in bfloat16.
 pub fn attention(
     qkv: &[f32],
     (batch, tokens): (usize, usize),
     num_heads: usize,
     scale: f32,
     keep_cls_row: bool,
+    precision: Precision,
 ) -> Result<Attended, ShapeError> {
     let rows = batch * tokens;
     if rows == 0 || num_heads == 0 || !qkv.len().is_multiple_of(rows * 3 * num_heads) {
         return Err(ShapeError::new(format!("attention: {} values for {rows} rows of {num_heads} heads", qkv.len())));
     }
     let head_dim = qkv.len() / rows / 3 / num_heads;
-    Ok(attention_with(AttentionKernel::best(head_dim), qkv, (batch, tokens), num_heads, scale, keep_cls_row))
+    let kernel = AttentionKernel::best(head_dim, precision);
+    Ok(attention_with(kernel, qkv, (batch, tokens), num_heads, scale, keep_cls_row))
 }
 
 /// What computes a block of query rows.
@@ -69,6 +75,9 @@ pub(crate) enum AttentionKernel {
     /// softmax and mixing stay in registers and L1.
     #[cfg(target_arch = "x86_64")]
     Tiles(Isa),
+    /// The same tiles on bfloat16 pairs (`tile_attention::Bf16Math`).
+    #[cfg(target_arch = "x86_64")]
+    Bf16Tiles(Bf16Isa),
 }
 
 impl std::fmt::Display for AttentionKernel {
@@ -77,26 +86,35 @@ impl std::fmt::Display for AttentionKernel {
             Self::Gemm => f.write_str("gemm crate around a softmax pass"),
             #[cfg(target_arch = "x86_64")]
             Self::Tiles(isa) => write!(f, "register tiles, {isa}"),
+            #[cfg(target_arch = "x86_64")]
+            Self::Bf16Tiles(_) => f.write_str("bfloat16 register tiles, AVX512-BF16"),
         }
     }
 }
 
 impl AttentionKernel {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    pub(crate) fn best(head_dim: usize) -> Self {
+    pub(crate) fn best(head_dim: usize, precision: Precision) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if let Some(isa) = simd::widest().filter(|_| head_dim == tile_attention::HEAD_DIM) {
-            return Self::Tiles(isa);
+        if head_dim == tile_attention::HEAD_DIM {
+            if let (Precision::Bf16, Some(isa)) = (precision, simd::bf16()) {
+                return Self::Bf16Tiles(isa);
+            }
+            if let Some(isa) = simd::widest() {
+                return Self::Tiles(isa);
+            }
         }
         Self::Gemm
     }
 
-    /// Widths of the column panels of Kᵀ and of V that the kernel reads.
-    fn panel_widths(self, tokens: usize, head_dim: usize) -> (usize, usize) {
+    /// Kᵀ and V laid out as the kernel reads them.
+    fn head_major(self, qkv: &[f32], tokens: usize, num_heads: usize, head_dim: usize) -> HeadMajor {
         match self {
-            Self::Gemm => (tokens, head_dim),
+            Self::Gemm => HeadMajor::new(qkv, tokens, num_heads, head_dim, (tokens, head_dim)),
             #[cfg(target_arch = "x86_64")]
-            Self::Tiles(isa) => (isa.lanes(), isa.lanes()),
+            Self::Tiles(isa) => HeadMajor::new(qkv, tokens, num_heads, head_dim, (isa.lanes(), isa.lanes())),
+            #[cfg(target_arch = "x86_64")]
+            Self::Bf16Tiles(_) => HeadMajor::pairs(qkv, tokens, num_heads, head_dim),
         }
     }
 
@@ -110,6 +128,12 @@ impl AttentionKernel {
             Self::Tiles(isa) => match isa.width() {
                 Width::Avx512 => unsafe { tile_attention::attend_block::<Avx512, { Avx512::TILE_PANELS }>(block) },
                 Width::Avx2 => unsafe { tile_attention::attend_block::<Avx2, { Avx2::TILE_PANELS }>(block) },
+            },
+            // SAFETY: a `Bf16Isa` is made only where the CPU has AVX512-BF16;
+            // `best` chose it for 64-dimension heads, and `heads` is packed in pairs.
+            #[cfg(target_arch = "x86_64")]
+            Self::Bf16Tiles(_) => unsafe {
+                tile_attention::attend_block::<tile_attention::Bf16Math, { Avx512::TILE_PANELS }>(block)
             },
         }
     }
@@ -131,7 +155,7 @@ pub(crate) fn attention_with(
         let mut out = Unwritten::new(batch * tokens * d);
         for (b, out) in out.slots().chunks_mut(tokens * d).enumerate() {
             let data = &data[b * tokens * three_d..(b + 1) * tokens * three_d];
-            let heads = HeadMajor::new(data, tokens, num_heads, head_dim, kernel.panel_widths(tokens, head_dim));
+            let heads = kernel.head_major(data, tokens, num_heads, head_dim);
             let rows = block_rows(tokens);
             let first_rows: Vec<Vec<f32>> = out
                 .par_chunks_mut(rows * d)
@@ -214,6 +238,47 @@ impl HeadMajor {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+impl HeadMajor {
+    /// Kᵀ and V in the bfloat16 pairs of `tile_attention::Bf16Math`: Kᵀ in
+    /// panels of 16 tokens whose rows are pairs of dimensions, zero past the
+    /// last token; V in panels of 16 dimensions whose rows are pairs of
+    /// tokens, a last odd token paired with zero.
+    fn pairs(qkv: &[f32], tokens: usize, num_heads: usize, head_dim: usize) -> Self {
+        const LANES: usize = 16;
+        let pair = |low: f32, high: f32| f32::from_bits(u32::from(bf16_bits(low)) | u32::from(bf16_bits(high)) << 16);
+        let d = num_heads * head_dim;
+        let (padded, token_pairs, dim_pairs) = (tokens.next_multiple_of(LANES), tokens.div_ceil(2), head_dim / 2);
+        let mut keys_t = Unwritten::new(num_heads * padded * dim_pairs);
+        let mut values = Unwritten::new(num_heads * token_pairs * head_dim);
+        let per_head_chunks = keys_t
+            .slots()
+            .par_chunks_mut(padded * dim_pairs)
+            .zip(values.slots().par_chunks_mut(token_pairs * head_dim));
+        per_head_chunks.enumerate().for_each(|(head, (keys_t, values))| {
+            let part = |t: usize, part: usize| &qkv[t * 3 * d + part * d + head * head_dim..][..head_dim];
+            for t in 0..padded {
+                let (panel, lane) = (t / LANES, t % LANES);
+                for j in 0..dim_pairs {
+                    let slot = (panel * dim_pairs + j) * LANES + lane;
+                    keys_t[slot].write(if t < tokens { pair(part(t, 1)[2 * j], part(t, 1)[2 * j + 1]) } else { 0.0 });
+                }
+            }
+            for u in 0..token_pairs {
+                let (first, second) = (part(2 * u, 2), (2 * u + 1 < tokens).then(|| part(2 * u + 1, 2)));
+                for c in 0..head_dim {
+                    let slot = ((c / LANES) * token_pairs + u) * LANES + c % LANES;
+                    values[slot].write(pair(first[c], second.map_or(0.0, |v| v[c])));
+                }
+            }
+        });
+        // SAFETY: each head's loops wrote every slot of its keys (each padded
+        // token's dimension pairs) and of its values (each token pair's dimensions).
+        let (keys_t, values) = unsafe { (keys_t.assume_written(), values.assume_written()) };
+        Self { keys_t, values, tokens, num_heads, head_dim }
+    }
+}
+
 /// Query rows `first..` of all heads, written to `out` (rows x hidden), for
 /// an attention kernel.
 pub(crate) struct QueryBlock<'a> {
@@ -287,11 +352,19 @@ fn attend_block(block: QueryBlock) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    /// softmax(q kᵀ · scale) v per head, one value at a time.
-    fn naive_attention(qkv: &[f32], tokens: usize, num_heads: usize, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    /// softmax(q kᵀ · scale) v per head, one value at a time, with q, k, v
+    /// and the softmax numerators (not their sum) passed through `round`
+    /// first, as a kernel multiplying in lower precision rounds them.
+    fn naive_attention(
+        qkv: &[f32],
+        tokens: usize,
+        num_heads: usize,
+        scale: f32,
+        round: fn(f32) -> f32,
+    ) -> (Vec<f32>, Vec<f32>) {
         let d = qkv.len() / tokens / 3;
         let head_dim = d / num_heads;
-        let at = |t: usize, part: usize, head: usize, c: usize| qkv[t * 3 * d + part * d + head * head_dim + c];
+        let at = |t: usize, part: usize, head: usize, c: usize| round(qkv[t * 3 * d + part * d + head * head_dim + c]);
         let mut mixed = vec![0f32; tokens * d];
         let mut cls = Vec::new();
         for head in 0..num_heads {
@@ -300,13 +373,14 @@ mod tests {
                     .map(|u| (0..head_dim).map(|c| at(t, 0, head, c) * at(u, 1, head, c)).sum::<f32>() * scale)
                     .collect();
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = scores.iter().map(|s| (s - max).exp()).sum();
-                let probs: Vec<f32> = scores.iter().map(|s| (s - max).exp() / sum).collect();
+                let numerators: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f32 = numerators.iter().sum();
                 for c in 0..head_dim {
-                    mixed[t * d + head * head_dim + c] = (0..tokens).map(|u| probs[u] * at(u, 2, head, c)).sum();
+                    mixed[t * d + head * head_dim + c] =
+                        (0..tokens).map(|u| round(numerators[u]) * at(u, 2, head, c)).sum::<f32>() / sum;
                 }
                 if t == 0 {
-                    cls.extend(probs);
+                    cls.extend(numerators.iter().map(|n| n / sum));
                 }
             }
         }
@@ -316,24 +390,37 @@ mod tests {
     #[test]
     fn attention_kernels_match_the_formula() {
         // Heads of 64 dimensions, the size the tiles take. Token counts from
-        // one to several key panels and row tiles, full and partial.
+        // one to several key panels and row tiles, full and partial, odd
+        // (a bfloat16 pair of tokens half empty) and even.
+        #[cfg(target_arch = "x86_64")]
+        let kernels: Vec<AttentionKernel> = std::iter::once(AttentionKernel::Gemm)
+            .chain(simd::usable().map(AttentionKernel::Tiles))
+            .chain(simd::bf16().map(AttentionKernel::Bf16Tiles))
+            .collect();
+        #[cfg(not(target_arch = "x86_64"))]
+        let kernels = vec![AttentionKernel::Gemm];
         for tokens in [1, 2, 5, 6, 7, 16, 17, 37, 97] {
             for num_heads in [1, 3] {
                 let data = crate::noise(tokens * 3 * num_heads * 64, (tokens * 10 + num_heads) as u64);
-                let (expected_mixed, expected_cls) = naive_attention(&data, tokens, num_heads, 0.125);
-                #[cfg(target_arch = "x86_64")]
-                let kernels: Vec<AttentionKernel> =
-                    std::iter::once(AttentionKernel::Gemm).chain(simd::usable().map(AttentionKernel::Tiles)).collect();
-                #[cfg(not(target_arch = "x86_64"))]
-                let kernels = vec![AttentionKernel::Gemm];
-                for kernel in kernels {
+                for &kernel in &kernels {
+                    // In bfloat16, an exp a few ulp off may round a numerator
+                    // the other way: 2^-8 of one term, rarely more than 1e-4 here.
+                    let (round, tolerance): (fn(f32) -> f32, f32) = match kernel {
+                        #[cfg(target_arch = "x86_64")]
+                        AttentionKernel::Bf16Tiles(_) => (|v| f32::from_bits(u32::from(bf16_bits(v)) << 16), 5e-4),
+                        _ => (|v| v, 1e-5),
+                    };
+                    let (expected_mixed, expected_cls) = naive_attention(&data, tokens, num_heads, 0.125, round);
                     let Attended { mixed, cls_rows } =
                         attention_with(kernel, &data, (1, tokens), num_heads, 0.125, true);
                     let cls = cls_rows.unwrap();
                     for (ours, expected) in [(mixed, &expected_mixed), (cls, &expected_cls)] {
                         assert_eq!(ours.len(), expected.len());
                         for (a, e) in ours.iter().zip(expected) {
-                            assert!((a - e).abs() < 1e-5, "{kernel:?}, {tokens} tokens, {num_heads} heads: {a} vs {e}");
+                            assert!(
+                                (a - e).abs() < tolerance,
+                                "{kernel:?}, {tokens} tokens, {num_heads} heads: {a} vs {e}"
+                            );
                         }
                     }
                 }
@@ -343,7 +430,7 @@ mod tests {
 
     #[test]
     fn shapes_that_do_not_fit_are_errors() {
-        assert!(attention(&[0.0; 10], (1, 3), 1, 1.0, false).is_err());
-        assert!(attention(&[], (0, 3), 1, 1.0, false).is_err());
+        assert!(attention(&[0.0; 10], (1, 3), 1, 1.0, false, Precision::F32).is_err());
+        assert!(attention(&[], (0, 3), 1, 1.0, false, Precision::F32).is_err());
     }
 }

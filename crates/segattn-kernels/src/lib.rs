@@ -108,7 +108,10 @@ fn limit() -> Limit {
 /// is not available) and the attention of heads of `head_dim` dimensions on
 /// this machine, in words.
 pub fn kernel_names(precision: Precision, head_dim: usize) -> (String, String) {
-    (matmul::MatmulKernel::best(precision).to_string(), attention::AttentionKernel::best(head_dim).to_string())
+    (
+        matmul::MatmulKernel::best(precision).to_string(),
+        attention::AttentionKernel::best(head_dim, precision).to_string(),
+    )
 }
 
 /// Deterministic values in [-2, 2), for test inputs.

@@ -257,7 +257,7 @@ pub fn matmul(x: &[f32], weight: &PackedWeight) -> Result<Vec<f32>, ShapeError> 
 
 /// f32 to bfloat16, rounded to nearest even as `vcvtneps2bf16` rounds
 /// finite values.
-fn bf16_bits(value: f32) -> u16 {
+pub(crate) fn bf16_bits(value: f32) -> u16 {
     let bits = value.to_bits();
     (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
 }

@@ -291,6 +291,14 @@ impl Vector for Bf16Pairs {
     }
 }
 
+impl Bf16Pairs {
+    /// A product's f32 sums, as the float vector they are.
+    #[inline(always)]
+    pub(crate) fn sums(self) -> Avx512 {
+        Avx512(self.0)
+    }
+}
+
 /// `values` as bfloat16s, rounded to nearest even as `vcvtneps2bf16`
 /// rounds, two to each f32 slot of `into` (see [`Bf16Pairs`]); a last odd
 /// value is paired with zero.
