@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -187,7 +188,8 @@ def main():
                                           capture_output=True, text=True, check=True).stdout)
     has_bf16 = bf16_info["linear_kernel"] != info["linear_kernel"]
     print(f"CPU: {cpu_model()}; segattn's linear layers on {info['linear_kernel']}, attention on "
-          f"{info['attention_kernel']}" + (f"; with --precision bf16, linear layers on {bf16_info['linear_kernel']}"
+          f"{info['attention_kernel']}" + (f"; with --precision bf16, linear layers on {bf16_info['linear_kernel']}, "
+                                            f"attention on {bf16_info['attention_kernel']}"
                                             if has_bf16 else "; no AVX512-BF16 here, so no bf16 column"))
     print(f"{THREADS} threads on each side; encoder: medians of {args.runs} runs after a warm-up, "
           f"median over {args.rounds} alternating rounds\n")
@@ -237,6 +239,9 @@ def main():
 
     weights = weights16
     count = len(os.listdir(photos))
+    # segattn keeps outputs that exist; each run starts from empty folders.
+    for side in ("masks_segattn", "masks_torch"):
+        shutil.rmtree(os.path.join(WORK, side), ignore_errors=True)
     _, our_wall, our_rss = timed([segattn, "run", photos, "--out-dir", os.path.join(WORK, "masks_segattn"),
                                   "--weights", weights, "--size", "480"])
     _, their_wall, their_rss = timed(me + ["torch-folder", "--weights", weights, "--input", photos,
