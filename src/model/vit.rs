@@ -26,6 +26,16 @@ pub const HEAD_BIAS: &str = "head.bias";
 /// Safetensors metadata key: the input's short side the model was trained for.
 pub const SHORT_SIDE_METADATA_KEY: &str = "segattn_short_side";
 
+/// A checkpoint being read into layers: its tensors, their names, the
+/// model's shape, and what the linear layers will multiply in.
+#[derive(Clone, Copy)]
+struct Checkpoint<'a> {
+    store: &'a TensorStore,
+    layout: &'a Layout,
+    config: &'a VitConfig,
+    precision: Precision,
+}
+
 /// `x · Wᵀ + b`, with W laid out once at load for the product's kernel
 /// ([`fused::PackedWeight`]). Read as stored, (outputs, inputs), W would be
 /// packed by the GEMM on every call.
@@ -149,7 +159,8 @@ struct PatchEmbed {
 }
 
 impl PatchEmbed {
-    fn new(store: &TensorStore, layout: &Layout, config: &VitConfig, precision: Precision) -> Result<Self> {
+    fn new(checkpoint: &Checkpoint) -> Result<Self> {
+        let Checkpoint { store, layout, config, precision } = *checkpoint;
         let mut inputs = 3;
         let mut stem = Vec::with_capacity(config.stem_channels.len());
         for (i, &outputs) in config.stem_channels.iter().enumerate() {
@@ -333,13 +344,8 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(
-        store: &TensorStore,
-        layout: &Layout,
-        layer: usize,
-        config: &VitConfig,
-        precision: Precision,
-    ) -> Result<Self> {
+    fn new(checkpoint: &Checkpoint, layer: usize) -> Result<Self> {
+        let Checkpoint { store, layout, config, precision } = *checkpoint;
         let d = config.hidden_size;
         let qkv = match layout.qkv {
             QkvNames::Fused(name) => Linear::new(store, &layout.block(layer, name), d, 3 * d, precision)?,
@@ -432,13 +438,8 @@ struct Block {
 }
 
 impl Block {
-    fn new(
-        store: &TensorStore,
-        layout: &Layout,
-        layer: usize,
-        config: &VitConfig,
-        precision: Precision,
-    ) -> Result<Self> {
+    fn new(checkpoint: &Checkpoint, layer: usize) -> Result<Self> {
+        let Checkpoint { store, layout, config, precision } = *checkpoint;
         let (d, eps) = (config.hidden_size, config.layer_norm_eps);
         let name = |role: &str| layout.block(layer, role);
         let layer_scale = |role: &str| -> Result<Option<Tensor>> {
@@ -446,7 +447,7 @@ impl Block {
         };
         Ok(Self {
             norm1: LayerNorm::new(store, &name(layout.norm1), d, eps)?,
-            attention: Attention::new(store, layout, layer, config, precision)?,
+            attention: Attention::new(checkpoint, layer)?,
             layer_scale1: layer_scale(layout.layer_scale[0])?,
             norm2: LayerNorm::new(store, &name(layout.norm2), d, eps)?,
             mlp: Mlp {
@@ -547,12 +548,13 @@ impl Vit {
         };
         // Blocks read, check and lay out their weights independently: in
         // parallel, load time is what one core's share of the file takes.
+        let checkpoint = Checkpoint { store: &store, layout: &layout, config: &config, precision };
         let blocks = (0..config.num_layers)
             .into_par_iter()
-            .map(|layer| Block::new(&store, &layout, layer, &config, precision))
+            .map(|layer| Block::new(&checkpoint, layer))
             .collect::<Result<Vec<_>>>()?;
         let cls_token = store.tensor(layout.cls_token, &[1, 1, d])?;
-        let patch_embed = PatchEmbed::new(&store, &layout, &config, precision)?;
+        let patch_embed = PatchEmbed::new(&checkpoint)?;
         let fingerprint = fingerprint(&[&cls_token, &patch_embed.projection.bias])?;
         let num_parameters = store.names().filter_map(|n| store.shape(n)).map(|s| s.iter().product::<usize>()).sum();
         let bundled_head = match (store.shape(HEAD_WEIGHT), store.shape(HEAD_BIAS)) {

@@ -246,10 +246,10 @@ pub(crate) fn bf16() -> Option<Bf16Isa> {
 /// summing in f32: a tile over k-pairs computes what the f32 tile computes
 /// over k, at twice the products per instruction.
 #[derive(Clone, Copy)]
-pub(crate) struct Bf16Pairs(__m512);
+pub(crate) struct Bf16Pairs(Avx512);
 
 // SAFETY (all methods): the caller runs them on a CPU with AVX512-BF16 (a
-// `Bf16Isa`), which has AVX-512F and BW.
+// `Bf16Isa`), which has AVX-512F and BW. Moving pairs is moving floats.
 impl Vector for Bf16Pairs {
     const LANES: usize = 16;
     /// As [`Avx512`]: 6 x 4 + 4 + 1 of the 32 registers.
@@ -261,32 +261,30 @@ impl Vector for Bf16Pairs {
     }
     #[inline(always)]
     unsafe fn zero() -> Self {
-        unsafe { Self(_mm512_setzero_ps()) }
+        unsafe { Self(Avx512::zero()) }
     }
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self {
-        unsafe { Self(_mm512_set1_ps(x)) }
+        unsafe { Self(Avx512::splat(x)) }
     }
     #[inline(always)]
     unsafe fn load(from: *const f32) -> Self {
-        unsafe { Self(_mm512_loadu_ps(from)) }
+        unsafe { Self(Avx512::load(from)) }
     }
     #[inline(always)]
     unsafe fn store(self, to: *mut f32) {
-        unsafe { _mm512_storeu_ps(to, self.0) }
+        unsafe { self.0.store(to) }
     }
     #[inline(always)]
     unsafe fn store_first(self, to: *mut f32, lanes: usize) {
-        let mask: __mmask16 = if lanes >= 16 { !0 } else { (1 << lanes) - 1 };
-        unsafe { _mm512_mask_storeu_ps(to, mask, self.0) }
+        unsafe { self.0.store_first(to, lanes) }
     }
     #[inline(always)]
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
-        // SAFETY: a bit cast between two 512-bit vector types.
+        // SAFETY: bit casts between two 512-bit vector types.
         unsafe {
-            let (pairs, b) =
-                (std::mem::transmute::<__m512, __m512bh>(self.0), std::mem::transmute::<__m512, __m512bh>(b.0));
-            Self(_mm512_dpbf16_ps(acc.0, pairs, b))
+            let pairs = |v: Self| std::mem::transmute::<__m512, __m512bh>(v.0.0);
+            Self(Avx512(_mm512_dpbf16_ps(acc.0.0, pairs(self), pairs(b))))
         }
     }
 }
@@ -295,7 +293,7 @@ impl Bf16Pairs {
     /// A product's f32 sums, as the float vector they are.
     #[inline(always)]
     pub(crate) fn sums(self) -> Avx512 {
-        Avx512(self.0)
+        self.0
     }
 }
 
