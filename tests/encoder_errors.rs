@@ -134,7 +134,7 @@ fn nan_or_infinite_weights_are_refused() {
         ("encoder.layer.1.intermediate.dense.weight", vec![128, 32]),
     ];
     for (name, shape) in cases {
-        for bad in [f32::NAN, f32::INFINITY] {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             let dir = tempfile::tempdir().unwrap();
             let path = edited(dir.path(), |t| {
                 let mut values = vec![0.1f32; shape.iter().product()];

@@ -13,7 +13,7 @@ use crate::ShapeError;
 use crate::buffers::{Strided, Unwritten, overwrite_product, panel_slot};
 use crate::matmul::Precision;
 #[cfg(target_arch = "x86_64")]
-use crate::matmul::bf16_bits;
+use crate::matmul::bf16_pair;
 use crate::rows::softmax_numerators;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::{self, Avx2, Avx512, Bf16Isa, Isa, Vector, Width};
@@ -246,7 +246,6 @@ impl HeadMajor {
     /// tokens, a last odd token paired with zero.
     fn pairs(qkv: &[f32], tokens: usize, num_heads: usize, head_dim: usize) -> Self {
         const LANES: usize = 16;
-        let pair = |low: f32, high: f32| f32::from_bits(u32::from(bf16_bits(low)) | u32::from(bf16_bits(high)) << 16);
         let d = num_heads * head_dim;
         let (padded, token_pairs, dim_pairs) = (tokens.next_multiple_of(LANES), tokens.div_ceil(2), head_dim / 2);
         let mut keys_t = Unwritten::new(num_heads * padded * dim_pairs);
@@ -261,14 +260,18 @@ impl HeadMajor {
                 let (panel, lane) = (t / LANES, t % LANES);
                 for j in 0..dim_pairs {
                     let slot = (panel * dim_pairs + j) * LANES + lane;
-                    keys_t[slot].write(if t < tokens { pair(part(t, 1)[2 * j], part(t, 1)[2 * j + 1]) } else { 0.0 });
+                    keys_t[slot].write(if t < tokens {
+                        bf16_pair(part(t, 1)[2 * j], part(t, 1)[2 * j + 1])
+                    } else {
+                        0.0
+                    });
                 }
             }
             for u in 0..token_pairs {
                 let (first, second) = (part(2 * u, 2), (2 * u + 1 < tokens).then(|| part(2 * u + 1, 2)));
                 for c in 0..head_dim {
                     let slot = ((c / LANES) * token_pairs + u) * LANES + c % LANES;
-                    values[slot].write(pair(first[c], second.map_or(0.0, |v| v[c])));
+                    values[slot].write(bf16_pair(first[c], second.map_or(0.0, |v| v[c])));
                 }
             }
         });
@@ -407,7 +410,7 @@ mod tests {
                     // the other way: 2^-8 of one term, rarely more than 1e-4 here.
                     let (round, tolerance): (fn(f32) -> f32, f32) = match kernel {
                         #[cfg(target_arch = "x86_64")]
-                        AttentionKernel::Bf16Tiles(_) => (|v| f32::from_bits(u32::from(bf16_bits(v)) << 16), 5e-4),
+                        AttentionKernel::Bf16Tiles(_) => (|v| f32::from_bits(bf16_pair(v, 0.0).to_bits() << 16), 5e-4),
                         _ => (|v| v, 1e-5),
                     };
                     let (expected_mixed, expected_cls) = naive_attention(&data, tokens, num_heads, 0.125, round);

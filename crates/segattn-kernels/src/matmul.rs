@@ -164,23 +164,25 @@ impl PackedWeight {
             out.par_chunks_mut(PIECE * width).enumerate().for_each(|(piece, out)| {
                 let first = piece * PIECE * per_slot;
                 let len = (out.len() / width * per_slot).min(inputs - first);
-                let mut rows = vec![0.0; lanes * len];
-                for (lane, row) in rows.chunks_exact_mut(len).enumerate() {
+                // Rows past the last output stay zero, as the panel's lanes do.
+                let mut rows = vec![0.0; width * len];
+                for (lane, row) in rows.chunks_exact_mut(len).take(lanes).enumerate() {
                     read(panel * width + lane, first, row);
                 }
-                let slot = |lane: usize, k: usize| match kernel.precision() {
-                    Precision::F32 => rows[lane * len + k],
+                let depth = out.len() / width;
+                let rows = match kernel.precision() {
+                    Precision::F32 => rows,
                     Precision::Bf16 => {
-                        let row = &rows[lane * len..][..len];
-                        let high = row.get(2 * k + 1).map_or(0, |&v| bf16_bits(v));
-                        f32::from_bits(u32::from(bf16_bits(row[2 * k])) | u32::from(high) << 16)
+                        let mut pairs = Vec::with_capacity(width * depth);
+                        for row in rows.chunks_exact(len) {
+                            let mut halves = row.chunks_exact(2);
+                            pairs.extend(halves.by_ref().map(|pair| bf16_pair(pair[0], pair[1])));
+                            pairs.extend(halves.remainder().iter().map(|&last| bf16_pair(last, 0.0)));
+                        }
+                        pairs
                     }
                 };
-                for (k, out) in out.chunks_exact_mut(width).enumerate() {
-                    for (lane, value) in out.iter_mut().enumerate() {
-                        value.write(if lane < lanes { slot(lane, k) } else { 0.0 });
-                    }
-                }
+                transpose(&rows, depth, width, out);
             });
         });
         // SAFETY: each piece wrote every lane of each of its rows.
@@ -253,6 +255,36 @@ pub fn matmul(x: &[f32], weight: &PackedWeight) -> Result<Vec<f32>, ShapeError> 
         // SAFETY: either kernel writes every value of the product when inputs > 0.
         Ok(unsafe { product.assume_written() })
     }
+}
+
+/// `out` (depth rows of `width`) = the transpose of `rows` (width rows of
+/// `depth`). The panel widths the tiles use are constants to the compiler,
+/// so their loops unroll without a branch per value.
+fn transpose(rows: &[f32], depth: usize, width: usize, out: &mut [MaybeUninit<f32>]) {
+    fn fixed<const W: usize>(rows: &[f32], depth: usize, out: &mut [MaybeUninit<f32>]) {
+        let rows: [&[f32]; W] = std::array::from_fn(|lane| &rows[lane * depth..][..depth]);
+        for (k, out) in out.chunks_exact_mut(W).enumerate() {
+            for (slot, row) in out.iter_mut().zip(&rows) {
+                slot.write(row[k]);
+            }
+        }
+    }
+    match width {
+        16 => fixed::<16>(rows, depth, out),
+        8 => fixed::<8>(rows, depth, out),
+        _ => {
+            for (k, out) in out.chunks_exact_mut(width).enumerate() {
+                for (lane, slot) in out.iter_mut().enumerate() {
+                    slot.write(rows[lane * depth + k]);
+                }
+            }
+        }
+    }
+}
+
+/// `low` and `high` as a bfloat16 pair in the bits of an f32 ([`Bf16Pairs`]).
+pub(crate) fn bf16_pair(low: f32, high: f32) -> f32 {
+    f32::from_bits(u32::from(bf16_bits(low)) | u32::from(bf16_bits(high)) << 16)
 }
 
 /// f32 to bfloat16, rounded to nearest even as `vcvtneps2bf16` rounds
