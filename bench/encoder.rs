@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use segattn::model::{Capture, Keep, Precision, Vit, builtin};
+use segattn::model::{Capture, Keep, PanelCache, Precision, Vit, builtin};
 
 fn main() -> anyhow::Result<()> {
     // SAFETY: first statement of main; no other thread exists yet.
@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let model = match weights.as_str() {
         builtin::NAME => Vit::builtin_in(precision)?,
-        path => Vit::load_in(path.as_ref(), precision)?,
+        path => Vit::load_cached(path.as_ref(), precision, PanelCache::from_env().as_ref())?,
     };
     let load_ms = start.elapsed().as_secs_f64() * 1000.0;
     let last = model.config().num_layers - 1;
@@ -37,7 +37,8 @@ fn main() -> anyhow::Result<()> {
         _ => Capture::attention([last], Keep::ClsRow),
     };
     if runs == 0 {
-        println!("{{\"load_ms\": {load_ms:.2}, \"precision\": \"{:?}\"}}", model.precision());
+        let (precision, cached) = (model.precision(), model.weights_from_cache());
+        println!("{{\"load_ms\": {load_ms:.2}, \"precision\": \"{precision:?}\", \"weights_from_cache\": {cached}}}");
         return Ok(());
     }
     let pixels = Tensor::randn(0f32, 1.0, (1, 3, height, width), &Device::Cpu)?;

@@ -42,6 +42,7 @@ pub fn run(args: InfoArgs) -> Result<u8> {
         "input_short_side": crate::preprocess::input_size(1, 1, args.model.short_side(&model), c.patch_size).0,
         "linear_kernel": linear_kernel,
         "attention_kernel": attention_kernel,
+        "weights_from_cache": model.weights_from_cache(),
     });
     if args.json {
         println!("{info}");

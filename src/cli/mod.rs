@@ -23,7 +23,7 @@ use crate::head::{self, AttentionMass, HeadMap, LinearHead, NormalizedCut, Segme
 use crate::hub::Hub;
 use crate::image_io::{DEFAULT_MAX_PIXELS, Decoding};
 use crate::maps::PixelMap;
-use crate::model::{Precision, Vit, builtin};
+use crate::model::{PanelCache, Precision, Vit, builtin};
 use crate::preprocess;
 
 /// Exit codes: every input done; some inputs failed; usage or model error.
@@ -118,7 +118,7 @@ impl ModelArgs {
                 hub.resolve(name, std::io::stderr().is_terminal())?
             }
         };
-        Vit::load_in(&path, precision)
+        Vit::load_cached(&path, precision, PanelCache::from_env().as_ref())
     }
 
     /// The files a loaded model was read from, which no output may replace.

@@ -4,11 +4,13 @@ pub mod builtin;
 pub mod config;
 mod fused;
 pub mod interpolate;
+pub mod panel_cache;
 pub mod vit;
 pub mod weights;
 
 pub use config::VitConfig;
 pub use fused::{Precision, is_available as precision_is_available};
 pub use interpolate::PosInterpolation;
+pub use panel_cache::PanelCache;
 pub use vit::{Capture, EncoderOutput, Keep, PatchGrid, Qkv, Vit};
 pub use weights::{ModelFiles, WEIGHT_FILES};

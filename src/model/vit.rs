@@ -15,8 +15,9 @@ use rayon::prelude::*;
 
 use super::builtin;
 use super::config::{Activation, HfConfig, VitConfig};
-use super::fused::{self, Precision};
+use super::fused::{self, PackedWeight, Precision};
 use super::interpolate::resample_grid;
+use super::panel_cache::PanelCache;
 use super::weights::{CONFIG_METADATA_KEY, Layout, ModelFiles, QkvNames, TensorStore};
 use crate::fnv::fnv1a_64;
 
@@ -34,6 +35,37 @@ struct Checkpoint<'a> {
     layout: &'a Layout,
     config: &'a VitConfig,
     precision: Precision,
+    /// Weight matrices an earlier run laid out ([`PanelCache`]), by
+    /// [`Checkpoint::slot`].
+    laid_out: Option<&'a [PackedWeight]>,
+}
+
+/// The linear layers of a block, in the order of their slots.
+#[derive(Clone, Copy)]
+enum Role {
+    Qkv,
+    Out,
+    Fc1,
+    Fc2,
+}
+
+impl Checkpoint<'_> {
+    /// Linear layers have slots in a fixed order, the order a [`PanelCache`]
+    /// keeps them in: the patch embedding's projection, then each block's.
+    const PATCH_EMBEDDING_SLOT: usize = 0;
+
+    fn slot(layer: usize, role: Role) -> usize {
+        1 + 4 * layer + role as usize
+    }
+
+    fn slots(num_layers: usize) -> usize {
+        1 + 4 * num_layers
+    }
+
+    /// The laid-out weight of `slot`, if there is one of `shape`.
+    fn laid_out(&self, slot: usize, shape: (usize, usize)) -> Option<PackedWeight> {
+        self.laid_out?.get(slot).filter(|w| w.shape() == shape).cloned()
+    }
 }
 
 /// `x · Wᵀ + b`, with W laid out once at load for the product's kernel
@@ -45,27 +77,26 @@ struct Linear {
 }
 
 impl Linear {
-    fn new(store: &TensorStore, name: &str, inputs: usize, outputs: usize, precision: Precision) -> Result<Self> {
-        Self::stacked(store, &[name.to_string()], inputs, outputs, precision)
+    fn new(checkpoint: &Checkpoint, name: &str, inputs: usize, outputs: usize, slot: usize) -> Result<Self> {
+        Self::stacked(checkpoint, &[name.to_string()], inputs, outputs, slot)
     }
 
     /// The layers `names` (each `outputs` x `inputs`) as one, their outputs
     /// one after another: a fused qkv projection from separate q, k and v.
     /// W is read in place from the file and packed in one pass, its
     /// finiteness checked on the way; formats that cannot be read in place
-    /// are loaded as tensors first.
-    fn stacked(
-        store: &TensorStore,
-        names: &[String],
-        inputs: usize,
-        outputs: usize,
-        precision: Precision,
-    ) -> Result<Self> {
+    /// are loaded as tensors first. W laid out by an earlier run, for
+    /// `slot`, is used as it is (its shape and type still checked).
+    fn stacked(checkpoint: &Checkpoint, names: &[String], inputs: usize, outputs: usize, slot: usize) -> Result<Self> {
+        let Checkpoint { store, precision, .. } = *checkpoint;
         let bias_parts =
             (names.iter().map(|name| store.tensor(&format!("{name}.bias"), &[outputs]))).collect::<Result<Vec<_>>>()?;
         let bias = Tensor::cat(&bias_parts, 0)?;
         let weights = (names.iter().map(|name| store.values(&format!("{name}.weight"), &[outputs, inputs])))
             .collect::<Result<Option<Vec<_>>>>()?;
+        if let Some(weight) = checkpoint.laid_out(slot, (names.len() * outputs, inputs)) {
+            return Ok(Self { weight, bias });
+        }
         let Some(weights) = weights else {
             let parts = (names.iter().map(|name| store.tensor(&format!("{name}.weight"), &[outputs, inputs])))
                 .collect::<Result<Vec<_>>>()?;
@@ -163,7 +194,7 @@ struct PatchEmbed {
 
 impl PatchEmbed {
     fn new(checkpoint: &Checkpoint) -> Result<Self> {
-        let Checkpoint { store, layout, config, precision } = *checkpoint;
+        let Checkpoint { store, layout, config, precision, .. } = *checkpoint;
         let mut inputs = 3;
         let mut stem = Vec::with_capacity(config.stem_channels.len());
         for (i, &outputs) in config.stem_channels.iter().enumerate() {
@@ -174,7 +205,11 @@ impl PatchEmbed {
         let q = config.patch_size >> stem.len();
         let weight = store.tensor(&format!("{}.weight", layout.patch_embed), &[d, inputs, q, q])?;
         let bias = store.tensor(&format!("{}.bias", layout.patch_embed), &[d])?;
-        let projection = Linear { weight: fused::pack(&weight.reshape((d, inputs * q * q))?, precision)?, bias };
+        let weight = match checkpoint.laid_out(Checkpoint::PATCH_EMBEDDING_SLOT, (d, inputs * q * q)) {
+            Some(laid_out) => laid_out,
+            None => fused::pack(&weight.reshape((d, inputs * q * q))?, precision)?,
+        };
+        let projection = Linear { weight, bias };
         Ok(Self { stem, projection, projection_size: q, patch_size: config.patch_size })
     }
 
@@ -348,16 +383,17 @@ struct Attention {
 
 impl Attention {
     fn new(checkpoint: &Checkpoint, layer: usize) -> Result<Self> {
-        let Checkpoint { store, layout, config, precision } = *checkpoint;
+        let Checkpoint { layout, config, precision, .. } = *checkpoint;
         let d = config.hidden_size;
+        let slot = |role| Checkpoint::slot(layer, role);
         let qkv = match layout.qkv {
-            QkvNames::Fused(name) => Linear::new(store, &layout.block(layer, name), d, 3 * d, precision)?,
+            QkvNames::Fused(name) => Linear::new(checkpoint, &layout.block(layer, name), d, 3 * d, slot(Role::Qkv))?,
             QkvNames::Separate(names) => {
                 let names: Vec<String> = names.iter().map(|name| layout.block(layer, name)).collect();
-                Linear::stacked(store, &names, d, d, precision)?
+                Linear::stacked(checkpoint, &names, d, d, slot(Role::Qkv))?
             }
         };
-        let out = Linear::new(store, &layout.block(layer, layout.attn_out), d, d, precision)?;
+        let out = Linear::new(checkpoint, &layout.block(layer, layout.attn_out), d, d, slot(Role::Out))?;
         let scale = 1.0 / (config.head_dim() as f64).sqrt();
         Ok(Self { qkv, out, num_heads: config.num_heads, scale, precision })
     }
@@ -442,8 +478,9 @@ struct Block {
 
 impl Block {
     fn new(checkpoint: &Checkpoint, layer: usize) -> Result<Self> {
-        let Checkpoint { store, layout, config, precision } = *checkpoint;
+        let Checkpoint { store, layout, config, .. } = *checkpoint;
         let (d, eps) = (config.hidden_size, config.layer_norm_eps);
+        let slot = |role| Checkpoint::slot(layer, role);
         let name = |role: &str| layout.block(layer, role);
         let layer_scale = |role: &str| -> Result<Option<Tensor>> {
             config.layer_scale.then(|| store.tensor(&name(role), &[d])).transpose()
@@ -454,8 +491,8 @@ impl Block {
             layer_scale1: layer_scale(layout.layer_scale[0])?,
             norm2: LayerNorm::new(store, &name(layout.norm2), d, eps)?,
             mlp: Mlp {
-                fc1: Linear::new(store, &name(layout.fc1), d, config.mlp_hidden_size, precision)?,
-                fc2: Linear::new(store, &name(layout.fc2), config.mlp_hidden_size, d, precision)?,
+                fc1: Linear::new(checkpoint, &name(layout.fc1), d, config.mlp_hidden_size, slot(Role::Fc1))?,
+                fc2: Linear::new(checkpoint, &name(layout.fc2), config.mlp_hidden_size, d, slot(Role::Fc2))?,
                 activation: config.activation,
             },
             layer_scale2: layer_scale(layout.layer_scale[1])?,
@@ -506,6 +543,7 @@ pub struct Vit {
     default_short_side: Option<usize>,
     fingerprint: String,
     precision: Precision,
+    weights_from_cache: bool,
 }
 
 impl Vit {
@@ -518,9 +556,16 @@ impl Vit {
     /// [`Vit::load`], its linear layers multiplying in `precision` where
     /// this CPU has it (else in f32: [`Vit::precision`] says which).
     pub fn load_in(path: &Path, precision: Precision) -> Result<Self> {
+        Self::load_cached(path, precision, None)
+    }
+
+    /// [`Vit::load_in`], taking the laid-out weights from `cache` when an
+    /// earlier run left them there for this file, and leaving them there
+    /// otherwise.
+    pub fn load_cached(path: &Path, precision: Precision, cache: Option<&PanelCache>) -> Result<Self> {
         let files = ModelFiles::locate(path)?;
         let store = TensorStore::open(&files.weights)?;
-        Self::from_store(store, files, precision)
+        Self::from_store(store, files, precision, cache)
     }
 
     /// segattn's own model, compiled into the binary ([`builtin`]).
@@ -531,10 +576,15 @@ impl Vit {
     /// [`Vit::builtin`] in `precision`, as [`Vit::load_in`].
     pub fn builtin_in(precision: Precision) -> Result<Self> {
         let store = TensorStore::embedded(builtin::DISPLAY_NAME, builtin::SAFETENSORS)?;
-        Self::from_store(store, ModelFiles { weights: builtin::DISPLAY_NAME.into(), config: None }, precision)
+        Self::from_store(store, ModelFiles { weights: builtin::DISPLAY_NAME.into(), config: None }, precision, None)
     }
 
-    fn from_store(store: TensorStore, files: ModelFiles, precision: Precision) -> Result<Self> {
+    fn from_store(
+        store: TensorStore,
+        files: ModelFiles,
+        precision: Precision,
+        cache: Option<&PanelCache>,
+    ) -> Result<Self> {
         let precision = if fused::is_available(precision) { precision } else { Precision::F32 };
         // A config.json beside the weights, else one carried in the file's metadata.
         let hf = match (&files.config, store.metadata(CONFIG_METADATA_KEY)) {
@@ -551,13 +601,26 @@ impl Vit {
         };
         // Blocks read, check and lay out their weights independently: in
         // parallel, load time is what one core's share of the file takes.
-        let checkpoint = Checkpoint { store: &store, layout: &layout, config: &config, precision };
+        let key = cache.and_then(|cache| cache.key(&files.weights, precision));
+        let laid_out = cache.zip(key.as_deref()).and_then(|(cache, key)| cache.read(key, precision));
+        let laid_out = laid_out.filter(|weights| weights.len() == Checkpoint::slots(config.num_layers));
+        let checkpoint =
+            Checkpoint { store: &store, layout: &layout, config: &config, precision, laid_out: laid_out.as_deref() };
         let blocks = (0..config.num_layers)
             .into_par_iter()
             .map(|layer| Block::new(&checkpoint, layer))
             .collect::<Result<Vec<_>>>()?;
         let cls_token = store.tensor(layout.cls_token, &[1, 1, d])?;
         let patch_embed = PatchEmbed::new(&checkpoint)?;
+        let weights_from_cache = laid_out.is_some();
+        if let (Some(cache), Some(key), false) = (cache, &key, weights_from_cache) {
+            let weights = std::iter::once(&patch_embed.projection.weight).chain(blocks.iter().flat_map(|block| {
+                let (attention, mlp) = (&block.attention, &block.mlp);
+                [&attention.qkv.weight, &attention.out.weight, &mlp.fc1.weight, &mlp.fc2.weight]
+            }));
+            // A cache that cannot be written only costs the next run time.
+            let _ = cache.write(key, &weights.collect::<Vec<_>>());
+        }
         let fingerprint = fingerprint(&[&cls_token, &patch_embed.projection.bias])?;
         let num_parameters = store.names().filter_map(|n| store.shape(n)).map(|s| s.iter().product::<usize>()).sum();
         let bundled_head = match (store.shape(HEAD_WEIGHT), store.shape(HEAD_BIAS)) {
@@ -584,7 +647,13 @@ impl Vit {
             config,
             files,
             precision,
+            weights_from_cache,
         })
+    }
+
+    /// Whether the weight matrices came laid out from a [`PanelCache`].
+    pub fn weights_from_cache(&self) -> bool {
+        self.weights_from_cache
     }
 
     /// `head.weight` and `head.bias`, when the checkpoint carries a trained head.

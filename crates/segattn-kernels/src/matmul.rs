@@ -4,6 +4,7 @@
 //! tiles where the CPU has AVX512-BF16.
 
 use std::mem::MaybeUninit;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
@@ -18,8 +19,14 @@ use crate::tile_matmul;
 /// way its product reads it: Wᵀ (inputs, outputs) in [`panel_slot`]'s column
 /// panels, zero past the last output. Read as stored, W would be packed by
 /// the GEMM on every call.
+#[derive(Clone)]
 pub struct PackedWeight {
-    panels: Vec<f32>,
+    /// The panels are `values[start..start + len]`: laid out here, or in
+    /// memory someone else owns, such as a mapped file of panels laid out
+    /// by an earlier run. Cloning shares them.
+    values: Arc<dyn AsRef<[f32]> + Send + Sync>,
+    start: usize,
+    len: usize,
     kernel: MatmulKernel,
     inputs: usize,
     outputs: usize,
@@ -187,7 +194,8 @@ impl PackedWeight {
         });
         // SAFETY: each piece wrote every lane of each of its rows.
         let panels = unsafe { panels.assume_written() };
-        Self { panels, kernel, inputs, outputs }
+        let len = panels.len();
+        Self { values: Arc::new(panels), start: 0, len, kernel, inputs, outputs }
     }
 
     /// What the product multiplies in.
@@ -195,8 +203,50 @@ impl PackedWeight {
         self.kernel.precision()
     }
 
+    /// The panels as laid out, to be stored and given back to
+    /// [`PackedWeight::from_panels`] by a later run on this machine.
+    pub fn panels(&self) -> &[f32] {
+        &(*self.values).as_ref()[self.start..self.start + self.len]
+    }
+
+    /// Names the layout of [`PackedWeight::panels`]: the kernel it is for.
+    pub fn layout_name(&self) -> String {
+        self.kernel.to_string()
+    }
+
+    /// A W of `outputs` x `inputs` whose panels, laid out by an earlier
+    /// [`PackedWeight::from_rows`] in `precision` for the layout named
+    /// `layout_name`, are `owner`'s values `start..start + len`. An error
+    /// unless that is the layout this machine's kernel reads now (a file
+    /// written on another CPU, or under another limit, is not) and the
+    /// length is that layout's.
+    pub fn from_panels(
+        precision: Precision,
+        outputs: usize,
+        inputs: usize,
+        layout_name: &str,
+        owner: Arc<dyn AsRef<[f32]> + Send + Sync>,
+        start: usize,
+    ) -> Result<Self, ShapeError> {
+        let kernel = MatmulKernel::best(precision);
+        if layout_name != kernel.to_string() {
+            return Err(ShapeError::new(format!("PackedWeight: panels for {layout_name}, not {kernel}")));
+        }
+        let width = kernel.panel_width(outputs).max(1);
+        let len = outputs.div_ceil(width) * inputs.div_ceil(kernel.inputs_per_slot()) * width;
+        if inputs == 0 || (*owner).as_ref().len() < start + len {
+            return Err(ShapeError::new(format!("PackedWeight: no {len} values at {start} for {outputs} x {inputs}")));
+        }
+        Ok(Self { values: owner, start, len, kernel, inputs, outputs })
+    }
+
     pub fn outputs(&self) -> usize {
         self.outputs
+    }
+
+    /// (outputs, inputs): W's shape.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.outputs, self.inputs)
     }
 }
 
@@ -211,7 +261,7 @@ pub fn matmul(x: &[f32], weight: &PackedWeight) -> Result<Vec<f32>, ShapeError> 
         let rows = x.len() / inputs;
         let mut product = Unwritten::new(rows * outputs);
         match weight.kernel {
-            MatmulKernel::Gemm => gemm_product(x, inputs, &weight.panels, outputs, product.slots()),
+            MatmulKernel::Gemm => gemm_product(x, inputs, weight.panels(), outputs, product.slots()),
             // SAFETY: an `Isa` is made only for an instruction set the CPU
             // has, and `for_kernel` packed the panels for this one.
             #[cfg(target_arch = "x86_64")]
@@ -220,7 +270,7 @@ pub fn matmul(x: &[f32], weight: &PackedWeight) -> Result<Vec<f32>, ShapeError> 
                     tile_matmul::product::<Avx512, { Avx512::TILE_PANELS }>(
                         x,
                         inputs,
-                        &weight.panels,
+                        weight.panels(),
                         outputs,
                         product.slots(),
                     )
@@ -229,7 +279,7 @@ pub fn matmul(x: &[f32], weight: &PackedWeight) -> Result<Vec<f32>, ShapeError> 
                     tile_matmul::product::<Avx2, { Avx2::TILE_PANELS }>(
                         x,
                         inputs,
-                        &weight.panels,
+                        weight.panels(),
                         outputs,
                         product.slots(),
                     )
@@ -245,7 +295,7 @@ pub fn matmul(x: &[f32], weight: &PackedWeight) -> Result<Vec<f32>, ShapeError> 
                     tile_matmul::product::<Bf16Pairs, { Bf16Pairs::TILE_PANELS }>(
                         &pairs,
                         inputs.div_ceil(2),
-                        &weight.panels,
+                        weight.panels(),
                         outputs,
                         product.slots(),
                     )
@@ -430,6 +480,27 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn panels_given_back_multiply_as_they_did() {
+        let (outputs, inputs) = (23, 19);
+        let weight = crate::noise(outputs * inputs, 3);
+        let x = crate::noise(7 * inputs, 4);
+        for precision in [Precision::F32, Precision::Bf16] {
+            let read = |o: usize, first: usize, into: &mut [f32]| {
+                into.copy_from_slice(&weight[o * inputs + first..][..into.len()]);
+            };
+            let packed = PackedWeight::from_rows(precision, outputs, inputs, read).unwrap();
+            let stored: Vec<f32> = [&[9.0; 5][..], packed.panels()].concat();
+            let owner: Arc<Vec<f32>> = Arc::new(stored);
+            let name = packed.layout_name();
+            let given_back = PackedWeight::from_panels(precision, outputs, inputs, &name, owner.clone(), 5).unwrap();
+            assert_eq!(matmul(&x, &given_back).unwrap(), matmul(&x, &packed).unwrap());
+            // Another layout, or too few values, is refused.
+            assert!(PackedWeight::from_panels(precision, outputs, inputs, "other", owner.clone(), 5).is_err());
+            assert!(PackedWeight::from_panels(precision, outputs, inputs, &name, owner, 6).is_err());
         }
     }
 
