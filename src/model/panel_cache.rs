@@ -179,15 +179,21 @@ impl PanelCache {
     }
 
     /// Bounds the cache's size: every checkpoint or version seen leaves a
-    /// file, so only the `keep` written last stay.
+    /// file, so only the `keep` written last stay. A temporary file of a
+    /// write that was interrupted (by a signal, say) goes after ten minutes.
     fn remove_all_but_newest(&self, keep: usize) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
+        let now = std::time::SystemTime::now();
         let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
             .filter_map(|entry| {
                 let path = entry.ok()?.path();
                 let written = std::fs::metadata(&path).ok()?.modified().ok()?;
+                let unfinished = path.file_name()?.to_str()?.starts_with(".tmp");
+                if unfinished && now.duration_since(written).is_ok_and(|age| age.as_secs() > 600) {
+                    let _ = std::fs::remove_file(&path);
+                }
                 path.extension().is_some_and(|e| e == "panels").then_some((written, path))
             })
             .collect();
