@@ -98,12 +98,19 @@ impl PanelCache {
 
     /// The key of `weights` (a checkpoint file) laid out in `precision`;
     /// none for a file whose identity cannot be read.
+    #[cfg(unix)]
     pub fn key(&self, weights: &Path, precision: Precision) -> Option<String> {
         use std::os::unix::fs::MetadataExt;
         let path = weights.canonicalize().ok()?;
         let meta = std::fs::metadata(&path).ok()?;
         let identity = format!("{}:{}:{}:{}.{}", meta.dev(), meta.ino(), meta.len(), meta.mtime(), meta.mtime_nsec());
         Some(format!("segattn {}\n{}\n{identity}\n{precision:?}", env!("CARGO_PKG_VERSION"), path.display()))
+    }
+
+    /// Without a device and inode to tell a replaced file by, nothing is kept.
+    #[cfg(not(unix))]
+    pub fn key(&self, _: &Path, _: Precision) -> Option<String> {
+        None
     }
 
     fn file(&self, key: &str) -> PathBuf {
@@ -128,7 +135,7 @@ impl PanelCache {
         let header_len = u64::from_le_bytes(map[16..24].try_into()?) as usize;
         let header: Header = serde_json::from_slice(map.get(24..24 + header_len).context("short")?)?;
         let offset = (24 + header_len).next_multiple_of(ALIGN);
-        if header.key != key || (map.len() - offset.min(map.len())) % 4 != 0 || offset > map.len() {
+        if header.key != key || offset > map.len() || !(map.len() - offset).is_multiple_of(4) {
             bail!("another key, or a broken file");
         }
         let values: Arc<dyn AsRef<[f32]> + Send + Sync> = Arc::new(MappedValues { map, offset });
