@@ -246,7 +246,7 @@ mod tests {
 
     fn weight(seed: usize) -> PackedWeight {
         let values: Vec<f32> = (0..6 * 5).map(|i| (i * seed) as f32 * 0.1).collect();
-        PackedWeight::new(&values, 6, 5).unwrap()
+        PackedWeight::new(Precision::F32, &values, 6, 5).unwrap()
     }
 
     #[test]

@@ -599,13 +599,13 @@ impl Vit {
             0 => None,
             r => Some(store.tensor(layout.register_tokens, &[1, r, d])?),
         };
-        // Blocks read, check and lay out their weights independently: in
-        // parallel, load time is what one core's share of the file takes.
         let key = cache.and_then(|cache| cache.key(&files.weights, precision));
         let laid_out = cache.zip(key.as_deref()).and_then(|(cache, key)| cache.read(key, precision));
         let laid_out = laid_out.filter(|weights| weights.len() == Checkpoint::slots(config.num_layers));
         let checkpoint =
             Checkpoint { store: &store, layout: &layout, config: &config, precision, laid_out: laid_out.as_deref() };
+        // Blocks read, check and lay out their weights independently: in
+        // parallel, load time is what one core's share of the file takes.
         let blocks = (0..config.num_layers)
             .into_par_iter()
             .map(|layer| Block::new(&checkpoint, layer))

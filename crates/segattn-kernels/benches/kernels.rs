@@ -36,12 +36,7 @@ fn main() {
     let (matmul_kernel, attention_kernel) = kernels::kernel_names(precision, 64);
     println!("{limit:?}, {precision:?}: linear layers on {matmul_kernel}; attention on {attention_kernel}");
     let hidden = 384;
-    let weight = |outputs: usize, inputs: usize| {
-        let w = values(outputs * inputs);
-        let read =
-            |o: usize, first: usize, into: &mut [f32]| into.copy_from_slice(&w[o * inputs + first..][..into.len()]);
-        PackedWeight::from_rows(precision, outputs, inputs, read).unwrap()
-    };
+    let weight = |outputs, inputs| PackedWeight::new(precision, &values(outputs * inputs), outputs, inputs).unwrap();
     let qkv_weight = weight(3 * hidden, hidden);
     let fc1 = weight(4 * hidden, hidden);
     let (weight, bias) = (values(hidden), values(hidden));

@@ -410,7 +410,7 @@ mod tests {
                     // the other way: 2^-8 of one term, rarely more than 1e-4 here.
                     let (round, tolerance): (fn(f32) -> f32, f32) = match kernel {
                         #[cfg(target_arch = "x86_64")]
-                        AttentionKernel::Bf16Tiles(_) => (|v| f32::from_bits(bf16_pair(v, 0.0).to_bits() << 16), 5e-4),
+                        AttentionKernel::Bf16Tiles(_) => (crate::matmul::bf16_rounded, 5e-4),
                         _ => (|v| v, 1e-5),
                     };
                     let (expected_mixed, expected_cls) = naive_attention(&data, tokens, num_heads, 0.125, round);

@@ -11,8 +11,8 @@
 //! tiles written once for both (`simd`, `tile_matmul`, `tile_attention`),
 //! chosen at run time; elsewhere, and for attention heads other than 64
 //! dimensions, on the gemm crate. On request ([`Precision::Bf16`]), the
-//! linear layers multiply in bfloat16 on CPUs with AVX512-BF16, on the same
-//! tiles. Work is shared out on rayon's pool.
+//! linear layers and the attention multiply in bfloat16 on CPUs with
+//! AVX512-BF16, on the same tiles. Work is shared out on rayon's pool.
 
 /// `fn name(args) = portable`: `name` runs `portable` compiled for the widest
 /// vectors the CPU has (AVX-512, else AVX2 + FMA, else baseline) that

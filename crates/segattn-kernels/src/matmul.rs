@@ -43,15 +43,10 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// Whether this CPU (under [`crate::set_limit`]) runs it.
+    /// Whether this CPU (under [`crate::set_limit`]) runs it: whether the
+    /// best kernel for it multiplies in it.
     pub fn is_available(self) -> bool {
-        match self {
-            Self::F32 => true,
-            #[cfg(target_arch = "x86_64")]
-            Self::Bf16 => simd::bf16().is_some(),
-            #[cfg(not(target_arch = "x86_64"))]
-            Self::Bf16 => false,
-        }
+        MatmulKernel::best(self).precision() == self
     }
 }
 
@@ -123,13 +118,14 @@ impl MatmulKernel {
 }
 
 impl PackedWeight {
-    /// Packs W, `outputs` rows of `inputs` values, for the best kernel here.
-    pub fn new(weight: &[f32], outputs: usize, inputs: usize) -> Result<Self, ShapeError> {
+    /// Packs W, `outputs` rows of `inputs` values, for the best kernel here
+    /// in `precision`, as [`PackedWeight::from_rows`].
+    pub fn new(precision: Precision, weight: &[f32], outputs: usize, inputs: usize) -> Result<Self, ShapeError> {
         if weight.len() != outputs * inputs {
             let shape = format!("{outputs} x {inputs}");
             return Err(ShapeError::new(format!("PackedWeight: {} values for a {shape} matrix", weight.len())));
         }
-        Self::from_rows(Precision::F32, outputs, inputs, |output, first, into| {
+        Self::from_rows(precision, outputs, inputs, |output, first, into| {
             into.copy_from_slice(&weight[output * inputs + first..][..into.len()]);
         })
     }
@@ -344,6 +340,13 @@ pub(crate) fn bf16_bits(value: f32) -> u16 {
     (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
 }
 
+/// `value` rounded to bfloat16, as an f32: what the bfloat16 kernels
+/// multiply, for the tests' references.
+#[cfg(test)]
+pub(crate) fn bf16_rounded(value: f32) -> f32 {
+    f32::from_bits(u32::from(bf16_bits(value)) << 16)
+}
+
 /// x's rows of `inputs` values as rows of bfloat16 pairs ([`Bf16Pairs`]).
 #[cfg(target_arch = "x86_64")]
 fn bf16_rows(_: Bf16Isa, x: &[f32], inputs: usize) -> Vec<f32> {
@@ -416,9 +419,7 @@ mod tests {
                         let rounded = |v: &[f32]| -> Vec<f32> {
                             match kernel.precision() {
                                 Precision::F32 => v.to_vec(),
-                                Precision::Bf16 => {
-                                    v.iter().map(|&v| f32::from_bits(u32::from(bf16_bits(v)) << 16)).collect()
-                                }
+                                Precision::Bf16 => v.iter().map(|&v| bf16_rounded(v)).collect(),
                             }
                         };
                         let (xr, wr) = (rounded(&x), rounded(&weight));
@@ -472,12 +473,8 @@ mod tests {
             assert_eq!(pairs.len(), 3 * slots);
             for (row, pairs) in x.chunks(inputs).zip(pairs.chunks(slots)) {
                 for (k, pair) in pairs.iter().enumerate() {
-                    let high = row.get(2 * k + 1).map_or(0, |&v| bf16_bits(v));
-                    assert_eq!(
-                        pair.to_bits(),
-                        u32::from(bf16_bits(row[2 * k])) | u32::from(high) << 16,
-                        "{inputs}: slot {k}"
-                    );
+                    let high = row.get(2 * k + 1).copied().unwrap_or(0.0);
+                    assert_eq!(pair.to_bits(), bf16_pair(row[2 * k], high).to_bits(), "{inputs}: slot {k}");
                 }
             }
         }
@@ -489,10 +486,7 @@ mod tests {
         let weight = crate::noise(outputs * inputs, 3);
         let x = crate::noise(7 * inputs, 4);
         for precision in [Precision::F32, Precision::Bf16] {
-            let read = |o: usize, first: usize, into: &mut [f32]| {
-                into.copy_from_slice(&weight[o * inputs + first..][..into.len()]);
-            };
-            let packed = PackedWeight::from_rows(precision, outputs, inputs, read).unwrap();
+            let packed = PackedWeight::new(precision, &weight, outputs, inputs).unwrap();
             let stored: Vec<f32> = [&[9.0; 5][..], packed.panels()].concat();
             let owner: Arc<Vec<f32>> = Arc::new(stored);
             let name = packed.layout_name();
@@ -506,8 +500,8 @@ mod tests {
 
     #[test]
     fn shapes_that_do_not_fit_are_errors() {
-        assert!(PackedWeight::new(&[0.0; 5], 2, 3).is_err());
-        let weight = PackedWeight::new(&[1.0; 6], 2, 3).unwrap();
+        assert!(PackedWeight::new(Precision::F32, &[0.0; 5], 2, 3).is_err());
+        let weight = PackedWeight::new(Precision::F32, &[1.0; 6], 2, 3).unwrap();
         assert!(matmul(&[1.0; 4], &weight).is_err());
         assert_eq!(matmul(&[1.0; 3], &weight).unwrap(), [3.0, 3.0]);
     }
