@@ -185,7 +185,7 @@ impl StoredValues<'_> {
             },
             Self::F16(bytes) => {
                 let halves = bytes[2 * first..2 * (first + len)].chunks_exact(2);
-                into.iter_mut().zip(halves).for_each(|(v, b)| *v = f16_to_f32(u16::from_le_bytes([b[0], b[1]])));
+                into.iter_mut().zip(halves).for_each(|(v, b)| *v = half::f16::from_le_bytes([b[0], b[1]]).to_f32());
             }
             Self::BF16(bytes) => {
                 let halves = bytes[2 * first..2 * (first + len)].chunks_exact(2);
@@ -207,25 +207,6 @@ impl StoredValues<'_> {
         let (before, values, after) = unsafe { bytes.align_to::<f32>() };
         (before.is_empty() && after.is_empty()).then_some(values)
     }
-}
-
-/// IEEE half precision to single, exactly (every f16 is an f32).
-#[inline(always)]
-fn f16_to_f32(half: u16) -> f32 {
-    let sign = u32::from(half & 0x8000) << 16;
-    let exponent = u32::from((half >> 10) & 0x1f);
-    let mantissa = u32::from(half & 0x3ff);
-    let bits = match (exponent, mantissa) {
-        (0, 0) => sign,
-        // Subnormal: mantissa · 2^-24, normalized at its highest set bit p.
-        (0, m) => {
-            let p = 31 - m.leading_zeros();
-            sign | ((p + 103) << 23) | ((m << (23 - p)) & 0x7f_ffff)
-        }
-        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
-        (e, m) => sign | ((e + 112) << 23) | (m << 13),
-    };
-    f32::from_bits(bits)
 }
 
 /// A checkpoint file, read through the prefix its names carry.
