@@ -49,17 +49,21 @@ enum Role {
     Fc2,
 }
 
+impl Role {
+    const ALL: [Role; 4] = [Role::Qkv, Role::Out, Role::Fc1, Role::Fc2];
+}
+
 impl Checkpoint<'_> {
     /// Linear layers have slots in a fixed order, the order a [`PanelCache`]
     /// keeps them in: the patch embedding's projection, then each block's.
     const PATCH_EMBEDDING_SLOT: usize = 0;
 
     fn slot(layer: usize, role: Role) -> usize {
-        1 + 4 * layer + role as usize
+        1 + Role::ALL.len() * layer + role as usize
     }
 
     fn slots(num_layers: usize) -> usize {
-        1 + 4 * num_layers
+        1 + Role::ALL.len() * num_layers
     }
 
     /// The laid-out weight of `slot`, if there is one of `shape`.
@@ -477,6 +481,16 @@ struct Block {
 }
 
 impl Block {
+    /// The linear layer that plays `role`.
+    fn linear(&self, role: Role) -> &Linear {
+        match role {
+            Role::Qkv => &self.attention.qkv,
+            Role::Out => &self.attention.out,
+            Role::Fc1 => &self.mlp.fc1,
+            Role::Fc2 => &self.mlp.fc2,
+        }
+    }
+
     fn new(checkpoint: &Checkpoint, layer: usize) -> Result<Self> {
         let Checkpoint { store, layout, config, .. } = *checkpoint;
         let (d, eps) = (config.hidden_size, config.layer_norm_eps);
@@ -614,10 +628,9 @@ impl Vit {
         let patch_embed = PatchEmbed::new(&checkpoint)?;
         let weights_from_cache = laid_out.is_some();
         if let (Some(cache), Some(key), false) = (cache, &key, weights_from_cache) {
-            let weights = std::iter::once(&patch_embed.projection.weight).chain(blocks.iter().flat_map(|block| {
-                let (attention, mlp) = (&block.attention, &block.mlp);
-                [&attention.qkv.weight, &attention.out.weight, &mlp.fc1.weight, &mlp.fc2.weight]
-            }));
+            // In slot order: the patch projection, then each block's roles.
+            let weights = std::iter::once(&patch_embed.projection.weight)
+                .chain(blocks.iter().flat_map(|block| Role::ALL.map(|role| &block.linear(role).weight)));
             // A cache that cannot be written only costs the next run time.
             let _ = cache.write(key, &weights.collect::<Vec<_>>());
         }
