@@ -78,9 +78,9 @@ struct ModelArgs {
     /// cache is an error (as with HF_HUB_OFFLINE=1) instead of a download.
     #[arg(long)]
     offline: bool,
-    /// What the linear layers multiply in: bf16 (bfloat16, summed in f32)
-    /// is about 1.7x faster there on CPUs with AVX512-BF16, and elsewhere
-    /// falls back to f32 with a warning.
+    /// What the encoder's products multiply in: bf16 (bfloat16, summed in
+    /// f32) takes about 0.6x the time on CPUs with AVX512-BF16, and
+    /// elsewhere falls back to f32 with a warning.
     #[arg(long, env = "SEGATTN_PRECISION", value_enum, default_value_t = PrecisionName::F32)]
     precision: PrecisionName,
 }

@@ -28,7 +28,7 @@ pub const HEAD_BIAS: &str = "head.bias";
 pub const SHORT_SIDE_METADATA_KEY: &str = "segattn_short_side";
 
 /// A checkpoint being read into layers: its tensors, their names, the
-/// model's shape, and what the linear layers will multiply in.
+/// model's shape, and what its products will multiply in.
 #[derive(Clone, Copy)]
 struct Checkpoint<'a> {
     store: &'a TensorStore,
@@ -567,7 +567,7 @@ impl Vit {
         Self::load_in(path, Precision::F32)
     }
 
-    /// [`Vit::load`], its linear layers multiplying in `precision` where
+    /// [`Vit::load`], its linear layers and attention multiplying in `precision` where
     /// this CPU has it (else in f32: [`Vit::precision`] says which).
     pub fn load_in(path: &Path, precision: Precision) -> Result<Self> {
         Self::load_cached(path, precision, None)
@@ -693,7 +693,7 @@ impl Vit {
         fused::kernel_names(self.precision, self.config.head_dim())
     }
 
-    /// What the linear layers multiply in.
+    /// What the linear layers and the attention multiply in.
     pub fn precision(&self) -> Precision {
         self.precision
     }

@@ -32,7 +32,8 @@ pub struct PackedWeight {
     outputs: usize,
 }
 
-/// What the linear layers multiply in. Sums are f32 either way.
+/// What the linear layers and the attention multiply in. Sums are f32
+/// either way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
     #[default]
