@@ -1,12 +1,12 @@
-"""Trains segattn's built-in model from ../shared/data and writes
-weights/segattn-s16.safetensors, train/log.csv and train/curves.png.
+"""Trains segattn's built-in model on the photos train/pack.py packed from
+../shared/data, and writes weights/segattn-s16.safetensors, train/log.csv
+and train/curves.png. The defaults are the shipped model's recipe.
 
-    train/run            # teacher masks, venv + this script, fixed seed
+    train/run            # teacher masks, packing, venv + this script, fixed seed
 
-Data (see ../shared/data/README.md): PASCAL-S (minus the 150 photos of
-train/val_list.txt, kept for validation), people-removebg, Weizmann horses,
-the IS-Net teacher's masks of msra-1000 and imagenet-sample (580) from
-../shared/data/teacher, and those train/label makes of flickr-1000.
+Batches are augmented where the model runs (random resized crops, flips and
+colour jitter, sampled from the squashed photos in one pass), so a GPU is
+not held up by the CPU.
 """
 import argparse
 import csv
@@ -19,57 +19,21 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from safetensors.torch import save_file
 
 from model import SegAttnViT, config_json, export_tensors
+from pack import SHORT_SIDE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-SHORT_SIDE = 224  # the input's short side at inference, segattn's default for this model
 
 
-def read_pair(photo, mask, short):
-    img = ImageOps.exif_transpose(Image.open(photo)).convert("RGB")
-    m = Image.open(mask).convert("L")
-    if m.size != img.size:
-        m = m.resize(img.size, Image.BILINEAR)
-    s = short / min(img.size)
-    size = (max(short, round(img.size[0] * s)), max(short, round(img.size[1] * s)))
-    return np.asarray(img.resize(size, Image.BICUBIC)), np.asarray(m.resize(size, Image.BILINEAR))
-
-
-def training_pairs(data, label_dirs):
-    val = set(open(os.path.join(HERE, "val_list.txt")).read().split())
-    pairs = []
-    for folder in ["salient/pascal-s", "salient/people-removebg", "salient/horses"]:
-        for f in sorted(os.listdir(os.path.join(data, folder, "images"))):
-            stem = os.path.splitext(f)[0]
-            if folder.endswith("pascal-s") and stem in val:
-                continue
-            pairs.append((os.path.join(data, folder, "images", f), os.path.join(data, folder, "masks", stem + ".png")))
-    # Teacher masks of photos/<folder>: the shared ones, then those train/label
-    # made (label_dirs, one per folder); a photo labelled in both is used once.
-    shared = os.path.join(data, "teacher")
-    labelled = set()
-    for folder_dir in [os.path.join(shared, f) for f in sorted(os.listdir(shared))] + label_dirs:
-        if not os.path.isdir(folder_dir):
-            raise SystemExit(f"{folder_dir}: no teacher masks; run train/label first")
-        folder = os.path.basename(folder_dir)
-        for f in sorted(os.listdir(folder_dir)):
-            stem = os.path.splitext(f)[0]
-            photo = os.path.join(data, "photos", folder, stem + ".jpg")
-            if f.endswith(".png") and (folder, stem) not in labelled and os.path.exists(photo):
-                labelled.add((folder, stem))
-                pairs.append((photo, os.path.join(folder_dir, f)))
-    return pairs
-
-
-def random_crop(img, mask, rows, cols, rng):
-    """Random resized crop (area 30-100 %, aspect jittered around the target's),
-    flip and colour jitter; returns (3, 16·rows, 16·cols) floats and the mask."""
-    h, w = mask.shape
+def crop_box(size, rows, cols, rng):
+    """Random resized crop of a photo of `size` (area 30-100 %, aspect jittered
+    around the target grid's), as (x0, y0, x1, y1) fractions of the photo."""
+    w, h = size
     target_aspect = cols / rows
     for _ in range(10):
         area = rng.uniform(0.3, 1.0) * h * w
@@ -80,18 +44,33 @@ def random_crop(img, mask, rows, cols, rng):
     else:
         cw, ch = min(w, round(h * target_aspect)), min(h, round(w / target_aspect))
     x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
-    x = torch.from_numpy(np.ascontiguousarray(img[y0:y0 + ch, x0:x0 + cw])).permute(2, 0, 1)[None].float() / 255
-    m = torch.from_numpy(np.ascontiguousarray(mask[y0:y0 + ch, x0:x0 + cw]))[None, None].float() / 255
-    size = (16 * rows, 16 * cols)
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    m = F.interpolate(m, size=size, mode="bilinear", align_corners=False, antialias=True)
-    if rng.random() < 0.5:
-        x, m = x.flip(-1), m.flip(-1)
+    return x0 / w, y0 / h, (x0 + cw) / w, (y0 + ch) / h
+
+
+def augmented_batch(canvas, sizes, index, rows, cols, rng):
+    """Random resized crops, flips and colour jitter of the photos `index` of
+    `canvas` (N, 4, S, S) u8, all in one sampling pass on canvas's device;
+    returns normalized pixels (B, 3, 16·rows, 16·cols) and masks (B, 1, ...)."""
+    theta, jitter = [], []
+    for i in index:
+        x0, y0, x1, y1 = crop_box(sizes[i], rows, cols, rng)
+        flip = -1.0 if rng.random() < 0.5 else 1.0
+        # Output coordinates in [-1, 1] to the crop's in the squashed canvas.
+        theta.append([[flip * (x1 - x0), 0.0, x0 + x1 - 1], [0.0, y1 - y0, y0 + y1 - 1]])
+        saturation = 0.0 if rng.random() < 0.05 else rng.uniform(0.6, 1.4)
+        jitter.append([rng.uniform(0.7, 1.3), rng.uniform(0.7, 1.3), saturation])
+    device = canvas.device
+    theta = torch.tensor(theta, device=device)
+    grid = F.affine_grid(theta, (len(index), 4, 16 * rows, 16 * cols), align_corners=False)
+    out = F.grid_sample(canvas[index].float(), grid, mode="bilinear", padding_mode="border", align_corners=False) / 255
+    x, m = out[:, :3], out[:, 3:]
+    brightness, contrast, saturation = torch.tensor(jitter, device=device).T[..., None, None, None]
     gray = x.mean(1, keepdim=True)
-    x = x * rng.uniform(0.7, 1.3)  # brightness
-    x = (x - gray.mean()) * rng.uniform(0.7, 1.3) + gray.mean()  # contrast
-    x = (x - gray) * (0.0 if rng.random() < 0.05 else rng.uniform(0.6, 1.4)) + gray  # saturation / grayscale
-    return ((x.clamp(0, 1) - MEAN) / STD)[0], m[0]
+    mean = gray.mean((1, 2, 3), keepdim=True)
+    x = x * brightness
+    x = (x - mean) * contrast + mean
+    x = (x - gray) * saturation + gray
+    return (x.clamp(0, 1) - MEAN.to(device)) / STD.to(device), m
 
 
 def segmentation_loss(logits, target):
@@ -120,26 +99,21 @@ def attention_loss(cls_attention, target):
     return ce[keep].mean()
 
 
-def val_input(path):
-    img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
-    w, h = img.size
-    s = SHORT_SIDE / min(w, h)
-    cols, rows = max(1, round(w * s / 16)), max(1, round(h * s / 16))
-    x = torch.from_numpy(np.asarray(img.resize((16 * cols, 16 * rows), Image.BICUBIC))).permute(2, 0, 1)[None].float() / 255
-    return (x - MEAN) / STD, (w, h)
+def validation_pair(rgb, truth, device):
+    x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255
+    return ((x - MEAN) / STD).to(device), (torch.from_numpy(truth.copy()).float() / 255).to(device)
 
 
 @torch.no_grad()
-def validate(model, data, names):
+def validate(model, val):
     """Mean IoU (probability >= 0.5 against truth >= 128) at the photo's size,
     MAE, max F (beta² 0.3), and the share of the last layer's mean class-token
     attention over the patches that lands inside the object; for both heads."""
     model.eval()
     rows = {"fine": [], "coarse": []}
     losses, masses = [], []
-    for name in names:
-        x, (w, h) = val_input(os.path.join(data, "salient/pascal-s/images", name + ".jpg"))
-        truth = torch.from_numpy(np.asarray(Image.open(os.path.join(data, "salient/pascal-s/masks", name + ".png")).convert("L"))).float() / 255
+    for x, truth in val:
+        h, w = truth.shape
         _, fine, coarse, cls_attention = model(x, keep_cls_attention=True)
         gt = truth >= 0.5
         for key, logits in (("fine", fine), ("coarse", coarse)):
@@ -190,42 +164,67 @@ def plot(log_rows, path):
     fig.tight_layout(); fig.savefig(path, dpi=100)
 
 
+def read_packs(folders, device):
+    """The squashed photos (N, 4, CANVAS, CANVAS) u8 on `device`, their sizes,
+    and the validation set, from folders train/pack.py wrote."""
+    canvas, sizes, val = [], [], []
+    for folder in folders:
+        index = json.load(open(os.path.join(folder, "index.json")))
+        for photo, mask, w, h in index["train"]:
+            rgb = np.asarray(Image.open(os.path.join(folder, photo)).convert("RGB"))
+            alpha = np.asarray(Image.open(os.path.join(folder, mask)).convert("L"))
+            canvas.append(np.concatenate([rgb, alpha[..., None]], -1))
+            sizes.append((w, h))
+        for photo, truth in index["val"]:
+            rgb = np.asarray(Image.open(os.path.join(folder, photo)).convert("RGB"))
+            val.append(validation_pair(rgb, np.asarray(Image.open(os.path.join(folder, truth)).convert("L")), device))
+    return torch.from_numpy(np.stack(canvas)).permute(0, 3, 1, 2).contiguous().to(device), sizes, val
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=os.path.join(HERE, "..", "..", "shared", "data"))
+    ap.add_argument("--packed", action="append", metavar="DIR",
+                    help="a folder train/pack.py wrote (default: train/.work/pack-a and pack-b, as train/run makes them)")
     ap.add_argument("--out", default=os.path.join(HERE, "..", "weights", "segattn-s16.safetensors"))
-    ap.add_argument("--epochs", type=int, default=35)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--log", default=os.path.join(HERE, "log.csv"))
+    ap.add_argument("--curves", default=os.path.join(HERE, "curves.png"))
+    ap.add_argument("--dim", type=int, default=192, help="token width; heads of 64")
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=101)
+    ap.add_argument("--minutes", type=float, default=0, help="fewer epochs if they would not fit in this time (decided after 2 epochs)")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup-epochs", type=int, default=5)
     ap.add_argument("--attention-weight", type=float, default=0.5)
+    ap.add_argument("--val-every", type=int, default=10, help="validate every this many epochs (and after the last)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with AVX512-BF16 / AMX)")
-    ap.add_argument("--labelled", action="append", default=None, metavar="FOLDER",
-                    help="a photos/ folder whose teacher masks train/label made in train/.work/labels "
-                         "(default: flickr-1000)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU (AVX512-BF16 / AMX); always on a GPU")
     ap.add_argument("--limit", type=int, default=0, help="train on this many photos only (smoke test)")
     a = ap.parse_args()
     torch.manual_seed(a.seed); random.seed(a.seed); np.random.seed(a.seed)
     torch.set_num_threads(a.threads)
     rng = random.Random(a.seed)
+    device_type = a.device.split(":")[0]
+    torch.backends.cudnn.benchmark = True
 
     t0 = time.time()
-    pairs = training_pairs(a.data, [os.path.join(HERE, ".work", "labels", f) for f in a.labelled or ["flickr-1000"]])
+    canvas, sizes, val = read_packs(a.packed or [os.path.join(HERE, ".work", p) for p in ("pack-a", "pack-b")], a.device)
     if a.limit:
-        pairs = random.Random(a.seed).sample(pairs, a.limit)
-    # Photos held at a short side of 288: enough for crops at 224, small in memory.
-    samples = [read_pair(p, m, 288) for p, m in pairs]
-    val_names = open(os.path.join(HERE, "val_list.txt")).read().split()
-    print(f"{len(samples)} training photos, {len(val_names)} validation photos, read in {time.time() - t0:.0f} s", flush=True)
+        keep = random.Random(a.seed).sample(range(len(sizes)), a.limit)
+        canvas, sizes = canvas[keep], [sizes[i] for i in keep]
+    print(f"{len(sizes)} training photos, {len(val)} validation photos, read in {time.time() - t0:.0f} s", flush=True)
 
-    model = SegAttnViT()
+    model = SegAttnViT(dim=a.dim, depth=a.depth, heads=a.dim // 64).to(a.device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=a.lr)
-    steps_per_epoch = len(samples) // a.batch
-    total, warmup = a.epochs * steps_per_epoch, 2 * steps_per_epoch
-    schedule = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=a.lr,
+                            fused=a.device.startswith("cuda"))
+    steps_per_epoch = len(sizes) // a.batch
+    warmup = max(2, a.warmup_epochs) * steps_per_epoch
+    epochs = a.epochs
+    schedule = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, epochs * steps_per_epoch - warmup)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     # Grids of patches per batch: square, and the landscape / portrait shapes
     # photos have at a short side of 224 (14 patches), so position embeddings
@@ -233,17 +232,17 @@ def main():
     grids = [(14, 14), (14, 14), (14, 19), (19, 14), (14, 17), (17, 14), (12, 12)]
 
     log_rows = []
-    log_path = os.path.join(HERE, "log.csv")
-    for epoch in range(1, a.epochs + 1):
+    epoch, started = 0, time.time()
+    while epoch < epochs:
+        epoch += 1
         te = time.time()
-        order = list(range(len(samples)))
+        order = list(range(len(sizes)))
         rng.shuffle(order)
         seg_losses, att_losses = [], []
         for step in range(steps_per_epoch):
             rows, cols = grids[rng.randrange(len(grids))]
-            batch = [random_crop(*samples[i], rows, cols, rng) for i in order[step * a.batch:(step + 1) * a.batch]]
-            x = torch.stack([b[0] for b in batch]); y = torch.stack([b[1] for b in batch])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            x, y = augmented_batch(canvas, sizes, order[step * a.batch:(step + 1) * a.batch], rows, cols, rng)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=a.bf16 or device_type == "cuda"):
                 _, fine, coarse, cls_attention = model(x, keep_cls_attention=True)
             seg = segmentation_loss(fine, y)
             loss = seg + 0.5 * segmentation_loss(coarse, y) + a.attention_weight * attention_loss(cls_attention.float(), y)
@@ -251,22 +250,41 @@ def main():
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(); sched.step()
-            seg_losses.append(seg.item()); att_losses.append((loss - seg).item())
-        v = validate(model, a.data, val_names)
-        row = {"epoch": epoch, "train_loss": float(np.mean(seg_losses)), **v, "seconds": round(time.time() - te, 1)}
+            seg_losses.append(seg.detach()); att_losses.append((loss - seg).detach())
+        row = {"epoch": epoch, "train_loss": float(torch.stack(seg_losses).mean())}
+        if epoch == 2 and a.minutes:
+            # Decided before the cosine decay starts (warm-up is 2 epochs or
+            # more), so the schedule is the one --epochs N gives.
+            per_epoch, tv = (time.time() - started) / 2, time.time()
+            row.update(validate(model, val))
+            per_validation = time.time() - tv
+            left = a.minutes * 60 - (time.time() - started)
+            fit = 2 + int(left / (per_epoch + per_validation / a.val_every))
+            if fit < epochs:
+                print(f"{epochs} epochs would not fit in {a.minutes} minutes: {fit}", flush=True)
+                epochs = fit
+        elif epoch % a.val_every == 0 or epoch == epochs:
+            row.update(validate(model, val))
+        row["seconds"] = round(time.time() - te, 1)
         log_rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(log_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row)); w.writeheader(); w.writerows(log_rows)
-    plot(log_rows, os.path.join(HERE, "curves.png"))
+        write_log(log_rows, a.log)
+    plot([r for r in log_rows if "val_loss" in r], a.curves)
     # The last epoch ships: choosing one by validation score would tune on the validation list.
-    tensors, iou = export_tensors(model), log_rows[-1]["fine_iou"]
+    tensors, iou = export_tensors(model.cpu()), log_rows[-1]["fine_iou"]
     meta = {"config": config_json(model), "segattn_short_side": str(SHORT_SIDE),
-            "segattn_trained": f"train/train.py, seed {a.seed}, {a.epochs} epochs, validation IoU {iou:.3f}"}
+            "segattn_trained": f"train/train.py, seed {a.seed}, {epochs} epochs of {len(sizes)} photos, {a.dim} wide, "
+                               f"{a.depth} deep, batch {a.batch}, lr {a.lr}, on {device_type}, validation IoU {iou:.3f}"}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     save_file({k: t.half() for k, t in tensors.items()}, a.out + ".tmp", metadata=meta)
     os.replace(a.out + ".tmp", a.out)
-    print(f"wrote {a.out}: validation IoU {iou:.3f}; {time.time() - t0:.0f} s in all", flush=True)
+    print(f"wrote {a.out}: {epochs} epochs, validation IoU {iou:.3f}; {time.time() - t0:.0f} s in all", flush=True)
+
+
+def write_log(log_rows, path):
+    fields = list(dict.fromkeys(k for r in log_rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields); w.writeheader(); w.writerows(log_rows)
 
 
 if __name__ == "__main__":
