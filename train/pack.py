@@ -15,7 +15,6 @@ makes (--labelled: flickr-1000, imagenet-sample, imagenet-200x5).
 """
 import argparse
 import json
-import math
 import os
 
 import numpy as np
