@@ -238,7 +238,7 @@ def main():
         te = time.time()
         order = list(range(len(sizes)))
         rng.shuffle(order)
-        seg_losses, att_losses = [], []
+        seg_losses = []
         for step in range(steps_per_epoch):
             rows, cols = grids[rng.randrange(len(grids))]
             x, y = augmented_batch(canvas, sizes, order[step * a.batch:(step + 1) * a.batch], rows, cols, rng)
@@ -250,7 +250,7 @@ def main():
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(); sched.step()
-            seg_losses.append(seg.detach()); att_losses.append((loss - seg).detach())
+            seg_losses.append(seg.detach())
         row = {"epoch": epoch, "train_loss": float(torch.stack(seg_losses).mean())}
         if epoch == 2 and a.minutes:
             # Decided before the cosine decay starts (warm-up is 2 epochs or
