@@ -11,19 +11,17 @@ bilinearly, then the sigmoid, as segattn does).
 import json
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import ExportedViT
+from pack import val_input
+from train import MEAN, STD
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 PHOTOS = ["cat", "astronaut"]
 
 
@@ -36,11 +34,8 @@ def main():
     short = int(meta["segattn_short_side"])
     out = {}
     for name in PHOTOS:
-        img = ImageOps.exif_transpose(Image.open(os.path.join(ROOT, "samples", name + ".jpg"))).convert("RGB")
-        w, h = img.size
-        s = short / min(w, h)
-        cols, rows = max(1, round(w * s / 16)), max(1, round(h * s / 16))
-        rgb = np.asarray(img.resize((16 * cols, 16 * rows), Image.BICUBIC))
+        rgb, _ = val_input(os.path.join(ROOT, "samples", name + ".jpg"), short)
+        rows, cols = rgb.shape[0] // 16, rgb.shape[1] // 16
         x = (torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255 - MEAN) / STD
         tokens, fine, cls_attention = model(x)
         soft = F.interpolate(fine, size=(16 * rows, 16 * cols), mode="bilinear", align_corners=False).sigmoid()

@@ -67,16 +67,14 @@ def val_names():
     return open(os.path.join(HERE, "val_list.txt")).read().split()
 
 
-def val_input(path):
-    """The photo as segattn feeds it to the model: short side 224, each side a
-    multiple of 16, RGB u8; and the photo's (width, height)."""
+def val_input(path, short_side=SHORT_SIDE):
+    """The photo as segattn feeds it to the model: the short side resized to
+    `short_side`, each side a multiple of 16, RGB u8; and the photo's (width, height)."""
     img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     w, h = img.size
-    s = SHORT_SIDE / min(w, h)
+    s = short_side / min(w, h)
     cols, rows = max(1, round(w * s / 16)), max(1, round(h * s / 16))
     return np.asarray(img.resize((16 * cols, 16 * rows), Image.BICUBIC)), (w, h)
-
-
 
 
 def main():
@@ -90,7 +88,7 @@ def main():
     labels = os.path.join(HERE, ".work", "labels")
     pairs = training_pairs(a.data, [os.path.join(labels, f) for f in a.labelled])
     os.makedirs(a.out, exist_ok=True)
-    index = {"canvas": CANVAS, "train": [], "val": []}
+    index = {"train": [], "val": []}
     for photo, mask in pairs:
         if a.only_labelled and not mask.startswith(labels):
             continue

@@ -220,7 +220,7 @@ def main():
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=a.lr,
-                            fused=a.device.startswith("cuda"))
+                            fused=device_type == "cuda")
     steps_per_epoch = len(sizes) // a.batch
     warmup = max(2, a.warmup_epochs) * steps_per_epoch
     epochs = a.epochs
