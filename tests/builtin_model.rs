@@ -59,7 +59,7 @@ fn builtin_model_matches_pytorch() {
 }
 
 /// bfloat16 products, where the CPU has them, give the f32 path's masks to
-/// within a few pixels and its attention to within a few percent; elsewhere
+/// an IoU of 0.99 and its attention to within a few percent; elsewhere
 /// the model says it runs in f32.
 #[test]
 fn bfloat16_masks_agree_with_f32_masks() {
@@ -88,13 +88,18 @@ fn bfloat16_masks_agree_with_f32_masks() {
         assert!(attention_diff <= 0.05 * attention_max, "{name}: attention differs by {attention_diff}");
         let (a, b) = (soft(&exact), soft(&fast));
         let largest = a.iter().zip(&b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        let flipped = a.iter().zip(&b).filter(|&(a, b)| (*a >= 0.5) != (*b >= 0.5)).count();
-        println!("{name}: soft masks differ by at most {largest:.2e}; {flipped} of {} pixels flip", a.len());
+        // Flips happen where f32's probability is within `largest` of 0.5, so
+        // how many there are depends on how steep the mask is there; the
+        // masks' IoU is what a user sees.
+        let both = a.iter().zip(&b).filter(|&(a, b)| *a >= 0.5 && *b >= 0.5).count();
+        let either = a.iter().zip(&b).filter(|&(a, b)| *a >= 0.5 || *b >= 0.5).count();
+        let mask_iou = both as f64 / either.max(1) as f64;
+        println!("{name}: soft masks differ by at most {largest:.2e}; masks' IoU {mask_iou:.4}");
         if bf16_here {
             assert!(largest > 0.0, "{name}: the bfloat16 path gave f32's mask exactly: did it run?");
         }
         assert!(largest <= 0.02, "{name}: soft masks differ by {largest}");
-        assert!(flipped * 1000 <= a.len(), "{name}: {flipped} of {} pixels flip", a.len());
+        assert!(mask_iou >= 0.99, "{name}: bfloat16 and f32 masks have IoU {mask_iou}");
     }
 }
 
