@@ -47,9 +47,19 @@ class Attention(nn.Module):
         return self.proj(out), probs[:, :, 0, :]  # (B, heads, tokens): the class token's row
 
 
+def drop_path(x, rate, training):
+    """Stochastic depth: in training, drops a residual branch for a random
+    `rate` of the samples and scales the rest to keep the expectation."""
+    if not training or rate == 0:
+        return x
+    keep = (torch.rand(x.shape[0], 1, 1, device=x.device) >= rate).to(x.dtype)
+    return x * keep / (1 - rate)
+
+
 class Block(nn.Module):
-    def __init__(self, dim, heads, mlp_ratio=4, eps=1e-6):
+    def __init__(self, dim, heads, mlp_ratio=4, eps=1e-6, drop_path=0.0):
         super().__init__()
+        self.drop_path = drop_path
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
@@ -58,13 +68,13 @@ class Block(nn.Module):
 
     def forward(self, x, keep_cls_attention=False):
         a, cls_attention = self.attn(self.norm1(x), keep_cls_attention)
-        x = x + a
-        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        x = x + drop_path(a, self.drop_path, self.training)
+        x = x + drop_path(self.fc2(F.gelu(self.fc1(self.norm2(x)))), self.drop_path, self.training)
         return x, cls_attention
 
 
 class SegAttnViT(nn.Module):
-    def __init__(self, dim=192, depth=6, heads=3, pos_grid=14, subpatch=4, eps=1e-6):
+    def __init__(self, dim=192, depth=6, heads=3, pos_grid=14, subpatch=4, eps=1e-6, drop_path=0.0):
         super().__init__()
         self.patch_size, self.subpatch, self.eps, self.heads = 16, subpatch, eps, heads
         self.stem = ConvStem()
@@ -72,7 +82,9 @@ class SegAttnViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + pos_grid * pos_grid, dim) * 0.02)
         self.pos_grid = pos_grid
-        self.blocks = nn.ModuleList(Block(dim, heads, eps=eps) for _ in range(depth))
+        # Stochastic depth rising linearly to `drop_path` in the last block (DeiT).
+        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(Block(dim, heads, eps=eps, drop_path=r) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=eps)
         # Sub-patch head: subpatch² logits per patch, laid out as a finer grid.
         self.head = nn.Linear(dim, subpatch * subpatch)

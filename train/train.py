@@ -30,11 +30,21 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def crop_box(size, rows, cols, rng):
+def crop_box(size, rows, cols, rng, zoom_out=0.0):
     """Random resized crop of a photo of `size` (area 30-100 %, aspect jittered
-    around the target grid's), as (x0, y0, x1, y1) fractions of the photo."""
+    around the target grid's), as (x0, y0, x1, y1) fractions of the photo.
+    With probability `zoom_out` the box is 1-3 times the photo's area instead,
+    the photo somewhere inside it: the object comes out smaller than at test."""
     w, h = size
     target_aspect = cols / rows
+    if zoom_out and rng.random() < zoom_out:
+        area = rng.uniform(1.0, 3.0) * h * w
+        aspect = target_aspect * math.exp(rng.uniform(-0.25, 0.25))
+        cw, ch = math.sqrt(area * aspect), math.sqrt(area / aspect)
+        # Per axis: around the whole photo where the box is wider, else a span of it.
+        x0 = -rng.uniform(0, cw - w) if cw > w else rng.uniform(0, w - cw)
+        y0 = -rng.uniform(0, ch - h) if ch > h else rng.uniform(0, h - ch)
+        return x0 / w, y0 / h, (x0 + cw) / w, (y0 + ch) / h
     for _ in range(10):
         area = rng.uniform(0.3, 1.0) * h * w
         aspect = target_aspect * math.exp(rng.uniform(-0.25, 0.25))
@@ -47,13 +57,15 @@ def crop_box(size, rows, cols, rng):
     return x0 / w, y0 / h, (x0 + cw) / w, (y0 + ch) / h
 
 
-def augmented_batch(canvas, sizes, index, rows, cols, rng):
+def augmented_batch(canvas, sizes, index, rows, cols, rng, zoom_out=0.0):
     """Random resized crops, flips and colour jitter of the photos `index` of
     `canvas` (N, 4, S, S) u8, all in one sampling pass on canvas's device;
-    returns normalized pixels (B, 3, 16·rows, 16·cols) and masks (B, 1, ...)."""
+    returns normalized pixels (B, 3, 16·rows, 16·cols) and masks (B, 1, ...).
+    Outside the photo (zoomed out), pixels are the normalization's mean and
+    the mask is background."""
     theta, jitter = [], []
     for i in index:
-        x0, y0, x1, y1 = crop_box(sizes[i], rows, cols, rng)
+        x0, y0, x1, y1 = crop_box(sizes[i], rows, cols, rng, zoom_out)
         flip = -1.0 if rng.random() < 0.5 else 1.0
         # Output coordinates in [-1, 1] to the crop's in the squashed canvas.
         theta.append([[flip * (x1 - x0), 0.0, x0 + x1 - 1], [0.0, y1 - y0, y0 + y1 - 1]])
@@ -62,7 +74,14 @@ def augmented_batch(canvas, sizes, index, rows, cols, rng):
     device = canvas.device
     theta = torch.tensor(theta, device=device)
     grid = F.affine_grid(theta, (len(index), 4, 16 * rows, 16 * cols), align_corners=False)
-    out = F.grid_sample(canvas[index].float(), grid, mode="bilinear", padding_mode="border", align_corners=False) / 255
+    sample = lambda t, padding: F.grid_sample(t, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+    pixels = canvas[index].float()
+    if zoom_out:
+        out = sample(pixels, "zeros") / 255
+        outside = 1 - sample(torch.ones_like(pixels[:, :1]), "zeros")
+        out[:, :3] += outside * MEAN.to(device)
+    else:
+        out = sample(pixels, "border") / 255
     x, m = out[:, :3], out[:, 3:]
     brightness, contrast, saturation = torch.tensor(jitter, device=device).T[..., None, None, None]
     gray = x.mean(1, keepdim=True)
@@ -196,6 +215,8 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup-epochs", type=int, default=5)
     ap.add_argument("--attention-weight", type=float, default=0.5)
+    ap.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth of the last block (linear from 0 in the first)")
+    ap.add_argument("--zoom-out", type=float, default=0.0, help="share of crops zoomed out: the photo inside a box of 1-3x its area")
     ap.add_argument("--val-every", type=int, default=10, help="validate every this many epochs (and after the last)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -216,7 +237,7 @@ def main():
         canvas, sizes = canvas[keep], [sizes[i] for i in keep]
     print(f"{len(sizes)} training photos, {len(val)} validation photos, read in {time.time() - t0:.0f} s", flush=True)
 
-    model = SegAttnViT(dim=a.dim, depth=a.depth, heads=a.dim // 64).to(a.device)
+    model = SegAttnViT(dim=a.dim, depth=a.depth, heads=a.dim // 64, drop_path=a.drop_path).to(a.device)
     # NHWC: cuDNN runs the stem's convolutions on tensor cores without transposing.
     layout = torch.channels_last if device_type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=layout)
@@ -244,7 +265,7 @@ def main():
         seg_losses = []
         for step in range(steps_per_epoch):
             rows, cols = grids[rng.randrange(len(grids))]
-            x, y = augmented_batch(canvas, sizes, order[step * a.batch:(step + 1) * a.batch], rows, cols, rng)
+            x, y = augmented_batch(canvas, sizes, order[step * a.batch:(step + 1) * a.batch], rows, cols, rng, a.zoom_out)
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=a.bf16 or device_type == "cuda"):
                 _, fine, coarse, cls_attention = model(x.contiguous(memory_format=layout), keep_cls_attention=True)
             seg = segmentation_loss(fine, y)
@@ -278,7 +299,8 @@ def main():
     tensors, iou = export_tensors(model.cpu()), log_rows[-1]["fine_iou"]
     meta = {"config": config_json(model), "segattn_short_side": str(SHORT_SIDE),
             "segattn_trained": f"train/train.py, seed {a.seed}, {epochs} epochs of {len(sizes)} photos, {a.dim} wide, "
-                               f"{a.depth} deep, batch {a.batch}, lr {a.lr}, on {device_type}, validation IoU {iou:.3f}"}
+                               f"{a.depth} deep, batch {a.batch}, lr {a.lr}, drop path {a.drop_path}, zoom-out {a.zoom_out}, "
+                               f"on {device_type}, validation IoU {iou:.3f}"}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     save_file({k: t.half() for k, t in tensors.items()}, a.out + ".tmp", metadata=meta)
     os.replace(a.out + ".tmp", a.out)
