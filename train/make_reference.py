@@ -8,12 +8,10 @@ bytes), the final tokens, the last layer's class-token attention per head,
 and the soft mask at the input's size (sub-patch logits upsampled
 bilinearly, then the sigmoid, as segattn does).
 """
-import json
 import os
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import ExportedViT
@@ -27,10 +25,7 @@ PHOTOS = ["cat", "astronaut"]
 
 def main():
     path = os.path.join(ROOT, "weights", "segattn-s16.safetensors")
-    with safe_open(path, "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata()
-    model = ExportedViT(tensors, json.loads(meta["config"]))
+    model, meta = ExportedViT.load(path)
     short = int(meta["segattn_short_side"])
     out = {}
     for name in PHOTOS:

@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 
 
 class ConvStem(nn.Module):
@@ -179,14 +180,35 @@ class ExportedViT(nn.Module):
         self.heads, self.eps = config["num_attention_heads"], config["layer_norm_eps"]
         self.depth = config["num_hidden_layers"]
 
+    @classmethod
+    def load(cls, path):
+        """The model in a file export() wrote, and the file's metadata."""
+        with safe_open(path, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata()
+        return cls(tensors, json.loads(meta["config"])), meta
+
     @torch.no_grad()
     def forward(self, pixels):
+        _, x, cls_attention = self.features(pixels)
+        b, rows, cols = x.shape[0], pixels.shape[-2] // 16, pixels.shape[-1] // 16
+        t = self.t
+        k = t["head.weight"].shape[0]
+        s = math.isqrt(k)
+        fine = F.linear(x[:, 1:], t["head.weight"], t["head.bias"]).reshape(b, rows, cols, s, s).permute(0, 1, 3, 2, 4).reshape(b, 1, rows * s, cols * s)
+        return x, fine, cls_attention
+
+    @torch.no_grad()
+    def features(self, pixels):
+        """The stem's outputs (1/2, 1/4, 1/8 of the input), the final tokens
+        and the last layer's class-token attention."""
         t = self.t
         x = pixels
-        i = 0
-        while f"embeddings.patch_embeddings.stem.{i}.weight" in t:
+        stem = []
+        while f"embeddings.patch_embeddings.stem.{len(stem)}.weight" in t:
+            i = len(stem)
             x = F.relu(F.conv2d(x, t[f"embeddings.patch_embeddings.stem.{i}.weight"], t[f"embeddings.patch_embeddings.stem.{i}.bias"], 2, 1))
-            i += 1
+            stem.append(x)
         x = F.conv2d(x, t["embeddings.patch_embeddings.projection.weight"], t["embeddings.patch_embeddings.projection.bias"], 2)
         b, d, rows, cols = x.shape
         x = x.flatten(2).transpose(1, 2)
@@ -210,8 +232,4 @@ class ExportedViT(nn.Module):
             x = x + lin((probs @ v).transpose(1, 2).reshape(b, -1, d), p + "attention.output.dense")
             y = ln(x, p + "layernorm_after")
             x = x + lin(F.gelu(lin(y, p + "intermediate.dense")), p + "output.dense")
-        x = ln(x, "layernorm")
-        k = t["head.weight"].shape[0]
-        s = math.isqrt(k)
-        fine = F.linear(x[:, 1:], t["head.weight"], t["head.bias"]).reshape(b, rows, cols, s, s).permute(0, 1, 3, 2, 4).reshape(b, 1, rows * s, cols * s)
-        return x, fine, cls_attention
+        return stem, ln(x, "layernorm"), cls_attention

@@ -1,0 +1,131 @@
+"""Which segmentation head suits the shipped encoder: three heads trained side
+by side on its frozen features, on the same augmented batches, then scored
+on the validation list (IoU at 0.5, MAE; the shipped head beside them).
+
+    train/.venv/bin/python train/compare_heads.py      # about 20 minutes on 2 cores
+
+- sub-patch: the shipped head's form (16 logits per patch token, a 4x4 grid);
+- decoder: tokens to 64 channels, two 2x bilinear upsamplings each followed by
+  a 3x3 convolution, batch norm and ReLU (64 then 32 channels), logits at 1/4;
+- skip decoder: the same, with the stem's 1/8 and 1/4 outputs concatenated
+  before each convolution.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import ExportedViT
+from train import HERE, augmented_batch, read_packs, segmentation_loss
+
+
+class SubPatch(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.linear = nn.Linear(dim, 16)
+
+    def forward(self, stem, tokens):
+        b, _, rows, cols = tokens.shape
+        logits = self.linear(tokens.flatten(2).transpose(1, 2))
+        return logits.reshape(b, rows, cols, 4, 4).permute(0, 1, 3, 2, 4).reshape(b, 1, 4 * rows, 4 * cols)
+
+
+def conv_bn_relu(inputs, outputs):
+    return nn.Sequential(nn.Conv2d(inputs, outputs, 3, 1, 1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU())
+
+
+class Decoder(nn.Module):
+    def __init__(self, dim, stem_channels=None):
+        super().__init__()
+        self.skip = stem_channels is not None
+        extra8, extra4 = (stem_channels[2], stem_channels[1]) if self.skip else (0, 0)
+        self.reduce = nn.Conv2d(dim, 64, 1)
+        self.up8 = conv_bn_relu(64 + extra8, 64)
+        self.up4 = conv_bn_relu(64 + extra4, 32)
+        self.out = nn.Conv2d(32, 1, 1)
+
+    def forward(self, stem, tokens):
+        x = F.interpolate(self.reduce(tokens), scale_factor=2, mode="bilinear", align_corners=False)
+        x = self.up8(torch.cat([x, stem[2]], 1) if self.skip else x)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.out(self.up4(torch.cat([x, stem[1]], 1) if self.skip else x))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--weights", default=os.path.join(HERE, "..", "weights", "segattn-s16.safetensors"))
+    ap.add_argument("--packed", action="append", metavar="DIR", help="as train.py's (default: train/.work/pack-a and pack-b)")
+    ap.add_argument("--epochs", type=int, default=9)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.manual_seed(a.seed)
+    torch.set_num_threads(a.threads)
+    rng = random.Random(a.seed)
+
+    encoder, _ = ExportedViT.load(a.weights)
+    dim = encoder.t["embeddings.cls_token"].shape[-1]
+    stem_channels = [encoder.t[f"embeddings.patch_embeddings.stem.{i}.weight"].shape[0] for i in range(3)]
+    heads = nn.ModuleDict({"sub-patch": SubPatch(dim), "decoder": Decoder(dim), "skip decoder": Decoder(dim, stem_channels)})
+
+    def features(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stem, tokens, _ = encoder.features(x)
+        b, rows, cols = x.shape[0], x.shape[-2] // 16, x.shape[-1] // 16
+        return [s.float() for s in stem], tokens[:, 1:].float().transpose(1, 2).reshape(b, dim, rows, cols)
+
+    canvas, sizes, val = read_packs(a.packed or [os.path.join(HERE, ".work", p) for p in ("pack-a", "pack-b")], "cpu")
+    opt = torch.optim.AdamW(heads.parameters(), lr=a.lr, weight_decay=0.01)
+    steps_per_epoch = len(sizes) // a.batch
+    total = a.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1, (s + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * s / total)))
+    grids = [(14, 14), (14, 14), (14, 19), (19, 14), (14, 17), (17, 14), (12, 12)]
+    for epoch in range(1, a.epochs + 1):
+        started, order = time.time(), list(range(len(sizes)))
+        rng.shuffle(order)
+        losses = {k: [] for k in heads}
+        for step in range(steps_per_epoch):
+            rows, cols = grids[rng.randrange(len(grids))]
+            x, y = augmented_batch(canvas, sizes, order[step * a.batch:(step + 1) * a.batch], rows, cols, rng)
+            stem, tokens = features(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = {k: head(stem, tokens) for k, head in heads.items()}
+            loss = 0
+            for k, out in logits.items():
+                seg = segmentation_loss(out.float(), y)
+                losses[k].append(float(seg.detach()))
+                loss = loss + seg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step(); sched.step()
+        print(json.dumps({"epoch": epoch, "seconds": round(time.time() - started),
+                          **{k: round(float(np.mean(v)), 4) for k, v in losses.items()}}), flush=True)
+
+    heads.eval()
+    scores = {k: [] for k in ["shipped", *heads]}
+    with torch.no_grad():
+        for x, truth in val:
+            stem, tokens = features(x)
+            logits = {"shipped": encoder(x)[1], **{k: head(stem, tokens) for k, head in heads.items()}}
+            gt = truth >= 0.5
+            for k, out in logits.items():
+                p = F.interpolate(out.float(), size=truth.shape, mode="bilinear", align_corners=False).sigmoid()[0, 0]
+                pred = p >= 0.5
+                scores[k].append((float((pred & gt).sum() / (pred | gt).sum().clamp_min(1)), float((p - gt.float()).abs().mean())))
+    print("| head (validation list) | IoU | MAE |\n|---|---|---|")
+    for k, r in scores.items():
+        print(f"| {k} | {np.mean([v[0] for v in r]):.3f} | {np.mean([v[1] for v in r]):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
