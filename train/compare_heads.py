@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import ExportedViT
-from train import HERE, augmented_batch, read_packs, segmentation_loss
+from train import GRIDS, HERE, augmented_batch, read_packs, segmentation_loss
 
 
 class SubPatch(nn.Module):
@@ -89,13 +89,12 @@ def main():
     total = a.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1, (s + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * s / total)))
-    grids = [(14, 14), (14, 14), (14, 19), (19, 14), (14, 17), (17, 14), (12, 12)]
     for epoch in range(1, a.epochs + 1):
         started, order = time.time(), list(range(len(sizes)))
         rng.shuffle(order)
         losses = {k: [] for k in heads}
         for step in range(steps_per_epoch):
-            rows, cols = grids[rng.randrange(len(grids))]
+            rows, cols = GRIDS[rng.randrange(len(GRIDS))]
             x, y = augmented_batch(canvas, sizes, order[step * a.batch:(step + 1) * a.batch], rows, cols, rng)
             stem, tokens = features(x)
             with torch.autocast("cpu", dtype=torch.bfloat16):

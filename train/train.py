@@ -28,6 +28,10 @@ from pack import SHORT_SIDE
 HERE = os.path.dirname(os.path.abspath(__file__))
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+# Grids of patches a batch is drawn at: square, and the landscape / portrait
+# shapes photos have at a short side of 224 (14 patches), so position
+# embeddings learn to be interpolated as segattn interpolates them.
+GRIDS = [(14, 14), (14, 14), (14, 19), (19, 14), (14, 17), (17, 14), (12, 12)]
 
 
 def crop_box(size, rows, cols, rng, zoom_out=0.0):
@@ -250,10 +254,6 @@ def main():
     epochs = a.epochs
     schedule = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, epochs * steps_per_epoch - warmup)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    # Grids of patches per batch: square, and the landscape / portrait shapes
-    # photos have at a short side of 224 (14 patches), so position embeddings
-    # learn to be interpolated as segattn interpolates them.
-    grids = [(14, 14), (14, 14), (14, 19), (19, 14), (14, 17), (17, 14), (12, 12)]
 
     log_rows = []
     epoch, started = 0, time.time()
@@ -264,7 +264,7 @@ def main():
         rng.shuffle(order)
         seg_losses = []
         for step in range(steps_per_epoch):
-            rows, cols = grids[rng.randrange(len(grids))]
+            rows, cols = GRIDS[rng.randrange(len(GRIDS))]
             x, y = augmented_batch(canvas, sizes, order[step * a.batch:(step + 1) * a.batch], rows, cols, rng, a.zoom_out)
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=a.bf16 or device_type == "cuda"):
                 _, fine, coarse, cls_attention = model(x.contiguous(memory_format=layout), keep_cls_attention=True)
