@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ExportedViT
+from model import ExportedViT, subpatch_grid
 from train import GRIDS, HERE, augmented_batch, read_packs, segmentation_loss
 
 
@@ -32,9 +32,8 @@ class SubPatch(nn.Module):
         self.linear = nn.Linear(dim, 16)
 
     def forward(self, stem, tokens):
-        b, _, rows, cols = tokens.shape
-        logits = self.linear(tokens.flatten(2).transpose(1, 2))
-        return logits.reshape(b, rows, cols, 4, 4).permute(0, 1, 3, 2, 4).reshape(b, 1, 4 * rows, 4 * cols)
+        _, _, rows, cols = tokens.shape
+        return subpatch_grid(self.linear(tokens.flatten(2).transpose(1, 2)), rows, cols)
 
 
 def conv_bn_relu(inputs, outputs):

@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 
+def subpatch_grid(logits, rows, cols):
+    """Per-patch logits (B, rows·cols, s²) as one map (B, 1, s·rows, s·cols):
+    cell (i, j) of patch (r, c) lands at row r·s + i, column c·s + j."""
+    b, _, cells = logits.shape
+    s = math.isqrt(cells)
+    return logits.reshape(b, rows, cols, s, s).permute(0, 1, 3, 2, 4).reshape(b, 1, rows * s, cols * s)
+
+
 class ConvStem(nn.Module):
     """Three 3x3 stride-2 convolutions (Xiao et al., 2021: early convolutions
     help ViTs learn from few images); the patch projection adds the last 2x."""
@@ -124,8 +132,7 @@ class SegAttnViT(nn.Module):
             cls_attention = a if a is not None else cls_attention
         x = self.norm(x)
         patches = x[:, 1:]
-        s = self.subpatch
-        fine = self.head(patches).float().reshape(b, rows, cols, s, s).permute(0, 1, 3, 2, 4).reshape(b, 1, rows * s, cols * s)
+        fine = subpatch_grid(self.head(patches).float(), rows, cols)
         coarse = self.patch_head(patches).float().reshape(b, 1, rows, cols)
         return x, fine, coarse, cls_attention
 
@@ -191,11 +198,8 @@ class ExportedViT(nn.Module):
     @torch.no_grad()
     def forward(self, pixels):
         _, x, cls_attention = self.features(pixels)
-        b, rows, cols = x.shape[0], pixels.shape[-2] // 16, pixels.shape[-1] // 16
-        t = self.t
-        k = t["head.weight"].shape[0]
-        s = math.isqrt(k)
-        fine = F.linear(x[:, 1:], t["head.weight"], t["head.bias"]).reshape(b, rows, cols, s, s).permute(0, 1, 3, 2, 4).reshape(b, 1, rows * s, cols * s)
+        rows, cols = pixels.shape[-2] // 16, pixels.shape[-1] // 16
+        fine = subpatch_grid(F.linear(x[:, 1:], self.t["head.weight"], self.t["head.bias"]), rows, cols)
         return x, fine, cls_attention
 
     @torch.no_grad()
