@@ -87,7 +87,7 @@ mod tests {
         let product = mixed(&attentions[1].1).matmul(&mixed(&attentions[0].1)).unwrap();
         let expected: Vec<f32> = product.get(0).unwrap().narrow(0, 1, 3).unwrap().to_vec1().unwrap();
         let tokens = Tensor::zeros((1, 4, 2), candle_core::DType::F32, &device).unwrap();
-        let out = EncoderOutput { tokens, attentions, qkv: None, grid, num_prefix_tokens: 1 };
+        let out = EncoderOutput { tokens, attentions, qkv: None, stem: Vec::new(), grid, num_prefix_tokens: 1 };
         let got = rollout(&out, 2).unwrap();
         for (g, e) in got.values.iter().zip(&expected) {
             assert!((g - e).abs() < 1e-6, "{g} vs {e}");

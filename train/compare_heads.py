@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ExportedViT, subpatch_grid
+from model import Decoder, ExportedViT, subpatch_grid
 from train import GRIDS, HERE, augmented_batch, read_packs, segmentation_loss
 
 
@@ -34,27 +34,6 @@ class SubPatch(nn.Module):
     def forward(self, stem, tokens):
         _, _, rows, cols = tokens.shape
         return subpatch_grid(self.linear(tokens.flatten(2).transpose(1, 2)), rows, cols)
-
-
-def conv_bn_relu(inputs, outputs):
-    return nn.Sequential(nn.Conv2d(inputs, outputs, 3, 1, 1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU())
-
-
-class Decoder(nn.Module):
-    def __init__(self, dim, stem_channels=None):
-        super().__init__()
-        self.skip = stem_channels is not None
-        extra8, extra4 = (stem_channels[2], stem_channels[1]) if self.skip else (0, 0)
-        self.reduce = nn.Conv2d(dim, 64, 1)
-        self.up8 = conv_bn_relu(64 + extra8, 64)
-        self.up4 = conv_bn_relu(64 + extra4, 32)
-        self.out = nn.Conv2d(32, 1, 1)
-
-    def forward(self, stem, tokens):
-        x = F.interpolate(self.reduce(tokens), scale_factor=2, mode="bilinear", align_corners=False)
-        x = self.up8(torch.cat([x, stem[2]], 1) if self.skip else x)
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        return self.out(self.up4(torch.cat([x, stem[1]], 1) if self.skip else x))
 
 
 def main():

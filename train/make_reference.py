@@ -5,8 +5,9 @@
 
 For each photo: the resized RGB input (u8, so both sides normalize the same
 bytes), the final tokens, the last layer's class-token attention per head,
-and the soft mask at the input's size (sub-patch logits upsampled
-bilinearly, then the sigmoid, as segattn does).
+and the soft masks at the input's size of the sub-patch head and, where
+the file has one, the decoder (logits upsampled bilinearly, then the
+sigmoid, as segattn does).
 """
 import os
 
@@ -32,12 +33,15 @@ def main():
         rgb, _ = val_input(os.path.join(ROOT, "samples", name + ".jpg"), short)
         rows, cols = rgb.shape[0] // 16, rgb.shape[1] // 16
         x = (torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255 - MEAN) / STD
-        tokens, fine, cls_attention = model(x)
-        soft = F.interpolate(fine, size=(16 * rows, 16 * cols), mode="bilinear", align_corners=False).sigmoid()
+        tokens, fine, decoded, cls_attention = model(x)
+        soft = lambda logits: F.interpolate(logits, size=(16 * rows, 16 * cols), mode="bilinear",
+                                            align_corners=False).sigmoid()[0, 0].contiguous()
         out[f"{name}.rgb"] = torch.from_numpy(rgb.copy())
         out[f"{name}.tokens"] = tokens[0].contiguous()
         out[f"{name}.cls_attention"] = cls_attention[0].contiguous()
-        out[f"{name}.soft"] = soft[0, 0].contiguous()
+        out[f"{name}.soft"] = soft(fine)
+        if decoded is not None:
+            out[f"{name}.decoder_soft"] = soft(decoded)
     dst = os.path.join(ROOT, "tests", "fixtures", "builtin", "reference.safetensors")
     save_file(out, dst)
     print(f"wrote {dst}: {', '.join(PHOTOS)}")

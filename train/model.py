@@ -1,6 +1,7 @@
-"""segattn's own model: a small ViT with a convolutional stem and a sub-patch
-segmentation head, in PyTorch for training. Rust's `segattn` reads what
-`export()` writes (Hugging Face ViT names, batch norms folded into the stem).
+"""segattn's own model: a small ViT with a convolutional stem, a sub-patch
+segmentation head and optionally a decoder with skips from the stem, in
+PyTorch for training. Rust's `segattn` reads what `export_tensors()` writes
+(Hugging Face ViT names, batch norms folded into the convolutions).
 """
 import json
 import math
@@ -19,23 +20,67 @@ def subpatch_grid(logits, rows, cols):
     return logits.reshape(b, rows, cols, s, s).permute(0, 1, 3, 2, 4).reshape(b, 1, rows * s, cols * s)
 
 
+def conv_bn_relu(inputs, outputs, stride=1, batch_norm=True):
+    """3x3 convolution, batch norm, ReLU; without `batch_norm`, the convolution
+    has a bias instead, as export_tensors() folds it."""
+    conv = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=not batch_norm)
+    return nn.Sequential(conv, nn.BatchNorm2d(outputs) if batch_norm else nn.Identity(), nn.ReLU())
+
+
+def fold(layer):
+    """A conv_bn_relu's convolution with its batch norm folded in: (weight, bias)."""
+    conv, bn = layer[0], layer[1]
+    if isinstance(bn, nn.Identity):
+        return conv.weight, conv.bias
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
+
+
 class ConvStem(nn.Module):
     """Three 3x3 stride-2 convolutions (Xiao et al., 2021: early convolutions
     help ViTs learn from few images); the patch projection adds the last 2x."""
 
-    def __init__(self, widths=(32, 64, 128)):
+    def __init__(self, widths=(32, 64, 128), batch_norm=True):
         super().__init__()
-        layers, c = [], 3
-        for w in widths:
-            layers.append(nn.Sequential(nn.Conv2d(c, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()))
-            c = w
-        self.layers = nn.ModuleList(layers)
-        self.out_channels = c
+        channels = [3, *widths]
+        self.layers = nn.ModuleList(conv_bn_relu(i, o, 2, batch_norm) for i, o in zip(channels, widths))
+        self.widths = widths
 
     def forward(self, x):
+        """Each layer's output: 1/2, 1/4 and 1/8 of the input."""
+        outputs = []
         for layer in self.layers:
             x = layer(x)
-        return x
+            outputs.append(x)
+        return outputs
+
+
+def upsample2(x):
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+class Decoder(nn.Module):
+    """Tokens (B, D, R, C) to 64 channels, then two 2x bilinear upsamplings,
+    each followed by a 3x3 convolution, batch norm and ReLU (64 then 32
+    channels); logits at 1/4 of the input. With `stem_widths`, the stem's
+    1/8 and 1/4 outputs are concatenated before each convolution, which
+    brings the photo's edges back at the finer scales."""
+
+    def __init__(self, dim, stem_widths=None, batch_norm=True):
+        super().__init__()
+        self.skip = stem_widths is not None
+        extra8, extra4 = (stem_widths[2], stem_widths[1]) if self.skip else (0, 0)
+        self.reduce = nn.Conv2d(dim, 64, 1)
+        self.up8 = conv_bn_relu(64 + extra8, 64, batch_norm=batch_norm)
+        self.up4 = conv_bn_relu(64 + extra4, 32, batch_norm=batch_norm)
+        self.out = nn.Conv2d(32, 1, 1)
+
+    def forward(self, stem, tokens):
+        x = self.up8(self._join(upsample2(self.reduce(tokens)), stem[2]))
+        return self.out(self.up4(self._join(upsample2(x), stem[1])))
+
+    def _join(self, x, skip):
+        return torch.cat([x, skip], 1) if self.skip else x
 
 
 class Attention(nn.Module):
@@ -83,11 +128,12 @@ class Block(nn.Module):
 
 
 class SegAttnViT(nn.Module):
-    def __init__(self, dim=192, depth=6, heads=3, pos_grid=14, subpatch=4, eps=1e-6, drop_path=0.0):
+    def __init__(self, dim=192, depth=6, heads=3, pos_grid=14, subpatch=4, eps=1e-6, drop_path=0.0, decoder=False,
+                 batch_norm=True):
         super().__init__()
         self.patch_size, self.subpatch, self.eps, self.heads = 16, subpatch, eps, heads
-        self.stem = ConvStem()
-        self.proj = nn.Conv2d(self.stem.out_channels, dim, 2, 2)
+        self.stem = ConvStem(batch_norm=batch_norm)
+        self.proj = nn.Conv2d(self.stem.widths[-1], dim, 2, 2)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + pos_grid * pos_grid, dim) * 0.02)
         self.pos_grid = pos_grid
@@ -99,8 +145,32 @@ class SegAttnViT(nn.Module):
         self.head = nn.Linear(dim, subpatch * subpatch)
         # The plain per-patch head, trained beside it to measure which is better.
         self.patch_head = nn.Linear(dim, 1)
+        self.decoder = Decoder(dim, self.stem.widths, batch_norm) if decoder else None
         self.apply(self._init)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    @classmethod
+    def from_exported(cls, path, decoder=False, drop_path=0.0):
+        """The model in a file export_tensors() wrote, to train on: its batch
+        norms stay folded (the stem's convolutions get biases), the per-patch
+        head starts afresh, and a decoder the file lacks starts afresh."""
+        tensors, meta = read_exported(path)
+        config = json.loads(meta["config"])
+        dim = tensors["embeddings.cls_token"].shape[-1]
+        pos_grid = math.isqrt(tensors["embeddings.position_embeddings"].shape[1] - 1)
+        has_decoder = "decoder.out.weight" in tensors
+        model = cls(dim, config["num_hidden_layers"], config["num_attention_heads"], pos_grid,
+                    math.isqrt(tensors["head.weight"].shape[0]), config["layer_norm_eps"], drop_path,
+                    decoder or has_decoder, batch_norm=False)
+        params = export_tensors(model, views=True)
+        missing = [k for k in params if k not in tensors and (has_decoder or not k.startswith("decoder."))]
+        if missing:
+            raise ValueError(f"{path}: no {', '.join(missing)}")
+        with torch.no_grad():
+            for name, param in params.items():
+                if name in tensors:
+                    param.copy_(tensors[name].reshape(param.shape))
+        return model
 
     @staticmethod
     def _init(m):
@@ -121,8 +191,10 @@ class SegAttnViT(nn.Module):
     def forward(self, pixels, keep_cls_attention=False):
         """pixels (B, 3, H, W), H and W multiples of 16. Returns the final tokens
         (B, 1 + N, D), the sub-patch logits (B, 1, 4R, 4C), the per-patch logits
-        (B, 1, R, C) and the last layer's class-token attention (B, heads, 1 + N)."""
-        x = self.proj(self.stem(pixels))
+        (B, 1, R, C), the decoder's logits (B, 1, 4R, 4C) or None, and the last
+        layer's class-token attention (B, heads, 1 + N)."""
+        stem = self.stem(pixels)
+        x = self.proj(stem[-1])
         b, d, rows, cols = x.shape
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(b, -1, -1), x], 1) + self.positions(rows, cols)
@@ -134,19 +206,21 @@ class SegAttnViT(nn.Module):
         patches = x[:, 1:]
         fine = subpatch_grid(self.head(patches).float(), rows, cols)
         coarse = self.patch_head(patches).float().reshape(b, 1, rows, cols)
-        return x, fine, coarse, cls_attention
+        decoded = None
+        if self.decoder is not None:
+            grid = patches.transpose(1, 2).reshape(b, d, rows, cols)
+            decoded = self.decoder(stem, grid).float()
+        return x, fine, coarse, decoded, cls_attention
 
 
-def export_tensors(model):
-    """The Rust loader's tensors (transformers' ViTModel names plus the stem),
-    batch norms folded into the stem's convolutions."""
-    m = model.eval()
+def export_tensors(model, views=False):
+    """The Rust loader's tensors (transformers' ViTModel names plus the stem
+    and decoder), batch norms folded into the convolutions. With `views`, the
+    model's own parameters under those names, to load into (no batch norms)."""
+    m = model.eval() if not views else model
     t = {}
     for i, layer in enumerate(m.stem.layers):
-        conv, bn = layer[0], layer[1]
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        t[f"embeddings.patch_embeddings.stem.{i}.weight"] = conv.weight * scale[:, None, None, None]
-        t[f"embeddings.patch_embeddings.stem.{i}.bias"] = bn.bias - bn.running_mean * scale
+        t[f"embeddings.patch_embeddings.stem.{i}.weight"], t[f"embeddings.patch_embeddings.stem.{i}.bias"] = fold(layer)
     t["embeddings.patch_embeddings.projection.weight"] = m.proj.weight
     t["embeddings.patch_embeddings.projection.bias"] = m.proj.bias
     t["embeddings.cls_token"] = m.cls_token
@@ -164,6 +238,13 @@ def export_tensors(model):
         t[p + "output.dense.weight"], t[p + "output.dense.bias"] = blk.fc2.weight, blk.fc2.bias
     t["layernorm.weight"], t["layernorm.bias"] = m.norm.weight, m.norm.bias
     t["head.weight"], t["head.bias"] = m.head.weight, m.head.bias
+    if m.decoder is not None:
+        t["decoder.reduce.weight"], t["decoder.reduce.bias"] = m.decoder.reduce.weight, m.decoder.reduce.bias
+        t["decoder.up8.weight"], t["decoder.up8.bias"] = fold(m.decoder.up8)
+        t["decoder.up4.weight"], t["decoder.up4.bias"] = fold(m.decoder.up4)
+        t["decoder.out.weight"], t["decoder.out.bias"] = m.decoder.out.weight, m.decoder.out.bias
+    if views:
+        return t
     return {k: v.detach().contiguous() for k, v in t.items()}
 
 
@@ -175,6 +256,12 @@ def config_json(model):
         "layer_norm_eps": model.eps,
         "hidden_act": "gelu",
     })
+
+
+def read_exported(path):
+    """The tensors of a file export_tensors() wrote, and its metadata."""
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
 class ExportedViT(nn.Module):
@@ -190,17 +277,25 @@ class ExportedViT(nn.Module):
     @classmethod
     def load(cls, path):
         """The model in a file export() wrote, and the file's metadata."""
-        with safe_open(path, "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            meta = f.metadata()
+        tensors, meta = read_exported(path)
         return cls(tensors, json.loads(meta["config"])), meta
 
     @torch.no_grad()
     def forward(self, pixels):
-        _, x, cls_attention = self.features(pixels)
-        rows, cols = pixels.shape[-2] // 16, pixels.shape[-1] // 16
-        fine = subpatch_grid(F.linear(x[:, 1:], self.t["head.weight"], self.t["head.bias"]), rows, cols)
-        return x, fine, cls_attention
+        """The final tokens, the sub-patch head's logits, the decoder's logits
+        (None if the file has no decoder) and the class-token attention."""
+        stem, x, cls_attention = self.features(pixels)
+        b, rows, cols = x.shape[0], pixels.shape[-2] // 16, pixels.shape[-1] // 16
+        t = self.t
+        fine = subpatch_grid(F.linear(x[:, 1:], t["head.weight"], t["head.bias"]), rows, cols)
+        decoded = None
+        if "decoder.out.weight" in t:
+            conv = lambda x, n, padding=0: F.conv2d(x, t[n + ".weight"], t[n + ".bias"], padding=padding)
+            y = conv(x[:, 1:].transpose(1, 2).reshape(b, -1, rows, cols), "decoder.reduce")
+            y = F.relu(conv(torch.cat([upsample2(y), stem[2]], 1), "decoder.up8", 1))
+            y = F.relu(conv(torch.cat([upsample2(y), stem[1]], 1), "decoder.up4", 1))
+            decoded = conv(y, "decoder.out")
+        return x, fine, decoded, cls_attention
 
     @torch.no_grad()
     def features(self, pixels):

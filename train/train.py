@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from model import SegAttnViT, config_json, export_tensors
+from model import SegAttnViT, config_json, export_tensors, read_exported
 from pack import SHORT_SIDE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -130,18 +130,21 @@ def validation_pair(rgb, truth, device):
 @torch.no_grad()
 def validate(model, val):
     """Mean IoU (probability >= 0.5 against truth >= 128) at the photo's size,
-    MAE, max F (beta² 0.3), and the share of the last layer's mean class-token
-    attention over the patches that lands inside the object; for both heads."""
+    MAE and max F (beta² 0.3) of each head, the shipped head's loss, and the
+    share of the last layer's mean class-token attention over the patches
+    that lands inside the object."""
     model.eval()
-    rows = {"fine": [], "coarse": []}
+    rows = {"fine": [], "coarse": []} | ({"decoder": []} if model.decoder is not None else {})
     losses, masses = [], []
     for x, truth in val:
         h, w = truth.shape
-        _, fine, coarse, cls_attention = model(x, keep_cls_attention=True)
+        _, fine, coarse, decoded, cls_attention = model(x, keep_cls_attention=True)
         gt = truth >= 0.5
-        for key, logits in (("fine", fine), ("coarse", coarse)):
+        for key, logits in (("fine", fine), ("coarse", coarse), ("decoder", decoded)):
+            if logits is None:
+                continue
             p = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).sigmoid()[0, 0]
-            if key == "fine":
+            if key == ("decoder" if model.decoder is not None else "fine"):
                 losses.append(float(segmentation_loss(logits, truth[None, None])))
             pred = p >= 0.5
             iou = float((pred & gt).sum() / (pred | gt).sum().clamp_min(1))
@@ -181,6 +184,8 @@ def plot(log_rows, path):
     a.set_xlabel("epoch"); a.legend(); a.grid(alpha=0.3)
     b.plot(e, [r["fine_iou"] for r in log_rows], label="IoU, sub-patch head")
     b.plot(e, [r["coarse_iou"] for r in log_rows], label="IoU, per-patch head")
+    if "decoder_iou" in log_rows[-1]:
+        b.plot(e, [r["decoder_iou"] for r in log_rows], label="IoU, decoder")
     b.plot(e, [r["attention_mass"] for r in log_rows], label="class-token attention inside object")
     b.set_xlabel("epoch"); b.set_ylim(0, 1); b.legend(loc="lower right"); b.grid(alpha=0.3)
     b.set_title("PASCAL-S validation list (150 photos)", fontsize=9)
@@ -220,6 +225,8 @@ def main():
     ap.add_argument("--warmup-epochs", type=int, default=5)
     ap.add_argument("--attention-weight", type=float, default=0.5)
     ap.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth of the last block (linear from 0 in the first)")
+    ap.add_argument("--init", metavar="FILE", help="start from a file this script wrote instead of from scratch")
+    ap.add_argument("--decoder", action="store_true", help="add the decoder with skips from the stem; it becomes the shipped head")
     ap.add_argument("--zoom-out", type=float, default=0.0, help="share of crops zoomed out: the photo inside a box of 1-3x its area")
     ap.add_argument("--val-every", type=int, default=10, help="validate every this many epochs (and after the last)")
     ap.add_argument("--seed", type=int, default=0)
@@ -241,7 +248,12 @@ def main():
         canvas, sizes = canvas[keep], [sizes[i] for i in keep]
     print(f"{len(sizes)} training photos, {len(val)} validation photos, read in {time.time() - t0:.0f} s", flush=True)
 
-    model = SegAttnViT(dim=a.dim, depth=a.depth, heads=a.dim // 64, drop_path=a.drop_path).to(a.device)
+    if a.init:
+        model = SegAttnViT.from_exported(a.init, a.decoder, a.drop_path).to(a.device)
+        start = f"; from {os.path.basename(a.init)} ({read_exported(a.init)[1].get('segattn_trained', 'no recipe recorded')})"
+    else:
+        model = SegAttnViT(dim=a.dim, depth=a.depth, heads=a.dim // 64, drop_path=a.drop_path, decoder=a.decoder).to(a.device)
+        start = ""
     # NHWC: cuDNN runs the stem's convolutions on tensor cores without transposing.
     layout = torch.channels_last if device_type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=layout)
@@ -267,9 +279,13 @@ def main():
             rows, cols = GRIDS[rng.randrange(len(GRIDS))]
             x, y = augmented_batch(canvas, sizes, order[step * a.batch:(step + 1) * a.batch], rows, cols, rng, a.zoom_out)
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=a.bf16 or device_type == "cuda"):
-                _, fine, coarse, cls_attention = model(x.contiguous(memory_format=layout), keep_cls_attention=True)
+                _, fine, coarse, decoded, cls_attention = model(x.contiguous(memory_format=layout), keep_cls_attention=True)
             seg = segmentation_loss(fine, y)
             loss = seg + 0.5 * segmentation_loss(coarse, y) + a.attention_weight * attention_loss(cls_attention.float(), y)
+            if decoded is not None:
+                # The decoder ships; the sub-patch head stays trained beside it.
+                seg = segmentation_loss(decoded, y)
+                loss = loss + seg
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -296,11 +312,13 @@ def main():
         write_log(log_rows, a.log)
     plot([r for r in log_rows if "val_loss" in r], a.curves)
     # The last epoch ships: choosing one by validation score would tune on the validation list.
-    tensors, iou = export_tensors(model.cpu()), log_rows[-1]["fine_iou"]
+    tensors = export_tensors(model.cpu())
+    iou = log_rows[-1]["decoder_iou" if model.decoder is not None else "fine_iou"]
     meta = {"config": config_json(model), "segattn_short_side": str(SHORT_SIDE),
-            "segattn_trained": f"train/train.py, seed {a.seed}, {epochs} epochs of {len(sizes)} photos, {a.dim} wide, "
-                               f"{a.depth} deep, batch {a.batch}, lr {a.lr}, drop path {a.drop_path}, zoom-out {a.zoom_out}, "
-                               f"on {device_type}, validation IoU {iou:.3f}"}
+            "segattn_trained": f"train/train.py, seed {a.seed}, {epochs} epochs of {len(sizes)} photos, {model.cls_token.shape[-1]} wide, "
+                               f"{len(model.blocks)} deep{', decoder' if model.decoder is not None else ''}, batch {a.batch}, "
+                               f"lr {a.lr}, drop path {a.drop_path}, zoom-out {a.zoom_out}, on {device_type}, "
+                               f"validation IoU {iou:.3f}{start}"}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     save_file({k: t.half() for k, t in tensors.items()}, a.out + ".tmp", metadata=meta)
     os.replace(a.out + ".tmp", a.out)

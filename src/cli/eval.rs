@@ -113,7 +113,7 @@ pub fn run(args: EvalArgs) -> Result<u8> {
             })
             .collect();
         let head = match &loaded {
-            Some((model, _)) => format!("{:?}", args.head.name(model)).to_lowercase(),
+            Some((model, _)) => args.head.name(model).to_string(),
             None => "predictions".to_string(),
         };
         let report = json!({

@@ -39,6 +39,7 @@ pub fn run(args: InfoArgs) -> Result<u8> {
             let cells = weight.elem_count() / c.hidden_size;
             format!("linear, {0}x{0} cells per patch", cells.isqrt())
         }),
+        "trained_decoder": model.bundled_decoder().map(|_| "skips from the stem, logits at 1/4 of the input"),
         "input_short_side": crate::preprocess::input_size(1, 1, args.model.short_side(&model), c.patch_size).0,
         "linear_kernel": linear_kernel,
         "attention_kernel": attention_kernel,

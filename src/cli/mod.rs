@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use image::DynamicImage;
 
-use crate::head::{self, AttentionMass, HeadMap, LinearHead, NormalizedCut, SegmentationHead};
+use crate::head::{self, AttentionMass, DecoderHead, HeadMap, LinearHead, NormalizedCut, SegmentationHead};
 use crate::hub::Hub;
 use crate::image_io::{DEFAULT_MAX_PIXELS, Decoding};
 use crate::maps::PixelMap;
@@ -222,13 +222,22 @@ enum HeadName {
     Ncut,
     /// A trained classifier on the patch tokens (head.weight / head.bias).
     Linear,
+    /// A trained decoder on the patch tokens and the stem's features (decoder.*).
+    Decoder,
+}
+
+impl std::fmt::Display for HeadName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = self.to_possible_value().expect("every head has a name");
+        f.write_str(value.get_name())
+    }
 }
 
 /// How a foreground map is made and thresholded (run and eval).
 #[derive(Debug, Args)]
 struct HeadArgs {
-    /// Segmentation head [default: linear when the model carries a trained
-    /// head, as segattn-s16 does, else attn].
+    /// Segmentation head [default: the model's own trained head when it
+    /// carries one (decoder for segattn-s16; linear with --head-weights), else attn].
     #[arg(long, value_enum)]
     head: Option<HeadName>,
     /// Foreground where the head's probability is at least this.
@@ -257,9 +266,16 @@ impl HeadArgs {
         if let Some(n) = self.min_heads.filter(|&n| n > heads) {
             bail!("--min-heads must be between 1 and {heads} for this model, got {n}");
         }
-        Ok(match self.name(model) {
+        let name = self.name(model);
+        if self.head_weights.is_some() && name != HeadName::Linear {
+            bail!("--head-weights is a linear head's file: it does not go with --head {name}");
+        }
+        Ok(match name {
             HeadName::Attn => Box::new(AttentionMass { mass: self.mass, min_heads: self.min_heads }),
             HeadName::Ncut => Box::new(NormalizedCut { tau: self.tau }),
+            HeadName::Decoder => Box::new(DecoderHead::bundled(model)?.with_context(|| {
+                format!("{}: no trained decoder (decoder.*) in the model", model.files().weights.display())
+            })?),
             HeadName::Linear => match &self.head_weights {
                 Some(path) => Box::new(LinearHead::load(path, model)?),
                 None => Box::new(LinearHead::bundled(model)?.with_context(|| {
@@ -274,8 +290,15 @@ impl HeadArgs {
 
     /// The head asked for, or the model's own when it carries one.
     fn name(&self, model: &Vit) -> HeadName {
-        let bundled = model.bundled_head().is_some() || self.head_weights.is_some();
-        self.head.unwrap_or(if bundled { HeadName::Linear } else { HeadName::Attn })
+        self.head.unwrap_or(if self.head_weights.is_some() {
+            HeadName::Linear
+        } else if model.bundled_decoder().is_some() {
+            HeadName::Decoder
+        } else if model.bundled_head().is_some() {
+            HeadName::Linear
+        } else {
+            HeadName::Attn
+        })
     }
 
     /// Foreground probability per pixel of `photo`, from the head's `map` of it.

@@ -4,7 +4,9 @@
 //! - [`AttentionMass`] (`attn`): DINO's recipe, no training, any DINO model.
 //! - [`NormalizedCut`] (`ncut`): TokenCut's graph cut of last-layer keys.
 //! - [`LinearHead`] (`linear`): a trained per-patch classifier.
+//! - [`DecoderHead`] (`decoder`): a trained decoder reading the stem too.
 
+mod decoder;
 pub mod linear;
 mod mass;
 mod ncut;
@@ -13,6 +15,7 @@ mod refine;
 use anyhow::Result;
 use image::DynamicImage;
 
+pub use decoder::DecoderHead;
 pub use linear::LinearHead;
 pub use mass::{AttentionMass, mass_keep};
 pub use ncut::{Affinity, NormalizedCut, fiedler_vector, fiedler_vector_dense, foreground_component};

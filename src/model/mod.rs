@@ -2,6 +2,7 @@
 
 pub mod builtin;
 pub mod config;
+pub mod conv;
 mod fused;
 pub mod interpolate;
 pub mod panel_cache;
@@ -9,6 +10,7 @@ pub mod vit;
 pub mod weights;
 
 pub use config::VitConfig;
+pub use conv::ChannelsLastConv;
 pub use fused::{Precision, is_available as precision_is_available};
 pub use interpolate::PosInterpolation;
 pub use panel_cache::PanelCache;

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::builtin;
 use super::config::{Activation, HfConfig, VitConfig};
+use super::conv::ChannelsLastConv;
 use super::fused::{self, PackedWeight, Precision};
 use super::interpolate::resample_grid;
 use super::panel_cache::PanelCache;
@@ -24,6 +25,8 @@ use crate::fnv::fnv1a_64;
 /// A trained segmentation head stored beside the encoder's tensors.
 pub const HEAD_WEIGHT: &str = "head.weight";
 pub const HEAD_BIAS: &str = "head.bias";
+/// Names of a trained decoder's tensors stored beside the encoder's start so.
+pub const DECODER_PREFIX: &str = "decoder.";
 /// Safetensors metadata key: the input's short side the model was trained for.
 pub const SHORT_SIDE_METADATA_KEY: &str = "segattn_short_side";
 
@@ -166,23 +169,20 @@ impl LayerNorm {
 }
 
 /// A 3x3 convolution with stride 2 and padding 1, then ReLU (its batch norm
-/// folded in by the exporter).
+/// folded in by the exporter), channels last.
 struct StemConv {
-    weight: Tensor,
-    /// (channels, 1, 1), to broadcast over the image.
-    bias: Tensor,
+    conv: ChannelsLastConv,
 }
 
 impl StemConv {
     fn new(store: &TensorStore, name: &str, inputs: usize, outputs: usize) -> Result<Self> {
-        Ok(Self {
-            weight: store.tensor(&format!("{name}.weight"), &[outputs, inputs, 3, 3])?,
-            bias: store.tensor(&format!("{name}.bias"), &[outputs])?.reshape((outputs, 1, 1))?,
-        })
+        let weight = store.tensor(&format!("{name}.weight"), &[outputs, inputs, 3, 3])?;
+        let bias = store.tensor(&format!("{name}.bias"), &[outputs])?;
+        Ok(Self { conv: ChannelsLastConv::new(&weight, &bias, 2)? })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.conv2d(&self.weight, 1, 2, 1, 1)?.broadcast_add(&self.bias)?.relu()?)
+        Ok(self.conv.forward(x)?.relu()?)
     }
 }
 
@@ -217,9 +217,10 @@ impl PatchEmbed {
         Ok(Self { stem, projection, projection_size: q, patch_size: config.patch_size })
     }
 
-    /// (B, 3, H, W) -> (B, rows·cols, D). Trailing pixels that do not fill a
-    /// patch are dropped, as the convolution does.
-    fn forward(&self, pixels: &Tensor) -> Result<(Tensor, PatchGrid)> {
+    /// (B, 3, H, W) -> (B, rows·cols, D), and with `keep_stem` each stem
+    /// layer's output. Trailing pixels that do not fill a patch are dropped,
+    /// as the convolution does.
+    fn forward(&self, pixels: &Tensor, keep_stem: bool) -> Result<(Tensor, PatchGrid, Vec<Tensor>)> {
         let (batch, channels, height, width) = pixels.dims4()?;
         let p = self.patch_size;
         let grid = PatchGrid { rows: height / p, cols: width / p };
@@ -230,8 +231,16 @@ impl PatchEmbed {
             bail!("image {width}x{height} is smaller than one {p}x{p} patch");
         }
         let mut x = pixels.narrow(2, 0, grid.rows * p)?.narrow(3, 0, grid.cols * p)?;
-        for conv in &self.stem {
-            x = conv.forward(&x)?;
+        let mut stem = Vec::new();
+        if !self.stem.is_empty() {
+            x = x.permute((0, 2, 3, 1))?.contiguous()?;
+            for conv in &self.stem {
+                x = conv.forward(&x)?;
+                if keep_stem {
+                    stem.push(x.clone());
+                }
+            }
+            x = x.permute((0, 3, 1, 2))?;
         }
         let (q, channels) = (self.projection_size, x.dim(1)?);
         let patches = x
@@ -239,7 +248,7 @@ impl PatchEmbed {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((batch, grid.len(), channels * q * q))?;
-        Ok((self.projection.forward(&patches)?, grid))
+        Ok((self.projection.forward(&patches)?, grid, stem))
     }
 }
 
@@ -319,12 +328,13 @@ impl Keep {
 }
 
 /// What a forward pass keeps besides the final tokens: how much of each
-/// layer's attention, and one layer's queries, keys and values. Nothing, by
-/// default, and then no attention matrix is ever built.
+/// layer's attention, one layer's queries, keys and values, and the stem's
+/// outputs. Nothing, by default, and then no attention matrix is ever built.
 #[derive(Debug, Clone, Default)]
 pub struct Capture {
     attention: BTreeMap<usize, Keep>,
     qkv_layer: Option<usize>,
+    stem: bool,
 }
 
 impl Capture {
@@ -345,6 +355,12 @@ impl Capture {
     /// Also `layer`'s queries, keys and values.
     pub fn and_qkv(mut self, layer: usize) -> Self {
         self.qkv_layer = Some(layer);
+        self
+    }
+
+    /// Also each convolutional stem layer's output.
+    pub fn and_stem(mut self) -> Self {
+        self.stem = true;
         self
     }
 
@@ -531,6 +547,9 @@ pub struct EncoderOutput {
     /// order, shaped as its [`Keep`] says.
     pub attentions: Vec<(usize, Tensor)>,
     pub qkv: Option<Qkv>,
+    /// Each convolutional stem layer's output, channels last: (B, H/2, W/2,
+    /// channels), then (B, H/4, W/4, channels), ...; when asked for, else empty.
+    pub stem: Vec<Tensor>,
     pub grid: PatchGrid,
     /// Class token plus registers: patch tokens start at this index.
     pub num_prefix_tokens: usize,
@@ -554,6 +573,9 @@ pub struct Vit {
     num_parameters: usize,
     /// (weight, bias) of a head trained with this backbone, from its own file.
     bundled_head: Option<(Tensor, Tensor)>,
+    /// The tensors named [`DECODER_PREFIX`]..., without the prefix: a decoder
+    /// trained with this backbone, from its own file.
+    bundled_decoder: BTreeMap<String, Tensor>,
     default_short_side: Option<usize>,
     fingerprint: String,
     precision: Precision,
@@ -640,6 +662,11 @@ impl Vit {
             (Some(weight), Some(bias)) => Some((store.tensor(HEAD_WEIGHT, &weight)?, store.tensor(HEAD_BIAS, &bias)?)),
             _ => None,
         };
+        let bundled_decoder = store
+            .names()
+            .filter_map(|name| Some((name, name.strip_prefix(DECODER_PREFIX)?)))
+            .map(|(name, short)| Ok((short.to_string(), store.tensor(name, &store.shape(name).unwrap_or_default())?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
         let default_short_side = match store.metadata(SHORT_SIDE_METADATA_KEY) {
             None => None,
             Some(text) => Some(text.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
@@ -656,6 +683,7 @@ impl Vit {
             norm: LayerNorm::new(&store, layout.final_norm, d, config.layer_norm_eps)?,
             num_parameters,
             bundled_head,
+            bundled_decoder,
             default_short_side,
             config,
             files,
@@ -672,6 +700,12 @@ impl Vit {
     /// `head.weight` and `head.bias`, when the checkpoint carries a trained head.
     pub fn bundled_head(&self) -> Option<(&Tensor, &Tensor)> {
         self.bundled_head.as_ref().map(|(weight, bias)| (weight, bias))
+    }
+
+    /// The decoder's tensors (named without [`DECODER_PREFIX`]), when the
+    /// checkpoint carries a trained decoder.
+    pub fn bundled_decoder(&self) -> Option<&BTreeMap<String, Tensor>> {
+        Some(&self.bundled_decoder).filter(|tensors| !tensors.is_empty())
     }
 
     /// The input's short side the model was trained for, when its file says.
@@ -724,7 +758,7 @@ impl Vit {
         for layer in capture.layers() {
             self.resolve_layer(layer as i64)?;
         }
-        let (patches, grid) = self.patch_embed.forward(pixels)?;
+        let (patches, grid, stem) = self.patch_embed.forward(pixels, capture.stem)?;
         let batch = patches.dim(0)?;
         let d = self.config.hidden_size;
         let cls = self.cls_token.broadcast_as((batch, 1, d))?;
@@ -754,6 +788,7 @@ impl Vit {
             tokens: stream.normed,
             attentions,
             qkv,
+            stem,
             grid,
             num_prefix_tokens: self.config.num_prefix_tokens(),
         })
