@@ -3,10 +3,12 @@
 //! takes; and the command line using it when no model is named.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
-use segattn::head::{LinearHead, SegmentationHead};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use segattn::head::{DecoderHead, LinearHead, SegmentationHead};
 use segattn::model::{Capture, Keep, Precision, Vit, precision_is_available};
 use segattn::preprocess;
 
@@ -32,28 +34,34 @@ fn input(rgb: &Tensor) -> Tensor {
 #[test]
 fn builtin_model_matches_pytorch() {
     let model = Vit::builtin().unwrap();
-    let head = LinearHead::bundled(&model).unwrap().expect("the built-in model carries its head");
+    let linear = LinearHead::bundled(&model).unwrap().expect("the built-in model carries its sub-patch head");
+    let decoder = DecoderHead::bundled(&model).unwrap().expect("the built-in model carries its decoder");
     let expected = reference();
     let last = model.config().num_layers - 1;
     for name in ["cat", "astronaut"] {
         let x = input(&expected[&format!("{name}.rgb")]);
         let (_, _, h, w) = x.dims4().unwrap();
-        // What `run` does: nothing captured, fused attention throughout.
-        let out = model.forward(&x, &Capture::default()).unwrap();
+        // What `run` does: the stem's outputs kept for the decoder, fused attention throughout.
+        let out = model.forward(&x, &decoder.capture(&model)).unwrap();
         let tokens_err = max_abs_diff(&out.tokens.squeeze(0).unwrap(), &expected[&format!("{name}.tokens")]);
-        let map = head.predict(&model, &out).unwrap().to_pixels(w as u32, h as u32);
-        let soft = Tensor::from_vec(map.values, (h, w), &Device::Cpu).unwrap();
-        let soft_err = max_abs_diff(&soft, &expected[&format!("{name}.soft")]);
+        let soft_err = |head: &dyn SegmentationHead, key: &str| {
+            let map = head.predict(&model, &out).unwrap().to_pixels(w as u32, h as u32);
+            let soft = Tensor::from_vec(map.values, (h, w), &Device::Cpu).unwrap();
+            max_abs_diff(&soft, &expected[&format!("{name}.{key}")])
+        };
+        let (decoder_err, linear_err) = (soft_err(&decoder, "decoder_soft"), soft_err(&linear, "soft"));
         // What `attn-map` does: the class token's row of the last layer.
         let looks = Capture::attention([last], Keep::ClsRow);
         let out = model.forward(&x, &looks).unwrap();
         let cls = out.attention(last).unwrap().squeeze(0).unwrap().squeeze(1).unwrap();
         let attention_err = max_abs_diff(&cls, &expected[&format!("{name}.cls_attention")]);
         println!(
-            "{name}: max abs error tokens {tokens_err:.2e}, soft mask {soft_err:.2e}, attention {attention_err:.2e}"
+            "{name}: max abs error tokens {tokens_err:.2e}, soft mask {decoder_err:.2e} (decoder) \
+             {linear_err:.2e} (sub-patch head), attention {attention_err:.2e}"
         );
         assert!(tokens_err <= 1e-4, "{name}: tokens differ by {tokens_err}");
-        assert!(soft_err <= 1e-3, "{name}: soft masks differ by {soft_err}");
+        assert!(decoder_err <= 1e-3, "{name}: the decoder's soft masks differ by {decoder_err}");
+        assert!(linear_err <= 1e-3, "{name}: the sub-patch head's soft masks differ by {linear_err}");
         assert!(attention_err <= 1e-5, "{name}: class-token attention differs by {attention_err}");
     }
 }
@@ -67,13 +75,14 @@ fn bfloat16_masks_agree_with_f32_masks() {
     let fast = Vit::builtin_in(Precision::Bf16).unwrap();
     let bf16_here = precision_is_available(Precision::Bf16);
     assert_eq!(fast.precision(), if bf16_here { Precision::Bf16 } else { Precision::F32 });
-    let head = LinearHead::bundled(&exact).unwrap().unwrap();
+    // The default head, as `run` uses it.
+    let head = DecoderHead::bundled(&exact).unwrap().unwrap();
     for name in ["cat.jpg", "astronaut.jpg", "coffee.jpg", "rocket.jpg"] {
         let photo = image::open(sample(name)).unwrap();
         let x = preprocess::model_input(&photo, 224, 16).unwrap();
         let (_, _, h, w) = x.dims4().unwrap();
         let soft = |model: &Vit| {
-            let out = model.forward(&x, &Capture::default()).unwrap();
+            let out = model.forward(&x, &head.capture(model)).unwrap();
             head.predict(model, &out).unwrap().to_pixels(w as u32, h as u32).values
         };
         let looks = |model: &Vit| -> Vec<f32> {
@@ -113,6 +122,29 @@ fn precision_bf16_runs_or_says_it_cannot() {
     assert_eq!(warned, !precision_is_available(Precision::Bf16), "{}", stderr(&result));
     let teacher = image::open(fixture("builtin/teacher/cat.png")).unwrap().to_luma8();
     assert!(iou(&image::open(&out).unwrap().to_luma8(), &teacher) >= 0.55);
+}
+
+/// A decoder that does not fit its encoder is a broken checkpoint: an error
+/// naming the file and the tensor, and no mask.
+#[test]
+fn a_decoder_that_does_not_fit_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/segattn-s16.safetensors")).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let narrow = vec![0u8; 2 * 32 * 10 * 3 * 3];
+    let tensors = file.tensors().into_iter().map(|(name, view)| match name.as_str() {
+        "decoder.up4.weight" => (name, TensorView::new(Dtype::F16, vec![32, 10, 3, 3], &narrow).unwrap()),
+        _ => (name, view),
+    });
+    let broken = dir.path().join("broken.safetensors");
+    std::fs::write(&broken, safetensors::serialize(tensors, header.metadata().clone()).unwrap()).unwrap();
+    let out = dir.path().join("mask.png");
+    let result = segattn(&["run", s(&sample("cat.jpg")), "--out", s(&out), "--weights", s(&broken)]).output().unwrap();
+    assert_eq!(result.status.code(), Some(2));
+    let message = stderr(&result);
+    assert!(message.contains("broken.safetensors: `decoder.up4.weight` has shape [32, 10, 3, 3]"), "{message}");
+    assert!(!out.exists());
 }
 
 /// `segattn` with no model named anywhere.
@@ -158,7 +190,7 @@ fn eval_scores_the_builtin_model_and_other_masks() {
     assert!(result.status.success(), "{}", stderr(&result));
     let scores: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     println!("{scores}");
-    assert_eq!(scores["head"], "linear", "the built-in model's own head is the default");
+    assert_eq!(scores["head"], "decoder", "the built-in model's own head is the default");
     assert_eq!(scores["images"], 4);
     assert!(scores["mean_iou"].as_f64().unwrap() >= 0.55, "{scores}");
     // Where the model looks: most of the class token's attention on the object.
@@ -182,6 +214,7 @@ fn info_and_list_name_the_builtin_model() {
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["weights"], "segattn-s16 (built in)");
     assert_eq!(info["trained_head"], "linear, 4x4 cells per patch");
+    assert_eq!(info["trained_decoder"], "skips from the stem, logits at 1/4 of the input");
     assert_eq!(info["input_short_side"], 224);
     assert_eq!(info["heads"], 3);
     assert_eq!(info["hidden_size"], 192);

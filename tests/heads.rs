@@ -94,6 +94,24 @@ fn linear_head_errors_name_the_file() {
         "{}",
         stderr(&result)
     );
+    // A side file for a head that reads none, or a decoder the backbone lacks.
+    let result = segattn(
+        &["run", s(&cat), "--out", s(&out), "--head", "attn", "--head-weights", s(&head)],
+        &fixture("dino_vit"),
+    );
+    assert_eq!(result.status.code(), Some(2));
+    assert!(
+        stderr(&result).contains("--head-weights is a linear head's file: it does not go with --head attn"),
+        "{}",
+        stderr(&result)
+    );
+    let result = segattn(&["run", s(&cat), "--out", s(&out), "--head", "decoder"], &fixture("dino_vit"));
+    assert_eq!(result.status.code(), Some(2));
+    assert!(
+        stderr(&result).contains("model.safetensors: no trained decoder (decoder.*) in the model"),
+        "{}",
+        stderr(&result)
+    );
     assert!(!out.exists());
 }
 

@@ -1,8 +1,11 @@
 """Trains segattn's built-in model on the photos train/pack.py packed from
-../shared/data, and writes weights/segattn-s16.safetensors, train/log.csv
-and train/curves.png. The defaults are the shipped model's recipe.
+../shared/data, and writes weights/segattn-s16.safetensors (or --out),
+train/log.csv and train/curves.png (or --log, --curves). The defaults are
+the recipe's first step, the encoder and its sub-patch head; the second,
+a decoder trained on that encoder frozen, is `--init FILE --decoder
+--freeze-encoder` with the options train/run gives.
 
-    train/run            # teacher masks, packing, venv + this script, fixed seed
+    train/run            # teacher masks, packing, venv + both steps, fixed seed
 
 Batches are augmented where the model runs (random resized crops, flips and
 colour jitter, sampled from the squashed photos in one pass), so a GPU is
@@ -227,6 +230,7 @@ def main():
     ap.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth of the last block (linear from 0 in the first)")
     ap.add_argument("--init", metavar="FILE", help="start from a file this script wrote instead of from scratch")
     ap.add_argument("--decoder", action="store_true", help="add the decoder with skips from the stem; it becomes the shipped head")
+    ap.add_argument("--freeze-encoder", action="store_true", help="train only the decoder and the per-patch head (with --init)")
     ap.add_argument("--zoom-out", type=float, default=0.0, help="share of crops zoomed out: the photo inside a box of 1-3x its area")
     ap.add_argument("--val-every", type=int, default=10, help="validate every this many epochs (and after the last)")
     ap.add_argument("--seed", type=int, default=0)
@@ -235,6 +239,8 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU (AVX512-BF16 / AMX); always on a GPU")
     ap.add_argument("--limit", type=int, default=0, help="train on this many photos only (smoke test)")
     a = ap.parse_args()
+    if a.freeze_encoder and not (a.init and a.decoder):
+        ap.error("--freeze-encoder trains a decoder on a trained encoder: give --init FILE and --decoder")
     torch.manual_seed(a.seed); random.seed(a.seed); np.random.seed(a.seed)
     torch.set_num_threads(a.threads)
     rng = random.Random(a.seed)
@@ -257,8 +263,12 @@ def main():
     # NHWC: cuDNN runs the stem's convolutions on tensor cores without transposing.
     layout = torch.channels_last if device_type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=layout)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
+    if a.freeze_encoder:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(("decoder.", "patch_head.")))
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
+    rest = [p for n, p in trained if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=a.lr,
                             fused=device_type == "cuda")
     steps_per_epoch = len(sizes) // a.batch
@@ -281,14 +291,16 @@ def main():
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=a.bf16 or device_type == "cuda"):
                 _, fine, coarse, decoded, cls_attention = model(x.contiguous(memory_format=layout), keep_cls_attention=True)
             seg = segmentation_loss(fine, y)
-            loss = seg + 0.5 * segmentation_loss(coarse, y) + a.attention_weight * attention_loss(cls_attention.float(), y)
+            loss = 0.5 * segmentation_loss(coarse, y)
+            if not a.freeze_encoder:
+                loss = loss + seg + a.attention_weight * attention_loss(cls_attention.float(), y)
             if decoded is not None:
                 # The decoder ships; the sub-patch head stays trained beside it.
                 seg = segmentation_loss(decoded, y)
                 loss = loss + seg
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for _, p in trained], 1.0)
             opt.step(); sched.step()
             seg_losses.append(seg.detach())
         row = {"epoch": epoch, "train_loss": float(torch.stack(seg_losses).mean())}
@@ -317,7 +329,8 @@ def main():
     meta = {"config": config_json(model), "segattn_short_side": str(SHORT_SIDE),
             "segattn_trained": f"train/train.py, seed {a.seed}, {epochs} epochs of {len(sizes)} photos, {model.cls_token.shape[-1]} wide, "
                                f"{len(model.blocks)} deep{', decoder' if model.decoder is not None else ''}, batch {a.batch}, "
-                               f"lr {a.lr}, drop path {a.drop_path}, zoom-out {a.zoom_out}, on {device_type}, "
+                               f"lr {a.lr}, drop path {a.drop_path}, zoom-out {a.zoom_out}"
+                               f"{', encoder frozen' if a.freeze_encoder else ''}, on {device_type}, "
                                f"validation IoU {iou:.3f}{start}"}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     save_file({k: t.half() for k, t in tensors.items()}, a.out + ".tmp", metadata=meta)

@@ -68,6 +68,16 @@ pub trait SegmentationHead: Send + Sync {
     fn predict(&self, model: &Vit, out: &EncoderOutput) -> Result<HeadMap>;
 }
 
+/// The head trained with the model and stored in its file: its decoder
+/// where it has one (segattn-s16 does), else its linear head; `None` for a
+/// model with neither (DINO checkpoints).
+pub fn own_head(model: &Vit) -> Result<Option<Box<dyn SegmentationHead>>> {
+    if let Some(decoder) = DecoderHead::bundled(model)? {
+        return Ok(Some(Box::new(decoder)));
+    }
+    Ok(LinearHead::bundled(model)?.map(|linear| Box::new(linear) as Box<dyn SegmentationHead>))
+}
+
 /// Runs `image` through the encoder at `short_side` and returns `head`'s map.
 pub fn segment(model: &Vit, head: &dyn SegmentationHead, image: &DynamicImage, short_side: usize) -> Result<HeadMap> {
     let pixels = preprocess::model_input(image, short_side, model.config().patch_size)?;
