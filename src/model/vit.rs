@@ -25,7 +25,8 @@ use crate::fnv::fnv1a_64;
 /// A trained segmentation head stored beside the encoder's tensors.
 pub const HEAD_WEIGHT: &str = "head.weight";
 pub const HEAD_BIAS: &str = "head.bias";
-/// Names of a trained decoder's tensors stored beside the encoder's start so.
+/// The names of a trained decoder's tensors, stored beside the encoder's,
+/// start with this.
 pub const DECODER_PREFIX: &str = "decoder.";
 /// Safetensors metadata key: the input's short side the model was trained for.
 pub const SHORT_SIDE_METADATA_KEY: &str = "segattn_short_side";
@@ -230,22 +231,20 @@ impl PatchEmbed {
         if grid.rows == 0 || grid.cols == 0 {
             bail!("image {width}x{height} is smaller than one {p}x{p} patch");
         }
-        let mut x = pixels.narrow(2, 0, grid.rows * p)?.narrow(3, 0, grid.cols * p)?;
+        // Channels last from here: the stem's convolutions gather whole pixels.
+        let mut x = pixels.narrow(2, 0, grid.rows * p)?.narrow(3, 0, grid.cols * p)?.permute((0, 2, 3, 1))?;
         let mut stem = Vec::new();
-        if !self.stem.is_empty() {
-            x = x.permute((0, 2, 3, 1))?.contiguous()?;
-            for conv in &self.stem {
-                x = conv.forward(&x)?;
-                if keep_stem {
-                    stem.push(x.clone());
-                }
+        for conv in &self.stem {
+            x = conv.forward(&x)?;
+            if keep_stem {
+                stem.push(x.clone());
             }
-            x = x.permute((0, 3, 1, 2))?;
         }
-        let (q, channels) = (self.projection_size, x.dim(1)?);
+        // Each patch's values in the projection weight's order: channel, row, column.
+        let (q, channels) = (self.projection_size, x.dim(3)?);
         let patches = x
-            .reshape((batch, channels, grid.rows, q, grid.cols, q))?
-            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((batch, grid.rows, q, grid.cols, q, channels))?
+            .permute((0, 1, 3, 5, 2, 4))?
             .contiguous()?
             .reshape((batch, grid.len(), channels * q * q))?;
         Ok((self.projection.forward(&patches)?, grid, stem))
