@@ -276,7 +276,7 @@ class ExportedViT(nn.Module):
 
     @classmethod
     def load(cls, path):
-        """The model in a file export() wrote, and the file's metadata."""
+        """The model in a file export_tensors() wrote, and the file's metadata."""
         tensors, meta = read_exported(path)
         return cls(tensors, json.loads(meta["config"])), meta
 
