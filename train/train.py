@@ -1,11 +1,10 @@
 """Trains segattn's built-in model on the photos train/pack.py packed from
 ../shared/data, and writes weights/segattn-s16.safetensors (or --out),
 train/log.csv and train/curves.png (or --log, --curves). The defaults are
-the recipe's first step, the encoder and its sub-patch head; the second,
-a decoder trained on that encoder frozen, is `--init FILE --decoder
---freeze-encoder` with the options train/run gives.
+the shipped recipe: the encoder, its sub-patch head and the decoder trained
+together, 233 epochs, with stochastic depth and zoomed-out crops.
 
-    train/run            # teacher masks, packing, venv + both steps, fixed seed
+    train/run            # teacher masks, packing, venv, training, fixed seed
 
 Batches are augmented where the model runs (random resized crops, flips and
 colour jitter, sampled from the squashed photos in one pass), so a GPU is
@@ -221,17 +220,18 @@ def main():
     ap.add_argument("--curves", default=os.path.join(HERE, "curves.png"))
     ap.add_argument("--dim", type=int, default=192, help="token width; heads of 64")
     ap.add_argument("--depth", type=int, default=6)
-    ap.add_argument("--epochs", type=int, default=382)
+    ap.add_argument("--epochs", type=int, default=233)
     ap.add_argument("--minutes", type=float, default=0, help="fewer epochs if they would not fit in this time (decided after 2 epochs)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup-epochs", type=int, default=5)
     ap.add_argument("--attention-weight", type=float, default=0.5)
-    ap.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth of the last block (linear from 0 in the first)")
+    ap.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last block (linear from 0 in the first)")
     ap.add_argument("--init", metavar="FILE", help="start from a file this script wrote instead of from scratch")
-    ap.add_argument("--decoder", action="store_true", help="add the decoder with skips from the stem; it becomes the shipped head")
+    ap.add_argument("--decoder", action=argparse.BooleanOptionalAction, default=True,
+                    help="train the decoder with skips from the stem, the shipped head (--no-decoder: the sub-patch head alone)")
     ap.add_argument("--freeze-encoder", action="store_true", help="train only the decoder and the per-patch head (with --init)")
-    ap.add_argument("--zoom-out", type=float, default=0.0, help="share of crops zoomed out: the photo inside a box of 1-3x its area")
+    ap.add_argument("--zoom-out", type=float, default=0.3, help="share of crops zoomed out: the photo inside a box of 1-3x its area")
     ap.add_argument("--val-every", type=int, default=10, help="validate every this many epochs (and after the last)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
