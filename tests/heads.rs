@@ -13,6 +13,12 @@ fn segattn(args: &[&str], weights: &Path) -> Output {
     segattn_with(args, weights, 64).output().unwrap()
 }
 
+/// Exit code 2 with `message` on standard error.
+fn assert_usage_error(result: &Output, message: &str) {
+    assert_eq!(result.status.code(), Some(2));
+    assert!(stderr(result).contains(message), "{}", stderr(result));
+}
+
 #[test]
 fn ncut_head_with_refinement_writes_a_mask() {
     let dir = tempfile::tempdir().unwrap();
@@ -79,39 +85,21 @@ fn linear_head_errors_name_the_file() {
         &["run", s(&cat), "--out", s(&out), "--head", "linear", "--head-weights", s(&head)],
         &fixture("dino_vit"),
     );
-    assert_eq!(result.status.code(), Some(2));
-    assert!(
-        stderr(&result)
-            .contains("wide.safetensors: `head.weight` has shape [1, 64], expected [s², 32] for this backbone"),
-        "{}",
-        stderr(&result)
+    assert_usage_error(
+        &result,
+        "wide.safetensors: `head.weight` has shape [1, 64], expected [s², 32] for this backbone",
     );
     // A backbone without a head.
     let result = segattn(&["run", s(&cat), "--out", s(&out), "--head", "linear"], &fixture("dino_vit"));
-    assert_eq!(result.status.code(), Some(2));
-    assert!(
-        stderr(&result).contains("model.safetensors: no trained head (head.weight, head.bias) in the model"),
-        "{}",
-        stderr(&result)
-    );
+    assert_usage_error(&result, "model.safetensors: no trained head (head.weight, head.bias) in the model");
     // A side file for a head that reads none, or a decoder the backbone lacks.
     let result = segattn(
         &["run", s(&cat), "--out", s(&out), "--head", "attn", "--head-weights", s(&head)],
         &fixture("dino_vit"),
     );
-    assert_eq!(result.status.code(), Some(2));
-    assert!(
-        stderr(&result).contains("--head-weights is a linear head's file: it does not go with --head attn"),
-        "{}",
-        stderr(&result)
-    );
+    assert_usage_error(&result, "--head-weights is a linear head's file: it does not go with --head attn");
     let result = segattn(&["run", s(&cat), "--out", s(&out), "--head", "decoder"], &fixture("dino_vit"));
-    assert_eq!(result.status.code(), Some(2));
-    assert!(
-        stderr(&result).contains("model.safetensors: no trained decoder (decoder.*) in the model"),
-        "{}",
-        stderr(&result)
-    );
+    assert_usage_error(&result, "model.safetensors: no trained decoder (decoder.*) in the model");
     assert!(!out.exists());
 }
 

@@ -313,11 +313,12 @@ def main():
             per_epoch, tv = time.time() - te, time.time()
             row.update(validate(model, val))
             per_validation = time.time() - tv
-            left = a.minutes * 60 - (time.time() - started)
-            fit = 2 + int(left / (per_epoch + per_validation / a.val_every))
-            if epoch == 2 and fit < epochs:
-                print(f"{epochs} epochs would not fit in {a.minutes} minutes: {fit}", flush=True)
-                epochs = fit
+            if epoch == 2:
+                left = a.minutes * 60 - (time.time() - started)
+                fit = 2 + int(left / (per_epoch + per_validation / a.val_every))
+                if fit < epochs:
+                    print(f"{epochs} epochs would not fit in {a.minutes} minutes: {fit}", flush=True)
+                    epochs = fit
         elif epoch % a.val_every == 0 or epoch == epochs:
             row.update(validate(model, val))
         row["seconds"] = round(time.time() - te, 1)
