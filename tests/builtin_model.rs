@@ -149,6 +149,54 @@ fn a_decoder_that_does_not_fit_is_an_error() {
     assert!(!out.exists());
 }
 
+/// segattn-s16's file carries its own ncut threshold (train/ncut_tau): its
+/// keys are more alike than DINO's, and at TokenCut's 0.2 nearly every patch
+/// links to every other and the cut misses the cat.
+#[test]
+fn ncut_takes_the_models_own_tau() {
+    let dir = tempfile::tempdir().unwrap();
+    let cut = |tau: Option<&str>| {
+        let out = dir.path().join(format!("cat_ncut_{}.png", tau.unwrap_or("default")));
+        let photo = sample("cat.jpg");
+        let mut args = vec!["run", s(&photo), "--out", s(&out), "--head", "ncut"];
+        if let Some(tau) = tau {
+            args.extend(["--tau", tau]);
+        }
+        let result = segattn(&args).output().unwrap();
+        assert!(result.status.success(), "{}", stderr(&result));
+        image::open(&out).unwrap().to_luma8()
+    };
+    let teacher = image::open(fixture("builtin/teacher/cat.png")).unwrap().to_luma8();
+    let (own, given, tokencut) = (cut(None), cut(Some("0.8")), cut(Some("0.2")));
+    assert_eq!(own, given, "the default is the file's segattn_ncut_tau, 0.8");
+    let (own, tokencut) = (iou(&own, &teacher), iou(&tokencut, &teacher));
+    println!("cat, ncut: IoU with the teacher's mask {own:.3} at the model's tau, {tokencut:.3} at 0.2");
+    assert!(own >= 0.8, "{own}");
+    assert!(tokencut < 0.5, "{tokencut}: at 0.2 the cut should miss, or this test proves nothing");
+}
+
+/// A threshold that is not a similarity is a broken checkpoint, not a mask.
+#[test]
+fn a_broken_ncut_tau_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/segattn-s16.safetensors")).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+    let mut metadata = header.metadata().clone().unwrap();
+    metadata.insert("segattn_ncut_tau".into(), "1.5".into());
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let broken = dir.path().join("broken.safetensors");
+    std::fs::write(&broken, safetensors::serialize(file.tensors(), Some(metadata)).unwrap()).unwrap();
+    let out = dir.path().join("mask.png");
+    let result = segattn(&["run", s(&sample("cat.jpg")), "--out", s(&out), "--weights", s(&broken)]).output().unwrap();
+    assert_eq!(result.status.code(), Some(2));
+    let message = stderr(&result);
+    assert!(
+        message.contains("broken.safetensors: metadata segattn_ncut_tau is \"1.5\", not a similarity"),
+        "{message}"
+    );
+    assert!(!out.exists());
+}
+
 /// `segattn` with no model named anywhere.
 fn segattn(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_segattn"));
@@ -218,6 +266,7 @@ fn info_and_list_name_the_builtin_model() {
     assert_eq!(info["trained_head"], "linear, 4x4 cells per patch");
     assert_eq!(info["trained_decoder"], "skips from the stem, logits at 1/4 of the input");
     assert_eq!(info["input_short_side"], 224);
+    assert_eq!(info["ncut_tau"], 0.8);
     assert_eq!(info["heads"], 3);
     assert_eq!(info["hidden_size"], 192);
 

@@ -376,6 +376,7 @@ fn info_reports_the_inferred_config() {
         (Some(8), Some(4), Some(3))
     );
     assert_eq!(info["registers"], 0);
+    assert_eq!(info["ncut_tau"], 0.2, "a DINO checkpoint gets TokenCut's threshold");
     assert!(info["parameters"].as_u64().unwrap() > 30_000);
     // The fixture's heads have 8 dimensions, which only the gemm path takes.
     assert_eq!(info["attention_kernel"], "gemm crate around a softmax pass");

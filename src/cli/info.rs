@@ -41,6 +41,7 @@ pub fn run(args: InfoArgs) -> Result<u8> {
         }),
         "trained_decoder": model.bundled_decoder().map(|_| "skips from the stem, logits at 1/4 of the input"),
         "input_short_side": crate::preprocess::input_size(1, 1, args.model.short_side(&model), c.patch_size).0,
+        "ncut_tau": crate::head::NormalizedCut::for_model(&model).tau,
         "linear_kernel": linear_kernel,
         "attention_kernel": attention_kernel,
         "weights_from_cache": model.weights_from_cache(),

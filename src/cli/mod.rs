@@ -249,9 +249,10 @@ struct HeadArgs {
     /// attn head: attention heads that must agree on a patch (default: half).
     #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = values::at_least_one)]
     min_heads: Option<usize>,
-    /// ncut head: key similarity above which two patches are linked.
-    #[arg(long, default_value_t = 0.2, allow_negative_numbers = true, value_parser = values::tau)]
-    tau: f64,
+    /// ncut head: key similarity above which two patches are linked [default:
+    /// the model's own (0.8 for segattn-s16), else TokenCut's 0.2].
+    #[arg(long, allow_negative_numbers = true, value_parser = values::tau)]
+    tau: Option<f64>,
     /// linear head: safetensors file with head.weight / head.bias (default: the model's own).
     #[arg(long, value_name = "FILE")]
     head_weights: Option<PathBuf>,
@@ -272,7 +273,10 @@ impl HeadArgs {
         }
         Ok(match name {
             HeadName::Attn => Box::new(AttentionMass { mass: self.mass, min_heads: self.min_heads }),
-            HeadName::Ncut => Box::new(NormalizedCut { tau: self.tau }),
+            HeadName::Ncut => Box::new(match self.tau {
+                Some(tau) => NormalizedCut { tau },
+                None => NormalizedCut::for_model(model),
+            }),
             HeadName::Decoder => Box::new(DecoderHead::bundled(model)?.with_context(|| {
                 format!("{}: no trained decoder (decoder.*) in the model", model.files().weights.display())
             })?),

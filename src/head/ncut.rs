@@ -13,15 +13,20 @@ use crate::model::{Capture, EncoderOutput, Keep, PatchGrid, Vit};
 /// graph stays connected.
 const WEAK_EDGE: f64 = 1e-5;
 
+/// TokenCut's similarity threshold, tuned on DINO's keys.
+const TOKENCUT_TAU: f64 = 0.2;
+
 #[derive(Debug, Clone)]
 pub struct NormalizedCut {
-    /// Edges between patches whose key similarity exceeds this (TokenCut's 0.2).
+    /// Edges between patches whose key similarity exceeds this.
     pub tau: f64,
 }
 
-impl Default for NormalizedCut {
-    fn default() -> Self {
-        Self { tau: 0.2 }
+impl NormalizedCut {
+    /// With the threshold `model`'s file gives (segattn-s16's keys are more
+    /// alike than DINO's), else TokenCut's.
+    pub fn for_model(model: &Vit) -> Self {
+        Self { tau: model.default_ncut_tau().unwrap_or(TOKENCUT_TAU) }
     }
 }
 

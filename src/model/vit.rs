@@ -30,6 +30,9 @@ pub const HEAD_BIAS: &str = "head.bias";
 pub const DECODER_PREFIX: &str = "decoder.";
 /// Safetensors metadata key: the input's short side the model was trained for.
 pub const SHORT_SIDE_METADATA_KEY: &str = "segattn_short_side";
+/// Safetensors metadata key: the key similarity above which TokenCut links two
+/// patches, for a model whose keys are more alike than DINO's (TokenCut's 0.2).
+pub const NCUT_TAU_METADATA_KEY: &str = "segattn_ncut_tau";
 
 /// A checkpoint being read into layers: its tensors, their names, the
 /// model's shape, and what its products will multiply in.
@@ -576,6 +579,7 @@ pub struct Vit {
     /// trained with this backbone, from its own file.
     bundled_decoder: BTreeMap<String, Tensor>,
     default_short_side: Option<usize>,
+    default_ncut_tau: Option<f64>,
     fingerprint: String,
     precision: Precision,
     weights_from_cache: bool,
@@ -672,6 +676,15 @@ impl Vit {
                 anyhow!("{}: metadata {SHORT_SIDE_METADATA_KEY} is {text:?}, not a size", store.path().display())
             })?),
         };
+        let default_ncut_tau = match store.metadata(NCUT_TAU_METADATA_KEY) {
+            None => None,
+            Some(text) => Some(text.parse::<f64>().ok().filter(|t| (0.0..1.0).contains(t)).ok_or_else(|| {
+                anyhow!(
+                    "{}: metadata {NCUT_TAU_METADATA_KEY} is {text:?}, not a similarity in [0, 1)",
+                    store.path().display()
+                )
+            })?),
+        };
         Ok(Self {
             patch_embed,
             cls_token,
@@ -684,6 +697,7 @@ impl Vit {
             bundled_head,
             bundled_decoder,
             default_short_side,
+            default_ncut_tau,
             config,
             files,
             precision,
@@ -710,6 +724,11 @@ impl Vit {
     /// The input's short side the model was trained for, when its file says.
     pub fn default_short_side(&self) -> Option<usize> {
         self.default_short_side
+    }
+
+    /// The ncut head's similarity threshold for this model, when its file says.
+    pub fn default_ncut_tau(&self) -> Option<f64> {
+        self.default_ncut_tau
     }
 
     pub fn config(&self) -> &VitConfig {
