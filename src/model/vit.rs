@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Result, anyhow, bail};
@@ -33,6 +34,19 @@ pub const SHORT_SIDE_METADATA_KEY: &str = "segattn_short_side";
 /// Safetensors metadata key: the key similarity above which TokenCut links two
 /// patches, for a model whose keys are more alike than DINO's (TokenCut's 0.2).
 pub const NCUT_TAU_METADATA_KEY: &str = "segattn_ncut_tau";
+
+/// The file's metadata entry `key` as a `T` that `valid` accepts, if the file
+/// has one; anything else there is a broken checkpoint.
+fn metadata_value<T: FromStr>(
+    store: &TensorStore,
+    key: &str,
+    what: &str,
+    valid: impl Fn(&T) -> bool,
+) -> Result<Option<T>> {
+    let Some(text) = store.metadata(key) else { return Ok(None) };
+    let value = text.parse::<T>().ok().filter(valid);
+    value.map(Some).ok_or_else(|| anyhow!("{}: metadata {key} is {text:?}, not {what}", store.path().display()))
+}
 
 /// A checkpoint being read into layers: its tensors, their names, the
 /// model's shape, and what its products will multiply in.
@@ -670,21 +684,9 @@ impl Vit {
             .filter_map(|name| Some((name, name.strip_prefix(DECODER_PREFIX)?)))
             .map(|(name, short)| Ok((short.to_string(), store.tensor(name, &store.shape(name).unwrap_or_default())?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
-        let default_short_side = match store.metadata(SHORT_SIDE_METADATA_KEY) {
-            None => None,
-            Some(text) => Some(text.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
-                anyhow!("{}: metadata {SHORT_SIDE_METADATA_KEY} is {text:?}, not a size", store.path().display())
-            })?),
-        };
-        let default_ncut_tau = match store.metadata(NCUT_TAU_METADATA_KEY) {
-            None => None,
-            Some(text) => Some(text.parse::<f64>().ok().filter(|t| (0.0..1.0).contains(t)).ok_or_else(|| {
-                anyhow!(
-                    "{}: metadata {NCUT_TAU_METADATA_KEY} is {text:?}, not a similarity in [0, 1)",
-                    store.path().display()
-                )
-            })?),
-        };
+        let default_short_side = metadata_value(&store, SHORT_SIDE_METADATA_KEY, "a size", |&n: &usize| n > 0)?;
+        let default_ncut_tau =
+            metadata_value(&store, NCUT_TAU_METADATA_KEY, "a similarity in [0, 1)", |t: &f64| (0.0..1.0).contains(t))?;
         Ok(Self {
             patch_embed,
             cls_token,
