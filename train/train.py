@@ -294,8 +294,8 @@ def main():
         order = list(range(len(sizes)))
         rng.shuffle(order)
         seg_losses = []
+        grids = LOW_RES_GRIDS if epoch <= a.low_res_epochs else GRIDS
         for step in range(steps_per_epoch):
-            grids = LOW_RES_GRIDS if epoch <= a.low_res_epochs else GRIDS
             rows, cols = grids[rng.randrange(len(grids))]
             x, y = augmented_batch(canvas, sizes, order[step * a.batch:(step + 1) * a.batch], rows, cols, rng, a.zoom_out)
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=a.bf16 or device_type == "cuda"):
