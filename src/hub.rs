@@ -140,7 +140,7 @@ impl Hub {
                 self.cache_dir.display()
             );
         }
-        eprintln!("segattn: downloading `{name}` ({repo}) into {}", self.cache_dir.display());
+        note!("segattn: downloading `{name}` ({repo}) into {}", self.cache_dir.display());
         Ok(self.fetch(name, show_progress)?.model.snapshot)
     }
 

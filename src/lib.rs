@@ -7,6 +7,15 @@
 //! checkpoints by name) -> [`maps`] -> [`attention`] -> [`head`]
 //! -> [`metrics`] -> [`train`] / [`render`] -> [`cli`].
 
+/// `eprintln!` that cannot panic: a line that a closed or full standard
+/// error cannot take is dropped, as there is nowhere left to report it.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod attention;
 pub mod cli;
 pub mod fnv;

@@ -121,18 +121,25 @@ fn closed_or_full_standard_output_is_an_error() {
     assert_eq!(closed.status.code(), Some(1), "{}", stderr(&closed));
     assert!(stderr(&closed).contains("standard output is closed"), "{}", stderr(&closed));
 
+    // Full: a file-size limit of 0 blocks fails every write, as a full disk does.
     let dir = tempfile::tempdir().unwrap();
+    let sink = dir.path().join("stdout.bin");
     for args in [vec!["--out", "-"], vec!["--out", s(&dir.path().join("mask.png")), "--json"]] {
-        let full = std::fs::File::create("/dev/full").unwrap();
-        let mut all = vec!["run", s(&cat)];
-        all.extend(args.iter().copied());
-        let result = segattn(&all).stdout(full).output().unwrap();
+        let result = Command::new("sh")
+            .args(["-c", "ulimit -f 0; exec \"$0\" \"$@\" >\"$OUT\"", env!("CARGO_BIN_EXE_segattn"), "run", s(&cat)])
+            .args(&args)
+            .args(["--weights", s(&fixture("dino_vit")), "--size", "64"])
+            .env("OUT", &sink)
+            .output()
+            .unwrap();
         assert_eq!(result.status.code(), Some(1), "{args:?}: {}", stderr(&result));
-        assert!(stderr(&result).contains("No space left on device"), "{}", stderr(&result));
+        assert!(stderr(&result).contains("File too large"), "{}", stderr(&result));
     }
-    // Redirected to /dev/null on purpose is not closed.
-    let null = segattn(&["run", s(&cat), "--out", "-"]).stdout(Stdio::null()).output().unwrap();
-    assert_eq!(null.status.code(), Some(0), "{}", stderr(&null));
+    // Redirected to a file on purpose is not closed.
+    let file = std::fs::File::create(&sink).unwrap();
+    let written = segattn(&["run", s(&cat), "--out", "-"]).stdout(file).output().unwrap();
+    assert_eq!(written.status.code(), Some(0), "{}", stderr(&written));
+    assert!(std::fs::read(&sink).unwrap().starts_with(b"\x89PNG"));
 }
 
 #[test]

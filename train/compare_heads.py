@@ -39,7 +39,7 @@ class SubPatch(nn.Module):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default=os.path.join(HERE, "..", "weights", "segattn-s16.safetensors"))
-    ap.add_argument("--packed", action="append", metavar="DIR", help="as train.py's (default: train/.work/pack-a and pack-b)")
+    ap.add_argument("--packed", default=os.path.join(HERE, ".work", "pack"), metavar="DIR", help="as train.py's")
     ap.add_argument("--epochs", type=int, default=9)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -49,6 +49,7 @@ def main():
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     rng = random.Random(a.seed)
+    gen = torch.Generator().manual_seed(a.seed)
 
     encoder, _ = ExportedViT.load(a.weights)
     dim = encoder.t["embeddings.cls_token"].shape[-1]
@@ -61,7 +62,8 @@ def main():
         b, rows, cols = x.shape[0], x.shape[-2] // 16, x.shape[-1] // 16
         return [s.float() for s in stem], tokens[:, 1:].float().transpose(1, 2).reshape(b, dim, rows, cols)
 
-    canvas, sizes, val = read_packs(a.packed or [os.path.join(HERE, ".work", p) for p in ("pack-a", "pack-b")], "cpu")
+    canvas, sizes, val = read_packs(a.packed, "cpu")
+    sizes, val = torch.tensor(sizes, dtype=torch.float32), val["pascal-s"]
     opt = torch.optim.AdamW(heads.parameters(), lr=a.lr, weight_decay=0.01)
     steps_per_epoch = len(sizes) // a.batch
     total = a.epochs * steps_per_epoch
@@ -70,10 +72,11 @@ def main():
     for epoch in range(1, a.epochs + 1):
         started, order = time.time(), list(range(len(sizes)))
         rng.shuffle(order)
+        order = torch.tensor(order)
         losses = {k: [] for k in heads}
         for step in range(steps_per_epoch):
             rows, cols = GRIDS[rng.randrange(len(GRIDS))]
-            x, y = augmented_batch(canvas, sizes, order[step * a.batch:(step + 1) * a.batch], rows, cols, rng)
+            x, y = augmented_batch(canvas, sizes, order[step * a.batch:(step + 1) * a.batch], rows, cols, gen)
             stem, tokens = features(x)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = {k: head(stem, tokens) for k, head in heads.items()}

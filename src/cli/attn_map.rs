@@ -11,7 +11,7 @@ use serde_json::json;
 use super::jobs::Job;
 use super::{BatchArgs, ModelArgs, batch, jobs, values};
 use crate::attention;
-use crate::image_io;
+use crate::image_io::{self, Committed};
 use crate::maps::PatchMap;
 use crate::model::{Capture, Keep, Vit};
 use crate::preprocess;
@@ -164,7 +164,9 @@ fn map_one(model: &Vit, args: &AttnMapArgs, layer: usize, job: &Job) -> Result<s
     let picture = if labelled { render::tile_grid(&tiles) } else { tiles.into_iter().next().expect("one map") };
     let mut writer = job.writer();
     writer.png(&DynamicImage::ImageRgb8(picture), &job.out)?;
-    writer.commit()?;
+    if writer.commit()? == Committed::FoundWritten {
+        return Ok(json!({ "input": job.source.display_name(), "skipped": "written meanwhile by another run" }));
+    }
     Ok(json!({
         "input": job.source.display_name(),
         "outputs": { "attention": job.out.display_name() },

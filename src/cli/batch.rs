@@ -49,7 +49,7 @@ where
             .map(|item| {
                 let result = work(item);
                 if let Err(err) = &result {
-                    progress.suspend(|| eprintln!("segattn: {}: {}", escaped(&name(item)), one_line(err)));
+                    progress.suspend(|| note!("segattn: {}: {}", escaped(&name(item)), one_line(err)));
                 }
                 progress.inc(1);
                 result.ok()
@@ -108,7 +108,7 @@ where
     let reporter = Reporter { json: args.json, report };
     let mut failed = 0;
     for r in &plan.rejected {
-        eprintln!("segattn: {}: {}", escaped(&r.name), r.reason.replace('\n', " "));
+        note!("segattn: {}: {}", escaped(&r.name), r.reason.replace('\n', " "));
         reporter.line(&json!({ "input": r.name, "error": r.reason }))?;
         failed += 1;
     }
@@ -116,13 +116,13 @@ where
         reporter.line(&json!({ "input": name, "skipped": "outputs exist" }))?;
     }
     if !plan.skipped.is_empty() {
-        eprintln!("segattn: skipped {} photos whose outputs exist (--skip-existing)", plan.skipped.len());
+        note!("segattn: skipped {} photos whose outputs exist (--skip-existing)", plan.skipped.len());
     }
     if let (Some(shard), Some(all)) = (args.shard, plan.all_shards)
         && plan.jobs.is_empty()
         && plan.skipped.is_empty()
     {
-        eprintln!("segattn: shard {shard} holds none of the {all} photos");
+        note!("segattn: shard {shard} holds none of the {all} photos");
     }
     let results = for_each(
         &plan.jobs,

@@ -48,9 +48,18 @@ struct Scored {
 }
 
 pub fn run(args: EvalArgs) -> Result<u8> {
+    if let Some(dir) = &args.predictions {
+        std::fs::read_dir(dir).with_context(|| format!("{}: cannot list directory", dir.display()))?;
+    }
+    // Checked before scoring, which can take minutes, not after.
+    if let Some(report) = &args.json
+        && let Some(parent) = report.parent().filter(|p| !p.as_os_str().is_empty() && !p.is_dir())
+    {
+        bail!("{}: no directory {} to write it in", report.display(), parent.display());
+    }
     let (pairs, missing) = args.pairs.pair()?;
     for line in &missing {
-        eprintln!("segattn: {line}");
+        note!("segattn: {line}");
     }
     let loaded = match &args.predictions {
         Some(_) => None,
@@ -91,12 +100,12 @@ pub fn run(args: EvalArgs) -> Result<u8> {
     let summary = metrics::summarize(&scored.iter().map(|(_, s)| s.scores.clone()).collect::<Vec<_>>());
     let inside: Vec<f64> = scored.iter().filter_map(|(_, s)| s.attention_inside).collect();
     let attention_inside = (!inside.is_empty()).then(|| inside.iter().sum::<f64>() / inside.len() as f64);
-    println!("images    {}", summary.images);
-    println!("mean IoU  {:.4}", summary.mean_iou);
-    println!("max F     {:.4}", summary.max_f);
-    println!("MAE       {:.4}", summary.mae);
+    outln!("images    {}", summary.images)?;
+    outln!("mean IoU  {:.4}", summary.mean_iou)?;
+    outln!("max F     {:.4}", summary.max_f)?;
+    outln!("MAE       {:.4}", summary.mae)?;
     if let Some(share) = attention_inside {
-        println!("attention inside the object  {share:.4}");
+        outln!("attention inside the object  {share:.4}")?;
     }
 
     if let Some(path) = &args.json {

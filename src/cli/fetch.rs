@@ -31,14 +31,14 @@ pub fn fetch(args: FetchArgs) -> Result<u8> {
     let mut failed = 0;
     for name in &args.names {
         if name == builtin::NAME {
-            eprintln!("{name}: built into segattn, nothing to fetch");
+            note!("{name}: built into segattn, nothing to fetch");
             continue;
         }
         match fetch_one(&hub, name) {
-            Ok(snapshot) => println!("{snapshot}"),
+            Ok(snapshot) => outln!("{snapshot}")?,
             Err(err) => {
                 failed += 1;
-                eprintln!("segattn: {name}: {}", batch::one_line(&err));
+                note!("segattn: {name}: {}", batch::one_line(&err));
             }
         }
     }
@@ -55,7 +55,7 @@ fn fetch_one(hub: &Hub, name: &str) -> Result<String> {
     } else {
         format!("downloaded {}", fetched.downloaded.join(", "))
     };
-    eprintln!("{name}: {} ({}, {}): {what}", model.repo, model.weights_file, megabytes(model.bytes));
+    note!("{name}: {} ({}, {}): {what}", model.repo, model.weights_file, megabytes(model.bytes));
     Ok(model.snapshot.display().to_string())
 }
 
@@ -99,24 +99,24 @@ pub fn list(args: ListArgs) -> Result<u8> {
         }))
         .collect();
     if args.json {
-        println!(
+        outln!(
             "{}",
             json!({ "cache_dir": hub.cache_dir.display().to_string(), "default": builtin::NAME, "models": rows })
-        );
+        )?;
         return Ok(EXIT_OK);
     }
-    println!("{:<20} {:<40} CACHED", "NAME", "REPOSITORY");
+    outln!("{:<20} {:<40} CACHED", "NAME", "REPOSITORY")?;
     for row in &rows {
         let cached = row["bytes"].as_u64().map_or("-".to_string(), megabytes);
         let default = if row["default"] == true { "  (default)" } else { "" };
-        println!(
+        outln!(
             "{:<20} {:<40} {cached}{default}",
             row["name"].as_str().unwrap_or(""),
             row["repo"].as_str().unwrap_or("(built in)")
-        );
+        )?;
     }
-    println!("\ncache: {}", hub.cache_dir.display());
-    println!("default model (used when neither --weights nor --model is given): {}", builtin::NAME);
+    outln!("\ncache: {}", hub.cache_dir.display())?;
+    outln!("default model (used when neither --weights nor --model is given): {}", builtin::NAME)?;
     Ok(EXIT_OK)
 }
 

@@ -47,10 +47,10 @@ pub fn run(args: InfoArgs) -> Result<u8> {
         "weights_from_cache": model.weights_from_cache(),
     });
     if args.json {
-        println!("{info}");
+        outln!("{info}")?;
     } else {
         for (key, value) in info.as_object().expect("built as an object") {
-            println!("{key:<24}{}", value.to_string().trim_matches('"'));
+            outln!("{key:<24}{}", value.to_string().trim_matches('"'))?;
         }
     }
     Ok(EXIT_OK)

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use image::DynamicImage;
 
 use super::BatchArgs;
-use crate::image_io::{self, Existing, OutputSet, Sink, Source};
+use crate::image_io::{self, Committed, Existing, OutputSet, Sink, Source};
 
 const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "jfif"];
 
@@ -58,7 +58,7 @@ impl JobWriter<'_> {
         self.set.add(sink, image_io::encode_png(image)?)
     }
 
-    pub fn commit(self) -> Result<()> {
+    pub fn commit(self) -> Result<Committed> {
         self.set.commit()
     }
 }
@@ -111,13 +111,23 @@ fn is_image_file(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-/// Image files in `dir` (and below, with `recursive`), sorted, each with its
-/// path relative to `root`. Each directory is read once, known by device and
-/// inode, so symbolic links that loop back are not followed round again.
+/// What a directory scan found.
+#[derive(Default)]
+struct Listing {
+    /// Image files, sorted, each with its path relative to the scanned root.
+    photos: Vec<(PathBuf, PathBuf)>,
+    /// Entries with an image's name that are not regular files (a FIFO
+    /// would block the batch in `open`), to report and skip.
+    not_files: Vec<PathBuf>,
+}
+
+/// Image files in `dir` (and below, with `recursive`). Each directory is
+/// read once, known by device and inode, so symbolic links that loop back
+/// are not followed round again.
 fn list_dir(
     dir: &Path,
     recursive: bool,
-    found: &mut Vec<(PathBuf, PathBuf)>,
+    found: &mut Listing,
     root: &Path,
     visited: &mut HashSet<(u64, u64)>,
 ) -> std::io::Result<()> {
@@ -132,9 +142,11 @@ fn list_dir(
             if recursive {
                 list_dir(&path, recursive, found, root, visited)?;
             }
+        } else if is_image_file(&path) && !path.is_file() {
+            found.not_files.push(path);
         } else if is_image_file(&path) {
             let relative = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
-            found.push((path, relative));
+            found.photos.push((path, relative));
         }
     }
     Ok(())
@@ -181,14 +193,19 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<Plan> {
             Source::Stdin if args.shard.is_some() => bail!("--shard splits files and directories, not standard input"),
             Source::Stdin => sources.push((source, PathBuf::from("stdin"), Vec::new(), false)),
             Source::File(path) if path.is_dir() => {
-                let mut found = Vec::new();
-                match list_dir(path, args.recursive, &mut found, path, &mut HashSet::new()) {
-                    Ok(()) if found.is_empty() => {
+                let mut found = Listing::default();
+                let listed = list_dir(path, args.recursive, &mut found, path, &mut HashSet::new());
+                rejected.extend(found.not_files.iter().map(|p| Rejected {
+                    name: p.display().to_string(),
+                    reason: "not a regular file (a FIFO, a device or a socket); skipped".into(),
+                }));
+                match listed {
+                    Ok(()) if found.photos.is_empty() && found.not_files.is_empty() => {
                         let below = if args.recursive { " or below it" } else { " (--recursive looks below it)" };
                         let reason = format!("no photos ({}) in this directory{below}", IMAGE_EXTENSIONS.join(", "));
                         rejected.push(Rejected { name: path.display().to_string(), reason })
                     }
-                    Ok(()) => sources.extend(found.into_iter().map(|(p, rel)| {
+                    Ok(()) => sources.extend(found.photos.into_iter().map(|(p, rel)| {
                         let key = rel.as_os_str().as_bytes().to_vec();
                         (Source::File(p), rel.with_extension(""), key, true)
                     })),
@@ -211,7 +228,15 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<Plan> {
         bail!("standard input (-) can be read only once");
     }
 
-    let existing = if args.overwrite || args.out.is_some() { Existing::Replace } else { Existing::Keep };
+    let existing = if args.out.is_some() {
+        Existing::Replace
+    } else if args.overwrite {
+        Existing::ReplaceFiles
+    } else if args.skip_existing {
+        Existing::Skip
+    } else {
+        Existing::Keep
+    };
     let job = |source, out, extra| Job { source, out, extra, kept: Vec::new(), existing };
     let candidates: Vec<Candidate> = match (&args.out, &args.out_dir) {
         (Some(out), None) => {
@@ -397,15 +422,27 @@ pub struct Pair {
     pub mask: PathBuf,
 }
 
-/// Image files of `dir` by stem.
-fn by_stem(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
-    let mut found = Vec::new();
+/// Image files of `dir` by stem. Two files of one stem (`cat.jpg` and
+/// `cat.png`) are an error: picking one would silently drop the other.
+pub fn by_stem(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
+    let mut found = Listing::default();
     list_dir(dir, false, &mut found, dir, &mut HashSet::new())
         .with_context(|| format!("{}: cannot list directory", dir.display()))?;
-    Ok(found
-        .into_iter()
-        .filter_map(|(path, _)| Some((path.file_stem()?.to_string_lossy().into_owned(), path)))
-        .collect())
+    let mut by_stem = BTreeMap::new();
+    for (path, _) in found.photos {
+        let Some(stem) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        if let Some(other) = by_stem.insert(stem.clone(), path.clone()) {
+            bail!(
+                "{} and {} share the stem {stem}: keep one of them in {}",
+                other.display(),
+                path.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(by_stem)
 }
 
 /// Photos in `images` matched to masks in `masks` by stem, sorted, and a

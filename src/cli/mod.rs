@@ -1,6 +1,14 @@
 //! The command line: argument definitions and dispatch. Each command lives in
 //! its own module; `jobs` turns inputs into work items, `batch` runs them.
 
+/// `println!` for a command's report on standard output: a stream that is
+/// closed or full is an error ([`StdoutFailed`]: exit 1), never a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::print_stdout(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod attn_map;
 mod batch;
 mod eval;
@@ -99,7 +107,7 @@ impl ModelArgs {
         };
         let model = self.load_in(precision)?;
         if model.precision() != precision {
-            eprintln!("segattn: warning: --precision bf16 needs a CPU with AVX512-BF16; this one runs in f32");
+            note!("segattn: warning: --precision bf16 needs a CPU with AVX512-BF16; this one runs in f32");
         }
         Ok(model)
     }
@@ -243,9 +251,9 @@ struct HeadArgs {
     /// Foreground where the head's probability is at least this.
     #[arg(long, default_value_t = 0.5, allow_negative_numbers = true, value_parser = values::unit_interval)]
     threshold: f32,
-    /// attn head: share of each attention head's mass kept.
-    #[arg(long, default_value_t = 0.6, allow_negative_numbers = true, value_parser = values::mass)]
-    mass: f32,
+    /// attn head: share of each attention head's mass kept [default: 0.6].
+    #[arg(long, allow_negative_numbers = true, value_parser = values::mass)]
+    mass: Option<f32>,
     /// attn head: attention heads that must agree on a patch (default: half).
     #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = values::at_least_one)]
     min_heads: Option<usize>,
@@ -271,8 +279,15 @@ impl HeadArgs {
         if self.head_weights.is_some() && name != HeadName::Linear {
             bail!("--head-weights is a linear head's file: it does not go with --head {name}");
         }
+        // An option of another head would be accepted and do nothing.
+        if (self.mass.is_some() || self.min_heads.is_some()) && name != HeadName::Attn {
+            bail!("--mass and --min-heads tune the attn head: they do not go with --head {name}");
+        }
+        if self.tau.is_some() && name != HeadName::Ncut {
+            bail!("--tau tunes the ncut head: it does not go with --head {name}");
+        }
         Ok(match name {
-            HeadName::Attn => Box::new(AttentionMass { mass: self.mass, min_heads: self.min_heads }),
+            HeadName::Attn => Box::new(AttentionMass { mass: self.mass.unwrap_or(0.6), min_heads: self.min_heads }),
             HeadName::Ncut => Box::new(match self.tau {
                 Some(tau) => NormalizedCut { tau },
                 None => NormalizedCut::for_model(model),
@@ -334,9 +349,28 @@ fn remove_temporary_outputs_on_signals() {
     });
 }
 
+/// A command's report could not be written to standard output.
+#[derive(Debug)]
+struct StdoutFailed;
+
+impl std::fmt::Display for StdoutFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cannot write the report")
+    }
+}
+
+fn print_stdout(text: &str) -> Result<()> {
+    crate::image_io::write_stdout(text.as_bytes()).context(StdoutFailed)
+}
+
 /// Parses the arguments, runs the command, and returns the exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Past a file-size limit (ulimit -f) a write fails with EFBIG, which is
+    // that output's error, instead of the signal killing the whole batch.
+    // SAFETY: ignoring a signal has no preconditions; nothing else here
+    // handles SIGXFSZ.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     remove_temporary_outputs_on_signals();
     let code = match cli.command {
         Command::Run(args) => run::run(args),
@@ -348,7 +382,7 @@ pub fn main() -> ExitCode {
         Command::List(args) => fetch::list(args),
     };
     ExitCode::from(code.unwrap_or_else(|err| {
-        eprintln!("segattn: {}", batch::one_line(&err));
-        EXIT_USAGE
+        note!("segattn: {}", batch::one_line(&err));
+        if err.downcast_ref::<StdoutFailed>().is_some() { EXIT_SOME_FAILED } else { EXIT_USAGE }
     }))
 }

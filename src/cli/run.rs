@@ -11,7 +11,7 @@ use serde_json::json;
 use super::jobs::{Extra, ExtraOutput, Job};
 use super::{BatchArgs, HeadArgs, ModelArgs, batch, jobs};
 use crate::head::{self, SegmentationHead};
-use crate::image_io::{self, Sink};
+use crate::image_io::{self, Committed, Sink};
 use crate::model::Vit;
 use crate::{preprocess, render};
 
@@ -77,7 +77,9 @@ fn segment_one(model: &Vit, head: &dyn SegmentationHead, args: &RunArgs, job: &J
             outputs.insert(kind.name().into(), json!(path.display().to_string()));
         }
     }
-    writer.commit()?;
+    if writer.commit()? == Committed::FoundWritten {
+        return Ok(json!({ "input": job.source.display_name(), "skipped": "written meanwhile by another run" }));
+    }
     let (area, bbox) = render::mask_stats(&binary);
     Ok(json!({
         "input": job.source.display_name(),

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use super::jobs::{self, Pair};
-use super::{EXIT_OK, EXIT_SOME_FAILED, ModelArgs, PairArgs, WorkArgs, batch};
+use super::{EXIT_OK, EXIT_SOME_FAILED, ModelArgs, PairArgs, WorkArgs, batch, values};
 use crate::head::linear;
 use crate::image_io::{self, Decoding, Source};
 use crate::model::Vit;
@@ -21,13 +21,13 @@ pub struct TrainHeadArgs {
     /// Where to write the head (safetensors: head.weight, head.bias).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = values::at_least_one)]
     epochs: usize,
     /// AdamW learning rate.
-    #[arg(long, default_value_t = 5e-3)]
+    #[arg(long, default_value_t = 5e-3, allow_negative_numbers = true, value_parser = values::learning_rate)]
     lr: f64,
     /// Share of the images held out to pick the best epoch.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true, value_parser = values::held_out_share)]
     val_split: f64,
     /// Seed of the train/validation split and the shuffling.
     #[arg(long, default_value_t = 0)]
@@ -46,12 +46,9 @@ fn examples_of(model: &Vit, pair: &Pair, size: usize, decoding: Decoding) -> Res
 }
 
 pub fn run(args: TrainHeadArgs) -> Result<u8> {
-    if !(0.0..1.0).contains(&args.val_split) {
-        bail!("--val-split must be in [0, 1), got {}", args.val_split);
-    }
     let (pairs, missing) = args.pairs.pair()?;
     for line in &missing {
-        eprintln!("segattn: {line}");
+        note!("segattn: {line}");
     }
     let model = args.model.load()?;
     let read = pairs.iter().flat_map(|p| [p.image.as_path(), p.mask.as_path()]);
@@ -61,7 +58,7 @@ pub fn run(args: TrainHeadArgs) -> Result<u8> {
         bail!("need at least two photo/mask pairs to train and validate");
     }
 
-    eprintln!("extracting patch tokens of {} photos", pairs.len());
+    note!("extracting patch tokens of {} photos", pairs.len());
     let extracted = batch::for_each(
         &pairs,
         |pair| pair.image.display().to_string(),
@@ -76,20 +73,24 @@ pub fn run(args: TrainHeadArgs) -> Result<u8> {
     let config = TrainConfig { epochs: args.epochs, learning_rate: args.lr, batch_images: 8, seed: args.seed };
     let width = args.epochs.to_string().len();
     let head = train::train(&train_set, &val_set, model.config().hidden_size, &config, |r| {
-        eprintln!(
+        note!(
             "epoch {:>width$}/{}  train loss {:.4}  val loss {:.4}  val IoU {:.4}",
-            r.epoch, args.epochs, r.train_loss, r.val_loss, r.val_iou
+            r.epoch,
+            args.epochs,
+            r.train_loss,
+            r.val_loss,
+            r.val_iou
         );
     })?;
     let notes = [("best_epoch", head.best_epoch.to_string()), ("val_iou", format!("{:.4}", head.val_iou))];
     linear::save(&args.out, &head.weight, head.bias, &model, &notes)?;
-    println!(
+    outln!(
         "wrote {} (epoch {}, val IoU {:.4}, {} training / {} validation photos)",
         args.out.display(),
         head.best_epoch,
         head.val_iou,
         train_set.len() / 2,
         val_set.len()
-    );
+    )?;
     Ok(if failed == 0 { EXIT_OK } else { EXIT_SOME_FAILED })
 }

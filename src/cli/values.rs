@@ -60,6 +60,25 @@ pub fn tau(text: &str) -> Result<f64, String> {
     Ok(x)
 }
 
+/// `train-head --lr`: an AdamW learning rate in (0, 1]; NaN or a huge one
+/// would write a head of NaN or of huge values.
+pub fn learning_rate(text: &str) -> Result<f64, String> {
+    let x: f64 = number(text, "a number")?;
+    if !(x > 0.0 && x <= 1.0) {
+        return Err(format!("must be above 0 and at most 1, got {x}"));
+    }
+    Ok(x)
+}
+
+/// `train-head --val-split`: the share held out, in [0, 1).
+pub fn held_out_share(text: &str) -> Result<f64, String> {
+    let x: f64 = number(text, "a number")?;
+    if !(0.0..1.0).contains(&x) {
+        return Err(format!("must be at least 0 and below 1, got {x}"));
+    }
+    Ok(x)
+}
+
 /// `--suffix`: appended to a file name, so it may not lead anywhere else.
 pub fn suffix(text: &str) -> Result<String, String> {
     if text.contains(['/', '\\']) || text.contains('\0') {
@@ -109,7 +128,7 @@ pub fn worker_threads(requested: Option<usize>) -> usize {
     match requested {
         None => cores,
         Some(n) if n > 2 * cores => {
-            eprintln!("segattn: --jobs {n} capped at {} (twice the {cores} cores): more threads only wait", 2 * cores);
+            note!("segattn: --jobs {n} capped at {} (twice the {cores} cores): more threads only wait", 2 * cores);
             2 * cores
         }
         Some(n) => n,

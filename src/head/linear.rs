@@ -54,9 +54,15 @@ impl LinearHead {
             let view = tensors
                 .get(name)
                 .map_err(|_| anyhow!("{file}: no `{name}` tensor (a linear head needs {WEIGHT} and {BIAS})"))?;
-            view.load(&Device::Cpu)
+            let tensor = view
+                .load(&Device::Cpu)
                 .and_then(|t| t.to_dtype(DType::F32))
-                .map_err(|e| anyhow!("{file}: cannot read `{name}`: {e}"))
+                .map_err(|e| anyhow!("{file}: cannot read `{name}`: {e}"))?;
+            // A NaN or an infinity makes every mask black: a broken head, not a mask.
+            if !tensor.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()) {
+                bail!("{file}: `{name}` holds NaN or infinite values");
+            }
+            Ok(tensor)
         };
         Self::new(&read(WEIGHT)?, &read(BIAS)?, model).map_err(|e| anyhow!("{file}: {e}"))
     }

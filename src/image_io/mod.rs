@@ -5,7 +5,8 @@ mod output;
 mod png;
 
 pub use output::{
-    Existing, OutputSet, Sink, abandon_pending_outputs_and_exit, remove_stale_temp_files, write_atomic, write_stdout,
+    Committed, Existing, OutputSet, Sink, abandon_pending_outputs_and_exit, remove_stale_temp_files, write_atomic,
+    write_stdout,
 };
 pub use png::{encode_png, is_segattn_output};
 
@@ -42,15 +43,32 @@ impl Source {
         }
     }
 
-    pub fn read_bytes(&self) -> Result<Vec<u8>> {
+    /// The whole file or stream, if it is at most `limit` bytes: a device
+    /// that never ends (`/dev/zero`) or a file far larger than any photo is
+    /// an error, not all of memory.
+    pub fn read_bytes(&self, limit: u64) -> Result<Vec<u8>> {
+        let too_large = || anyhow::anyhow!("over {limit} bytes, more than any photo within the pixel limit takes");
+        let mut bytes = Vec::new();
         match self {
-            Source::File(path) => std::fs::read(path).context("cannot read file"),
+            Source::File(path) => {
+                let file = std::fs::File::open(path).context("cannot read file")?;
+                if file.metadata().is_ok_and(|m| m.is_file() && m.len() > limit) {
+                    return Err(too_large());
+                }
+                file.take(limit + 1).read_to_end(&mut bytes).context("cannot read file")?;
+            }
             Source::Stdin => {
-                let mut bytes = Vec::new();
-                std::io::stdin().lock().read_to_end(&mut bytes).context("cannot read standard input")?;
-                Ok(bytes)
+                std::io::stdin()
+                    .lock()
+                    .take(limit + 1)
+                    .read_to_end(&mut bytes)
+                    .context("cannot read standard input")?;
             }
         }
+        if bytes.len() as u64 > limit {
+            return Err(too_large());
+        }
+        Ok(bytes)
     }
 }
 
@@ -67,6 +85,12 @@ pub struct Decoding {
 impl Decoding {
     pub fn strict(max_pixels: u64) -> Self {
         Decoding { max_pixels, lenient: false }
+    }
+
+    /// The most bytes a photo within `max_pixels` is read as: 8 bytes a
+    /// pixel (16-bit RGBA, uncompressed) and room for metadata.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_pixels.saturating_mul(8).saturating_add(64 << 20)
     }
 }
 
@@ -105,6 +129,13 @@ pub fn decode(bytes: &[u8], decoding: Decoding) -> Result<DynamicImage> {
     limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
     reader.limits(limits);
     let mut decoder = reader.into_decoder().context("cannot decode image")?;
+    // An allocation that fails aborts the process, and the whole batch with
+    // it: try the decoded image's size, and a copy of it, first, so memory
+    // that is not there (a ulimit, a small machine) is this photo's error.
+    let needed = decoder.total_bytes().saturating_mul(2);
+    if usize::try_from(needed).map_or(true, |n| Vec::<u8>::new().try_reserve_exact(n).is_err()) {
+        bail!("image is {width}x{height}: the {needed} bytes of memory to decode it cannot be had");
+    }
     let orientation = decoder.orientation().context("cannot read EXIF orientation")?;
     let mut image = if format == ImageFormat::Jpeg && !decoding.lenient {
         decode_jpeg_strictly(bytes)?
@@ -139,5 +170,5 @@ fn decode_jpeg_strictly(bytes: &[u8]) -> Result<DynamicImage> {
 
 /// Reads and decodes one input.
 pub fn read_image(source: &Source, decoding: Decoding) -> Result<DynamicImage> {
-    decode(&source.read_bytes()?, decoding)
+    decode(&source.read_bytes(decoding.max_bytes())?, decoding)
 }

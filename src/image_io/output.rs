@@ -51,22 +51,88 @@ impl Sink {
 /// What happens to an output file that already exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Existing {
-    /// It is replaced (a file the user named, or --overwrite).
+    /// A path the user named is written as `cp` writes: a regular file is
+    /// replaced, a FIFO or a character device (a pipe, `/dev/stdout`) is
+    /// written into, a symbolic link is followed to what it names. Anything
+    /// else (a directory, a socket, a block device) is an error.
     Replace,
+    /// Earlier outputs in a directory: a regular file is replaced; anything
+    /// else there (a link, a FIFO, a device) is an error, left as it is.
+    ReplaceFiles,
     /// The input fails and the file is left as it is.
     Keep,
+    /// The file is left as it is and its input counts as done: another run
+    /// wrote it meanwhile.
+    Skip,
+}
+
+/// What [`OutputSet::commit`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    Written,
+    /// Under [`Existing::Skip`], an output was found written meanwhile: none
+    /// of this set's files were placed.
+    FoundWritten,
+}
+
+/// How an output reaches its path.
+enum Destination {
+    /// Staged under a temporary name in the directory, then renamed over.
+    Renamed(PathBuf),
+    /// Written into the FIFO or character device that is there, at commit.
+    Into(PathBuf),
+}
+
+/// Decides how `path` is written under `existing`, following symbolic links
+/// only where the user named the path. Nothing is opened: a FIFO would
+/// block.
+fn destination(path: &Path, existing: Existing) -> Result<Destination> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta.file_type(),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Destination::Renamed(path.to_path_buf())),
+        Err(err) => return Err(err).with_context(|| format!("{}: cannot look at what is there", path.display())),
+    };
+    if kind.is_file() || matches!(existing, Existing::Keep | Existing::Skip) {
+        // Kept ones fail at commit, which never moves over an existing name.
+        return Ok(Destination::Renamed(path.to_path_buf()));
+    }
+    let what = if kind.is_symlink() {
+        "a symbolic link"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    };
+    match existing {
+        Existing::Replace if kind.is_symlink() => {
+            let target = std::fs::canonicalize(path)
+                .with_context(|| format!("{}: a symbolic link to nothing that can be written", path.display()))?;
+            destination(&target, existing)
+        }
+        Existing::Replace if kind.is_fifo() || kind.is_char_device() => Ok(Destination::Into(path.to_path_buf())),
+        Existing::Replace => bail!("{}: {what}, not a file; left as it is", path.display()),
+        _ => bail!("{}: {what}, not a file segattn wrote; left as it is", path.display()),
+    }
 }
 
 /// The outputs of one input, written together by [`OutputSet::commit`].
 pub struct OutputSet {
     existing: Existing,
     files: Vec<(NamedTempFile, PathBuf)>,
+    into: Vec<(PathBuf, Vec<u8>)>,
     stdout: Option<Vec<u8>>,
 }
 
 impl OutputSet {
     pub fn new(existing: Existing) -> Self {
-        OutputSet { existing, files: Vec::new(), stdout: None }
+        OutputSet { existing, files: Vec::new(), into: Vec::new(), stdout: None }
     }
 
     /// Stages `bytes` for `sink`: a file is written to a temporary name now;
@@ -79,6 +145,14 @@ impl OutputSet {
             }
             Sink::File(path) => path,
         };
+        let path = match destination(path, self.existing)? {
+            Destination::Renamed(path) => path,
+            Destination::Into(path) => {
+                self.into.push((path, bytes));
+                return Ok(());
+            }
+        };
+        let path = &path;
         let dir = match path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
             _ => Path::new("."),
@@ -109,10 +183,13 @@ impl OutputSet {
         Ok(())
     }
 
-    /// Moves every staged file into place, then writes standard output. If a
-    /// file cannot be moved, those already moved are removed again.
-    pub fn commit(mut self) -> Result<()> {
+    /// Moves every staged file into place, then writes into FIFOs and
+    /// devices, then standard output. If a file cannot be moved, those
+    /// already moved are removed again; under [`Existing::Skip`] an output
+    /// another run wrote meanwhile is left as it is, and the rest placed.
+    pub fn commit(mut self) -> Result<Committed> {
         let files = std::mem::take(&mut self.files);
+        let mut committed = Committed::Written;
         {
             let mut pending = pending();
             let mut placed: Vec<PathBuf> = Vec::new();
@@ -120,8 +197,8 @@ impl OutputSet {
             while let Some((temp, path)) = files.next() {
                 let temp_path = temp.path().to_path_buf();
                 let moved = match self.existing {
-                    Existing::Replace => temp.persist(&path),
-                    Existing::Keep => temp.persist_noclobber(&path),
+                    Existing::Replace | Existing::ReplaceFiles => temp.persist(&path),
+                    Existing::Keep | Existing::Skip => temp.persist_noclobber(&path),
                 };
                 match moved {
                     Ok(_) => {
@@ -130,12 +207,16 @@ impl OutputSet {
                     }
                     Err(err) => {
                         let exists = err.error.kind() == std::io::ErrorKind::AlreadyExists;
+                        discard(&mut pending, err.file);
+                        if exists && self.existing == Existing::Skip {
+                            committed = Committed::FoundWritten;
+                            continue;
+                        }
                         let reason = if exists {
                             "already exists (written meanwhile by another run?); left as it is".to_string()
                         } else {
                             format!("cannot write: {}", err.error)
                         };
-                        discard(&mut pending, err.file);
                         for (temp, _) in files {
                             discard(&mut pending, temp);
                         }
@@ -147,10 +228,18 @@ impl OutputSet {
                 }
             }
         }
+        for (path, bytes) in std::mem::take(&mut self.into) {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&path)
+                .and_then(|mut file| file.write_all(&bytes))
+                .with_context(|| format!("{}: cannot write", path.display()))?;
+        }
         if let Some(bytes) = self.stdout.take() {
             write_stdout(&bytes)?;
         }
-        Ok(())
+        Ok(committed)
     }
 }
 
@@ -211,7 +300,7 @@ pub fn remove_stale_temp_files(dir: &Path) {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut set = OutputSet::new(Existing::Replace);
     set.add(&Sink::File(path.to_path_buf()), bytes.to_vec())?;
-    set.commit()
+    set.commit().map(drop)
 }
 
 /// Writes `bytes` to standard output, unbuffered. A write that fails is an
@@ -264,17 +353,19 @@ mod tests {
     fn a_failed_commit_leaves_no_output_and_no_temporary_file() {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("mask.png");
-        // A directory where the second output should go: moving onto it fails.
         let blocked = dir.path().join("overlay.png");
-        std::fs::create_dir(&blocked).unwrap();
         let mut set = OutputSet::new(Existing::Replace);
         set.add(&Sink::File(good.clone()), b"mask".to_vec()).unwrap();
         set.add(&Sink::File(blocked.clone()), b"overlay".to_vec()).unwrap();
+        // A directory made where the second output goes, after it was staged: moving onto it fails.
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("inside"), b"x").unwrap();
         let listed = || pending().iter().filter(|p| p.starts_with(dir.path())).count();
         assert_eq!(listed(), 2);
         let err = set.commit().unwrap_err().to_string();
         assert!(err.contains("overlay.png"), "{err}");
         assert_eq!(names(dir.path()), ["overlay.png"]);
+        assert_eq!(names(&blocked), ["inside"]);
         assert_eq!(listed(), 0);
     }
 
@@ -290,6 +381,27 @@ mod tests {
         write_atomic(&path, b"third").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"third");
         assert_eq!(names(dir.path()), ["mask.png"]);
+    }
+
+    #[test]
+    fn skip_leaves_an_output_written_meanwhile_and_places_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mask, overlay) = (dir.path().join("mask.png"), dir.path().join("overlay.png"));
+        let mut set = OutputSet::new(Existing::Skip);
+        set.add(&Sink::File(mask.clone()), b"ours".to_vec()).unwrap();
+        set.add(&Sink::File(overlay.clone()), b"ours".to_vec()).unwrap();
+        std::fs::write(&mask, b"theirs").unwrap();
+        assert_eq!(set.commit().unwrap(), Committed::FoundWritten);
+        assert_eq!(std::fs::read(&mask).unwrap(), b"theirs");
+        assert_eq!(std::fs::read(&overlay).unwrap(), b"ours");
+        assert_eq!(names(dir.path()), ["mask.png", "overlay.png"]);
+        // Under Keep the same race is the input's error, and nothing of it stays.
+        let mut set = OutputSet::new(Existing::Keep);
+        let other = dir.path().join("other.png");
+        set.add(&Sink::File(other.clone()), b"ours".to_vec()).unwrap();
+        set.add(&Sink::File(mask.clone()), b"ours".to_vec()).unwrap();
+        assert!(set.commit().unwrap_err().to_string().contains("already exists"));
+        assert_eq!(names(dir.path()), ["mask.png", "overlay.png"]);
     }
 
     #[test]

@@ -128,7 +128,7 @@ impl VitConfig {
                 layout.register_tokens
             ),
         };
-        let num_layers = hf.num_hidden_layers.unwrap_or_else(|| store.count_blocks(layout));
+        let num_layers = store.count_blocks(layout);
         if num_layers == 0 {
             bail!("{file}: no transformer blocks (`{}0.*`) found", layout.block_prefix);
         }
@@ -165,6 +165,7 @@ impl VitConfig {
             ("hidden_size", hf.hidden_size, hidden_size),
             ("patch_size", hf.patch_size, patch_size),
             ("intermediate_size", hf.intermediate_size, mlp_hidden_size),
+            ("num_hidden_layers", hf.num_hidden_layers, num_layers),
         ] {
             if let Some(said) = said.filter(|&said| said != found) {
                 bail!("{config_file}: {field} is {said}, but the tensors of {file} have {found}");

@@ -310,6 +310,17 @@ impl TensorStore {
         // (finite weights summing past f32's 3e38 do not occur).
         let sum = tensor.sum_all().and_then(|s| s.to_scalar::<f32>())?;
         if !sum.is_finite() {
+            // Finite values can still overflow the sum: those are too large
+            // to compute with, which is a different fault to report.
+            let largest = tensor.abs().and_then(|t| t.max_all()).and_then(|m| m.to_scalar::<f32>())?;
+            if largest.is_finite() {
+                bail!(
+                    "{}: tensor `{}{name}` holds values as large as {largest:e}, beyond what f32 arithmetic \
+                     survives (a damaged or mis-scaled checkpoint)",
+                    self.path.display(),
+                    self.prefix
+                );
+            }
             bail!("{}", self.not_finite(name));
         }
         Ok(tensor)
