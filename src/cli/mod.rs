@@ -252,14 +252,14 @@ struct HeadArgs {
     #[arg(long, default_value_t = 0.5, allow_negative_numbers = true, value_parser = values::unit_interval)]
     threshold: f32,
     /// attn head: share of each attention head's mass kept [default: 0.6].
-    #[arg(long, allow_negative_numbers = true, value_parser = values::mass)]
+    #[arg(long, allow_negative_numbers = true, value_parser = values::above_zero_to_one::<f32>)]
     mass: Option<f32>,
     /// attn head: attention heads that must agree on a patch (default: half).
     #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = values::at_least_one)]
     min_heads: Option<usize>,
     /// ncut head: key similarity above which two patches are linked [default:
     /// the model's own (0.8 for segattn-s16), else TokenCut's 0.2].
-    #[arg(long, allow_negative_numbers = true, value_parser = values::tau)]
+    #[arg(long, allow_negative_numbers = true, value_parser = values::zero_to_below_one)]
     tau: Option<f64>,
     /// linear head: safetensors file with head.weight / head.bias (default: the model's own).
     #[arg(long, value_name = "FILE")]

@@ -24,10 +24,10 @@ pub struct TrainHeadArgs {
     #[arg(long, default_value_t = 30, value_parser = values::at_least_one)]
     epochs: usize,
     /// AdamW learning rate.
-    #[arg(long, default_value_t = 5e-3, allow_negative_numbers = true, value_parser = values::learning_rate)]
+    #[arg(long, default_value_t = 5e-3, allow_negative_numbers = true, value_parser = values::above_zero_to_one::<f64>)]
     lr: f64,
     /// Share of the images held out to pick the best epoch.
-    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true, value_parser = values::held_out_share)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true, value_parser = values::zero_to_below_one)]
     val_split: f64,
     /// Seed of the train/validation split and the shuffling.
     #[arg(long, default_value_t = 0)]

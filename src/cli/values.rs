@@ -42,36 +42,20 @@ pub fn unit_interval(text: &str) -> Result<f32, String> {
     Ok(x)
 }
 
-/// `--mass`: a share of attention to keep, in (0, 1]; 0 keeps no patch.
-pub fn mass(text: &str) -> Result<f32, String> {
-    let x: f32 = number(text, "a number")?;
-    if !(x > 0.0 && x <= 1.0) {
+/// A number in (0, 1]: `--mass`, a share of attention to keep (0 keeps no
+/// patch); `train-head --lr`, an AdamW learning rate (NaN or a huge one
+/// would write a head of NaN or of huge values).
+pub fn above_zero_to_one<T: FromStr + PartialOrd + From<f32> + std::fmt::Display>(text: &str) -> Result<T, String> {
+    let x: T = number(text, "a number")?;
+    if !(x > T::from(0.0) && x <= T::from(1.0)) {
         return Err(format!("must be above 0 and at most 1, got {x}"));
     }
     Ok(x)
 }
 
-/// `--tau`: a cosine similarity in [0, 1); at 1 no two patches are linked.
-pub fn tau(text: &str) -> Result<f64, String> {
-    let x: f64 = number(text, "a number")?;
-    if !(0.0..1.0).contains(&x) {
-        return Err(format!("must be at least 0 and below 1, got {x}"));
-    }
-    Ok(x)
-}
-
-/// `train-head --lr`: an AdamW learning rate in (0, 1]; NaN or a huge one
-/// would write a head of NaN or of huge values.
-pub fn learning_rate(text: &str) -> Result<f64, String> {
-    let x: f64 = number(text, "a number")?;
-    if !(x > 0.0 && x <= 1.0) {
-        return Err(format!("must be above 0 and at most 1, got {x}"));
-    }
-    Ok(x)
-}
-
-/// `train-head --val-split`: the share held out, in [0, 1).
-pub fn held_out_share(text: &str) -> Result<f64, String> {
+/// A number in [0, 1): `--tau`, a cosine similarity (at 1 no two patches
+/// are linked); `train-head --val-split`, the share of photos held out.
+pub fn zero_to_below_one(text: &str) -> Result<f64, String> {
     let x: f64 = number(text, "a number")?;
     if !(0.0..1.0).contains(&x) {
         return Err(format!("must be at least 0 and below 1, got {x}"));
@@ -146,9 +130,12 @@ mod tests {
             assert!(short_side(bad).is_err(), "{bad}");
         }
         assert!(at_least_one("0").is_err() && at_least_one("3") == Ok(3));
-        assert!(mass("0").is_err() && mass("5").is_err() && mass("-1").is_err() && mass("nan").is_err());
-        assert_eq!(mass("1"), Ok(1.0));
-        assert!(tau("nan").is_err() && tau("5").is_err() && tau("1").is_err() && tau("0.2").is_ok());
+        let share = above_zero_to_one::<f32>;
+        assert!(share("0").is_err() && share("5").is_err() && share("-1").is_err() && share("nan").is_err());
+        assert_eq!(share("1"), Ok(1.0));
+        assert!(above_zero_to_one::<f64>("1e30").is_err() && above_zero_to_one::<f64>("5e-3") == Ok(5e-3));
+        let below = zero_to_below_one;
+        assert!(below("nan").is_err() && below("5").is_err() && below("1").is_err() && below("0.2").is_ok());
         assert!(unit_interval("1.5").is_err() && unit_interval("0").is_ok());
         assert!(suffix("/../../x").is_err() && suffix("_mask").is_ok());
         assert_eq!(shard("2/4"), Ok(Shard { index: 2, count: 4 }));
