@@ -125,6 +125,17 @@ fn bad_config_json_is_reported() {
 }
 
 #[test]
+fn weights_too_large_to_compute_with_are_refused_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "encoder.layer.0.layernorm_before.weight";
+    let path = edited(dir.path(), |t| {
+        t.insert(name.into(), Tensor::from_vec(vec![1e38f32; 32], 32, &Device::Cpu).unwrap());
+    });
+    let message = load_error(&path);
+    assert!(message.contains(&format!("tensor `{name}` holds values as large as 1e38, beyond what f32")), "{message}");
+}
+
+#[test]
 fn nan_or_infinite_weights_are_refused() {
     // A bias (loaded as a tensor), and weight matrices (read in place and
     // packed): the key of a q/k/v stack, and a plain layer.

@@ -312,8 +312,9 @@ impl TensorStore {
         if !sum.is_finite() {
             // Finite values can still overflow the sum: those are too large
             // to compute with, which is a different fault to report.
-            let largest = tensor.abs().and_then(|t| t.max_all()).and_then(|m| m.to_scalar::<f32>())?;
-            if largest.is_finite() {
+            let values = tensor.flatten_all().and_then(|t| t.to_vec1::<f32>())?;
+            if values.iter().all(|v| v.is_finite()) {
+                let largest = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 bail!(
                     "{}: tensor `{}{name}` holds values as large as {largest:e}, beyond what f32 arithmetic \
                      survives (a damaged or mis-scaled checkpoint)",
