@@ -167,8 +167,8 @@ fn ncut_takes_the_models_own_tau() {
         image::open(&out).unwrap().to_luma8()
     };
     let teacher = image::open(fixture("builtin/teacher/cat.png")).unwrap().to_luma8();
-    let (own, given, tokencut) = (cut(None), cut(Some("0.8")), cut(Some("0.2")));
-    assert_eq!(own, given, "the default is the file's segattn_ncut_tau, 0.8");
+    let (own, given, tokencut) = (cut(None), cut(Some("0.9")), cut(Some("0.2")));
+    assert_eq!(own, given, "the default is the file's segattn_ncut_tau, 0.9");
     let (own, tokencut) = (iou(&own, &teacher), iou(&tokencut, &teacher));
     println!("cat, ncut: IoU with the teacher's mask {own:.3} at the model's tau, {tokencut:.3} at 0.2");
     assert!(own >= 0.8, "{own}");
@@ -266,7 +266,7 @@ fn info_and_list_name_the_builtin_model() {
     assert_eq!(info["trained_head"], "linear, 4x4 cells per patch");
     assert_eq!(info["trained_decoder"], "skips from the stem, logits at 1/4 of the input");
     assert_eq!(info["input_short_side"], 224);
-    assert_eq!(info["ncut_tau"], 0.8);
+    assert_eq!(info["ncut_tau"], 0.9);
     assert_eq!(info["heads"], 3);
     assert_eq!(info["hidden_size"], 192);
 

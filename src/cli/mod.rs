@@ -258,7 +258,7 @@ struct HeadArgs {
     #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = values::at_least_one)]
     min_heads: Option<usize>,
     /// ncut head: key similarity above which two patches are linked [default:
-    /// the model's own (0.8 for segattn-s16), else TokenCut's 0.2].
+    /// the model's own (0.9 for segattn-s16), else TokenCut's 0.2].
     #[arg(long, allow_negative_numbers = true, value_parser = values::zero_to_below_one)]
     tau: Option<f64>,
     /// linear head: safetensors file with head.weight / head.bias (default: the model's own).
