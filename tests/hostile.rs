@@ -262,6 +262,14 @@ fn a_file_size_limit_fails_the_output_not_the_batch() {
     assert!(temp_files(&overlays).is_empty() && temp_files(&masks).is_empty(), "{err}");
 }
 
+/// A pipe whose reading end is closed before segattn starts: every write
+/// fails with EPIPE, however small, so the case does not race the child.
+fn read_end_closed() -> Stdio {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Stdio::from(writer)
+}
+
 #[test]
 fn closed_streams_are_errors_not_panics() {
     // Standard output a pipe nobody reads: EPIPE at the first line.
@@ -273,8 +281,7 @@ fn closed_streams_are_errors_not_panics() {
         } else {
             segattn(&args)
         };
-        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        drop(child.stdout.take());
+        let child = command.stdout(read_end_closed()).stderr(Stdio::piped()).spawn().unwrap();
         let out = finish(child, Duration::from_secs(60));
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
         assert!(!stderr(&out).contains("panicked"), "{args:?}: {}", stderr(&out));
@@ -285,11 +292,10 @@ fn closed_streams_are_errors_not_panics() {
     assert!(stderr(&out).contains("standard output is closed"), "{}", stderr(&out));
     // Standard error a pipe nobody reads, with a failure to report.
     let dir = tempfile::tempdir().unwrap();
-    let mut child = segattn(&["run", s(&dir.path().join("missing.jpg")), "--out", s(&dir.path().join("x.png"))])
-        .stderr(Stdio::piped())
+    let child = segattn(&["run", s(&dir.path().join("missing.jpg")), "--out", s(&dir.path().join("x.png"))])
+        .stderr(read_end_closed())
         .spawn()
         .unwrap();
-    drop(child.stderr.take());
     let out = finish(child, Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(1));
 }
