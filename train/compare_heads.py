@@ -63,7 +63,7 @@ def main():
         return [s.float() for s in stem], tokens[:, 1:].float().transpose(1, 2).reshape(b, dim, rows, cols)
 
     canvas, sizes, val = read_packs(a.packed, "cpu")
-    sizes, val = torch.tensor(sizes, dtype=torch.float32), val["pascal-s"]
+    val = val["pascal-s"]
     opt = torch.optim.AdamW(heads.parameters(), lr=a.lr, weight_decay=0.01)
     steps_per_epoch = len(sizes) // a.batch
     total = a.epochs * steps_per_epoch

@@ -231,9 +231,10 @@ def plot(log_rows, path):
 
 
 def read_packs(folder, device):
-    """The squashed photos (N, 4, S, S) u8 on `device`, their sizes, and the
-    validation lists ({name: [(pixels, truth)]}), from the parts train/pack.py
-    wrote into `folder` (all of them, or an error)."""
+    """The squashed photos (N, 4, S, S) u8 on `device`, their photos' sizes
+    ((N, 2) widths and heights, float, on `device`, as augmented_batch takes
+    them), and the validation lists ({name: [(pixels, truth)]}), from the
+    parts train/pack.py wrote into `folder` (all of them, or an error)."""
     parts = sorted(f for f in os.listdir(folder) if f.startswith("part-") and f.endswith(".tar"))
     counts = {f.rsplit("-of-", 1)[1] for f in parts}
     if not parts or len(counts) != 1 or len(parts) != int(counts.pop()[:-4]):
@@ -248,6 +249,7 @@ def read_packs(folder, device):
         for name, pairs in index["val"].items():
             val[name] = [validation_pair(decode(read(p), "RGB"), decode(read(t), "L"), device) for p, t in pairs]
     val = {name: val[name] for name in VALIDATION if name in val}
+    sizes = torch.tensor(sizes, dtype=torch.float32, device=device)
     return torch.from_numpy(np.stack(canvas)).permute(0, 3, 1, 2).contiguous().to(device), sizes, val
 
 
@@ -330,11 +332,10 @@ def main():
     canvas, sizes, val = read_packs(a.packed, a.device)
     if a.limit:
         keep = random.Random(a.seed).sample(range(len(sizes)), a.limit)
-        canvas, sizes = canvas[keep], [sizes[i] for i in keep]
+        canvas, sizes = canvas[keep], sizes[keep]
     print(f"{len(sizes)} training photos, validation {', '.join(f'{n} {len(v)}' for n, v in val.items())}, "
           f"read in {time.time() - t0:.0f} s", flush=True)
     data = {"photos": len(sizes), "canvas": canvas.shape[-1]}
-    size_table = torch.tensor(sizes, dtype=torch.float32, device=a.device)
 
     if a.init:
         model = SegAttnViT.from_exported(a.init, a.decoder, a.drop_path).to(a.device)
@@ -377,7 +378,7 @@ def main():
         grids = LOW_RES_GRIDS if epoch <= a.low_res_epochs else GRIDS
         for step in range(steps_per_epoch):
             rows, cols = grids[rng.randrange(len(grids))]
-            x, y = augmented_batch(canvas, size_table, order[step * a.batch:(step + 1) * a.batch], rows, cols, gen, a.zoom_out)
+            x, y = augmented_batch(canvas, sizes, order[step * a.batch:(step + 1) * a.batch], rows, cols, gen, a.zoom_out)
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=a.bf16 or device_type == "cuda"):
                 _, fine, coarse, decoded, cls_attention = model(x.contiguous(memory_format=layout), keep_cls_attention=True)
             seg = segmentation_loss(fine, y)
