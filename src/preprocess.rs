@@ -13,28 +13,37 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// resolution of the DINO paper's attention figures.
 pub const DEFAULT_SHORT_SIDE: usize = 480;
 
-/// Most patches an input may have: a panorama or a sliver scaled to a short
-/// side of 480 would otherwise ask for millions of tokens. 16384 is a
-/// 1024x1024 grid of 8-pixel patches.
+/// Most patches an input may have at any size: a 1024x1024 grid of 8-pixel
+/// patches.
 pub const MAX_PATCHES: usize = 16_384;
+
+/// The widest aspect ratio fed whole at the chosen short side. A wider
+/// panorama, or a sliver a pixel high, is scaled down to the patches of one
+/// this wide: scaled to a short side of 480, a 1x10000 photo would
+/// otherwise ask for thousands of tokens, and attention costs the square.
+pub const WIDEST_ASPECT: f64 = 4.0;
 
 /// Size of the model input for a `width` x `height` photo: the short side
 /// becomes `short_side`, the long side keeps the aspect ratio, and both are
-/// rounded to whole patches (at least one); an extreme aspect ratio is
-/// scaled down further to stay within [`MAX_PATCHES`].
+/// rounded to whole patches (at least one); a photo wider than
+/// [`WIDEST_ASPECT`] is scaled down further to that shape's patch count,
+/// and no input has more than [`MAX_PATCHES`].
 pub fn input_size(width: u32, height: u32, short_side: usize, patch_size: usize) -> (usize, usize) {
     let (w, h) = (width as f64, height as f64);
     let p = patch_size as f64;
+    let side = short_side as f64 / p;
+    let budget = (WIDEST_ASPECT * side * side).clamp(1.0, MAX_PATCHES as f64);
     let mut scale = short_side as f64 / w.min(h);
     let patches = (w * scale / p) * (h * scale / p);
-    if patches > MAX_PATCHES as f64 {
-        scale *= (MAX_PATCHES as f64 / patches).sqrt();
+    if patches > budget {
+        scale *= (budget / patches).sqrt();
     }
+    let budget = budget as usize;
     let cells = |x: f64| ((x * scale / p).round() as usize).max(1);
-    let rows = cells(h).min(MAX_PATCHES);
+    let rows = cells(h).min(budget);
     // A sliver's short side is held at one patch: trim the long side instead.
-    let cols = cells(w).min(MAX_PATCHES / rows);
-    let rows = rows.min(MAX_PATCHES / cols);
+    let cols = cells(w).min(budget / rows);
+    let rows = rows.min(budget / cols);
     (cols * patch_size, rows * patch_size)
 }
 
@@ -99,11 +108,14 @@ mod tests {
         assert_eq!(input_size(640, 480, 480, 8), (640, 480));
         assert_eq!(input_size(480, 640, 224, 16), (224, 304));
         assert_eq!(input_size(1000, 500, 224, 14), (448, 224));
-        // A sliver keeps its shape within the patch budget, and at least one patch a side.
+        // Up to 4:1 a panorama keeps its scale; wider, or a sliver, it gets
+        // the patches of a 4:1 one, and at least one patch a side.
+        assert_eq!(input_size(2000, 500, 224, 16), (896, 224));
         let (w, h) = input_size(4000, 10, 224, 16);
-        assert!((w / 16) * (h / 16) <= MAX_PATCHES && h >= 16, "{w}x{h}");
-        assert_eq!(input_size(100_000, 1, 480, 8), (MAX_PATCHES * 8, 8));
-        assert_eq!(input_size(1, 100_000, 480, 8), (8, MAX_PATCHES * 8));
+        assert!((w / 16) * (h / 16) <= 4 * 14 * 14 && h >= 16, "{w}x{h}");
+        assert_eq!(input_size(10_000, 1, 224, 16), (4 * 14 * 14 * 16, 16));
+        assert_eq!(input_size(1, 100_000, 480, 8), (8, 4 * 60 * 60 * 8));
+        assert_eq!(input_size(100_000, 1, 1024, 8), (MAX_PATCHES * 8, 8));
         let (w, h) = input_size(20_000, 20_000, 8000, 8);
         assert!((w / 8) * (h / 8) <= MAX_PATCHES && w == h, "{w}x{h}");
         assert_eq!(input_size(10, 10, 4, 16), (16, 16));

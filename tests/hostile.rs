@@ -344,3 +344,60 @@ fn another_heads_options_are_refused_not_ignored() {
         assert!(!out.exists());
     }
 }
+
+/// The tag tells an earlier output from a photo in a scanned directory; a
+/// named photo's output replaces any regular file with `--overwrite`, as
+/// `cp` would, and none without it.
+#[test]
+fn overwrite_replaces_any_file_but_the_photos_of_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    noisy_photo(&photos.join("a.jpg"), 40, 30);
+    noisy_photo(&photos.join("a.png"), 30, 40);
+    let users = std::fs::read(photos.join("a.png")).unwrap();
+
+    // Scanned, a.png is a photo of this run: never written over.
+    let out = segattn(&["run", s(&photos), "--out-dir", s(&photos), "--overwrite"]).output().unwrap();
+    assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(std::fs::read(photos.join("a.png")).unwrap(), users, "{}", stderr(&out));
+
+    // Named alone, a.jpg's output is a.png: kept without --overwrite...
+    let a = photos.join("a.jpg");
+    let out = segattn(&["run", s(&a), "--out-dir", s(&photos)]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("a.png already exists"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(photos.join("a.png")).unwrap(), users);
+    // ...and replaced with it.
+    let out = segattn(&["run", s(&a), "--out-dir", s(&photos), "--overwrite"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(segattn::image_io::is_segattn_output(&photos.join("a.png")));
+}
+
+#[test]
+fn an_existing_directory_as_out_is_named_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("folder");
+    std::fs::create_dir(&folder).unwrap();
+    let with_slash = format!("{}/", folder.display());
+    let out = segattn(&["run", s(&sample("cat.jpg")), "--out", &with_slash]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("folder/: a directory, not a file"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_dir(&folder).unwrap().count(), 0);
+}
+
+#[test]
+fn eval_with_nothing_scored_prints_no_means() {
+    let dir = tempfile::tempdir().unwrap();
+    let (images, masks) = (dir.path().join("images"), dir.path().join("masks"));
+    std::fs::create_dir(&images).unwrap();
+    std::fs::create_dir(&masks).unwrap();
+    std::fs::write(images.join("broken.jpg"), b"not a photo").unwrap();
+    noisy_photo(&masks.join("broken.png"), 40, 30);
+    let report = dir.path().join("report.json");
+    let out = segattn(&["eval", "--images", s(&images), "--masks", s(&masks), "--json", s(&report)]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("none of the 1 images could be scored"), "{}", stderr(&out));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("IoU"));
+    assert!(!report.exists());
+}

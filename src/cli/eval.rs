@@ -97,6 +97,11 @@ pub fn run(args: EvalArgs) -> Result<u8> {
         pairs.iter().zip(&results).filter(|(_, r)| r.is_none()).map(|(p, _)| p.image.display().to_string()).collect();
     // Pairs come sorted by stem, and results in their order.
     let scored: Vec<(&Pair, Scored)> = pairs.iter().zip(results).filter_map(|(p, r)| Some((p, r?))).collect();
+    if scored.is_empty() {
+        // Means over nothing would print as scores of 0.
+        note!("segattn: none of the {} images could be scored: no means, no report", pairs.len());
+        return Ok(EXIT_SOME_FAILED);
+    }
     let summary = metrics::summarize(&scored.iter().map(|(_, s)| s.scores.clone()).collect::<Vec<_>>());
     let inside: Vec<f64> = scored.iter().filter_map(|(_, s)| s.attention_inside).collect();
     let attention_inside = (!inside.is_empty()).then(|| inside.iter().sum::<f64>() / inside.len() as f64);

@@ -363,7 +363,8 @@ fn check_outputs(
                 continue 'jobs;
             }
             claimed.insert(key, name.clone());
-            if output.exists() {
+            // A link to nothing is there too: it is not a free name.
+            if std::fs::symlink_metadata(output).is_ok() {
                 existing_outputs.push(output.to_path_buf());
             }
         }

@@ -363,6 +363,24 @@ fn print_stdout(text: &str) -> Result<()> {
     crate::image_io::write_stdout(text.as_bytes()).context(StdoutFailed)
 }
 
+/// What `segattn run ARGS` would write, planned as a run plans it (output
+/// directories made, nothing else touched), without loading a model: each
+/// job's photo (`None` for standard input) and output files. For the fuzz
+/// target that checks the planner's rules against real directories.
+#[cfg(fuzzing)]
+pub fn plan_run(args: &[std::ffi::OsString]) -> Result<Vec<(Option<PathBuf>, Vec<PathBuf>)>> {
+    let argv = ["segattn".into(), "run".into()].into_iter().chain(args.iter().cloned());
+    let Command::Run(args) = Cli::try_parse_from(argv)?.command else {
+        bail!("not a run");
+    };
+    let plan = run::plan(&args)?;
+    let source = |job: &jobs::Job| match &job.source {
+        crate::image_io::Source::File(path) => Some(path.clone()),
+        crate::image_io::Source::Stdin => None,
+    };
+    Ok(plan.jobs.iter().map(|job| (source(job), job.output_files().map(std::path::Path::to_path_buf).collect())).collect())
+}
+
 /// Parses the arguments, runs the command, and returns the exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -34,7 +34,8 @@ pub struct RunArgs {
     cutout: Option<PathBuf>,
 }
 
-pub fn run(args: RunArgs) -> Result<u8> {
+/// The photos and outputs of this run, before any model is loaded.
+pub fn plan(args: &RunArgs) -> Result<jobs::Plan> {
     if args.batch.json && args.batch.out.as_deref() == Some(Path::new("-")) {
         bail!("--json and --out - both write to standard output; choose one");
     }
@@ -42,7 +43,11 @@ pub fn run(args: RunArgs) -> Result<u8> {
         .into_iter()
         .filter_map(|(kind, path)| Some(ExtraOutput { kind, path: path.as_deref()? }))
         .collect();
-    let plan = jobs::plan(&args.batch, &extras)?;
+    jobs::plan(&args.batch, &extras)
+}
+
+pub fn run(args: RunArgs) -> Result<u8> {
+    let plan = plan(&args)?;
     let model = args.model.load()?;
     let model_files = ModelArgs::files_of(&model);
     jobs::refuse_to_write_over(

@@ -132,9 +132,13 @@ impl PanelCache {
         if map.len() < 24 || &map[..16] != MAGIC || cfg!(target_endian = "big") {
             bail!("not a panel file");
         }
-        let header_len = u64::from_le_bytes(map[16..24].try_into()?) as usize;
-        let header: Header = serde_json::from_slice(map.get(24..24 + header_len).context("short")?)?;
-        let offset = (24 + header_len).next_multiple_of(ALIGN);
+        let header_end = usize::try_from(u64::from_le_bytes(map[16..24].try_into()?))
+            .ok()
+            .and_then(|len| len.checked_add(24))
+            .filter(|&end| end <= map.len())
+            .context("short")?;
+        let header: Header = serde_json::from_slice(&map[24..header_end])?;
+        let offset = header_end.next_multiple_of(ALIGN);
         if header.key != key || offset > map.len() || !(map.len() - offset).is_multiple_of(4) {
             bail!("another key, or a broken file");
         }
@@ -273,6 +277,36 @@ mod tests {
         }
         let kept: Vec<bool> = keys.iter().map(|key| cache.read(key, Precision::F32).is_some()).collect();
         assert_eq!(kept, [vec![false; 3], vec![true; KEEP]].concat());
+    }
+
+    /// Sizes and offsets in a file are not trusted: past the file, or past
+    /// what a usize holds, they make the file unreadable, never a panic.
+    #[test]
+    fn sizes_past_the_file_or_past_usize_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PanelCache::new(dir.path().to_path_buf()).keeping_any_size();
+        let a = weight(1);
+        cache.write("k", &[&a]).unwrap();
+        let path = cache.file("k");
+        let good = std::fs::read(&path).unwrap();
+        let layout = a.layout_name();
+        let mut files = Vec::new();
+        for header_len in [u64::MAX, u64::MAX - 23, good.len() as u64] {
+            files.push([&good[..16], &header_len.to_le_bytes(), &good[24..]].concat());
+        }
+        for (outputs, inputs, start) in [(6, 5, usize::MAX), (usize::MAX, usize::MAX, 0), (6, usize::MAX, 1)] {
+            let weights = vec![StoredWeight { outputs, inputs, layout: layout.clone(), start }];
+            let header = serde_json::to_vec(&Header { key: "k".into(), checksum: String::new(), weights }).unwrap();
+            let offset = (24 + header.len()).next_multiple_of(ALIGN);
+            let mut file = [&MAGIC[..], &(header.len() as u64).to_le_bytes(), &header].concat();
+            file.resize(offset, 0);
+            file.extend(bytes_of(a.panels()));
+            files.push(file);
+        }
+        for file in files {
+            std::fs::write(&path, file).unwrap();
+            assert!(cache.read("k", Precision::F32).is_none());
+        }
     }
 
     #[test]

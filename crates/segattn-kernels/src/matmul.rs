@@ -230,11 +230,18 @@ impl PackedWeight {
             return Err(ShapeError::new(format!("PackedWeight: panels for {layout_name}, not {kernel}")));
         }
         let width = kernel.panel_width(outputs).max(1);
-        let len = outputs.div_ceil(width) * inputs.div_ceil(kernel.inputs_per_slot()) * width;
-        if inputs == 0 || (*owner).as_ref().len() < start + len {
-            return Err(ShapeError::new(format!("PackedWeight: no {len} values at {start} for {outputs} x {inputs}")));
+        // The sizes come from a file: a product or end past usize is a
+        // layout no file can hold, not an overflow.
+        let len = (outputs.div_ceil(width))
+            .checked_mul(inputs.div_ceil(kernel.inputs_per_slot()))
+            .and_then(|slots| slots.checked_mul(width));
+        let end = len.and_then(|len| start.checked_add(len));
+        match (len, end) {
+            (Some(len), Some(end)) if inputs > 0 && end <= (*owner).as_ref().len() => {
+                Ok(Self { values: owner, start, len, kernel, inputs, outputs })
+            }
+            _ => Err(ShapeError::new(format!("PackedWeight: no panels at {start} for {outputs} x {inputs}"))),
         }
-        Ok(Self { values: owner, start, len, kernel, inputs, outputs })
     }
 
     pub fn outputs(&self) -> usize {
@@ -495,7 +502,11 @@ mod tests {
             assert_eq!(matmul(&x, &given_back).unwrap(), matmul(&x, &packed).unwrap());
             // Another layout, or too few values, is refused.
             assert!(PackedWeight::from_panels(precision, outputs, inputs, "other", owner.clone(), 5).is_err());
-            assert!(PackedWeight::from_panels(precision, outputs, inputs, &name, owner, 6).is_err());
+            assert!(PackedWeight::from_panels(precision, outputs, inputs, &name, owner.clone(), 6).is_err());
+            // Sizes read from a file may be anything: past usize is refused.
+            for (outputs, inputs, start) in [(outputs, inputs, usize::MAX), (usize::MAX, usize::MAX, 0)] {
+                assert!(PackedWeight::from_panels(precision, outputs, inputs, &name, owner.clone(), start).is_err());
+            }
         }
     }
 
