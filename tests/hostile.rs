@@ -401,3 +401,21 @@ fn eval_with_nothing_scored_prints_no_means() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("IoU"));
     assert!(!report.exists());
 }
+
+/// Found by fuzzing the planner: a link to nothing at an output's name was
+/// taken for a free name, and the photo failed only when written.
+#[test]
+fn a_link_to_nothing_at_an_output_name_is_an_existing_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    noisy_photo(&photos.join("a.jpg"), 40, 30);
+    let masks = dir.path().join("masks");
+    std::fs::create_dir(&masks).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), masks.join("a.png")).unwrap();
+    let out = segattn(&["run", s(&photos), "--out-dir", s(&masks)]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("a.png already exists: --skip-existing keeps it"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_link(masks.join("a.png")).unwrap(), dir.path().join("nowhere"));
+    assert!(temp_files(&masks).is_empty());
+}

@@ -6,6 +6,7 @@ pub mod conv;
 mod fused;
 pub mod interpolate;
 pub mod panel_cache;
+pub mod torch_archive;
 pub mod vit;
 pub mod weights;
 

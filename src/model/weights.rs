@@ -14,9 +14,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use candle_core::pickle::PthTensors;
 use candle_core::safetensors::{Load, MmapedSafetensors, SliceSafetensors};
 use candle_core::{DType, Device, Tensor};
+
+use super::torch_archive::TorchArchive;
 
 /// Where the weights (and optionally their `config.json`) live.
 #[derive(Debug, Clone)]
@@ -105,7 +106,7 @@ enum Tensors {
     Safetensors(MmapedSafetensors),
     /// A safetensors file compiled into the binary.
     Embedded(SliceSafetensors<'static>),
-    Pickle(PthTensors),
+    Pickle(TorchArchive),
 }
 
 impl Tensors {
@@ -117,8 +118,8 @@ impl Tensors {
             .is_ok_and(|()| magic == *b"PK\x03\x04");
         let pickle_name = path.extension().is_some_and(|e| ["bin", "pth", "pt"].iter().any(|x| e == *x));
         if is_zip || pickle_name {
-            let tensors = PthTensors::new(path, None)
-                .map_err(|e| anyhow!("{}: not a readable PyTorch checkpoint: {}", path.display(), root_cause(&e)))?;
+            let tensors = TorchArchive::open(path)
+                .map_err(|e| anyhow!("{}: not a readable PyTorch checkpoint: {e:#}", path.display()))?;
             return Ok(Self::Pickle(tensors));
         }
         // SAFETY: the file is mapped read-only; like every mmap reader we rely
@@ -132,7 +133,7 @@ impl Tensors {
         match self {
             Self::Safetensors(t) => t.tensors().into_iter().map(|(name, _)| name).collect(),
             Self::Embedded(t) => t.tensors().into_iter().map(|(name, _)| name).collect(),
-            Self::Pickle(t) => t.tensor_infos().keys().cloned().collect(),
+            Self::Pickle(t) => t.tensors().keys().cloned().collect(),
         }
     }
 
@@ -140,7 +141,7 @@ impl Tensors {
         match self {
             Self::Safetensors(t) => t.get(name).ok().map(|v| v.shape().to_vec()),
             Self::Embedded(t) => t.get(name).ok().map(|v| v.shape().to_vec()),
-            Self::Pickle(t) => t.tensor_infos().get(name).map(|info| info.layout.dims().to_vec()),
+            Self::Pickle(t) => t.tensors().get(name).map(|info| info.shape.clone()),
         }
     }
 
@@ -148,17 +149,17 @@ impl Tensors {
         match self {
             Self::Safetensors(t) => t.get(name).ok().and_then(|v| DType::try_from(v.dtype()).ok()),
             Self::Embedded(t) => t.get(name).ok().and_then(|v| DType::try_from(v.dtype()).ok()),
-            Self::Pickle(t) => t.tensor_infos().get(name).map(|info| info.dtype),
+            Self::Pickle(t) => t.tensors().get(name).and_then(|info| info.dtype),
         }
     }
 
     /// A tensor in CPU memory: the fused kernels are CPU code.
-    fn load(&self, name: &str) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Safetensors(t) => t.get(name)?.load(&Device::Cpu),
-            Self::Embedded(t) => t.load(name, &Device::Cpu),
-            Self::Pickle(t) => t.get(name)?.ok_or_else(|| candle_core::Error::Msg(format!("no tensor {name}"))),
-        }
+    fn load(&self, name: &str) -> Result<Tensor> {
+        Ok(match self {
+            Self::Safetensors(t) => t.get(name)?.load(&Device::Cpu)?,
+            Self::Embedded(t) => t.load(name, &Device::Cpu)?,
+            Self::Pickle(t) => t.load(name)?,
+        })
     }
 }
 
@@ -303,7 +304,7 @@ impl TensorStore {
         let tensor = self
             .tensors
             .load(&full)
-            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| Ok(t.to_dtype(DType::F32)?))
             .with_context(|| format!("{}: cannot read tensor `{full}`", self.path.display()))?;
         // One NaN or infinity anywhere makes every output NaN: a broken
         // checkpoint, not a mask. The sum is infinite or NaN exactly then
