@@ -16,6 +16,22 @@ pub fn cls_attention(out: &EncoderOutput, layer: usize) -> Result<Vec<PatchMap>>
     per_head.to_vec2::<f32>()?.into_iter().map(|values| PatchMap::new(out.grid, values)).collect()
 }
 
+/// Patch `patch`'s attention to every patch, one map per head, recomputed
+/// from the captured queries and keys of its layer: one row of each head's
+/// matrix, O(tokens), where keeping the matrices would be O(tokens²).
+pub fn patch_attention(out: &EncoderOutput, patch: usize) -> Result<Vec<PatchMap>> {
+    let qkv = out.qkv.as_ref().context("queries and keys were not captured")?;
+    let token = out.num_prefix_tokens + patch;
+    // (heads, 1, head_dim) against (heads, tokens, head_dim).
+    let query = qkv.queries.get(0)?.narrow(1, token, 1)?;
+    let keys = qkv.keys.get(0)?;
+    let scale = 1.0 / (query.dim(D::Minus1)? as f64).sqrt();
+    let scores = (query.matmul(&keys.t()?)? * scale)?;
+    let probabilities = candle_nn::ops::softmax_last_dim(&scores)?.squeeze(1)?;
+    let per_head = probabilities.narrow(D::Minus1, out.num_prefix_tokens, out.grid.len())?;
+    per_head.to_vec2::<f32>()?.into_iter().map(|values| PatchMap::new(out.grid, values)).collect()
+}
+
 /// The average of several maps on the same grid.
 pub fn mean_map(maps: &[PatchMap]) -> Result<PatchMap> {
     let first = maps.first().context("no maps to average")?;

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod model;
 pub mod preprocess;
 pub mod render;
+pub mod serve;
 pub mod train;
 
 /// Process-wide runtime settings; call first thing in `main`.

@@ -16,6 +16,7 @@ mod fetch;
 mod info;
 mod jobs;
 mod run;
+mod serve;
 mod train_head;
 mod values;
 
@@ -66,6 +67,8 @@ enum Command {
     Fetch(fetch::FetchArgs),
     /// Show the model names, which are cached, and the default.
     List(fetch::ListArgs),
+    /// Serve the model over HTTP: an API for programs and a page at / for people.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -323,14 +326,7 @@ impl HeadArgs {
     /// Foreground probability per pixel of `photo`, from the head's `map` of it.
     fn pixel_map(&self, model: &Vit, map: &HeadMap, photo: &DynamicImage, size: usize) -> PixelMap {
         let map = map.to_pixels(photo.width(), photo.height());
-        if !self.refine {
-            return map;
-        }
-        // About half a patch, in photo pixels: enough to move an edge to the
-        // photo's own, not enough to invent new ones.
-        let short = photo.width().min(photo.height()) as usize;
-        let radius = (model.config().patch_size * short / size.max(1) / 2).max(2);
-        head::guided_filter(&map, &preprocess::to_rgb(photo), radius, 1e-3)
+        if self.refine { head::refine_to_photo(model, &map, photo, size) } else { map }
     }
 }
 
@@ -378,7 +374,11 @@ pub fn plan_run(args: &[std::ffi::OsString]) -> Result<Vec<(Option<PathBuf>, Vec
         crate::image_io::Source::File(path) => Some(path.clone()),
         crate::image_io::Source::Stdin => None,
     };
-    Ok(plan.jobs.iter().map(|job| (source(job), job.output_files().map(std::path::Path::to_path_buf).collect())).collect())
+    Ok(plan
+        .jobs
+        .iter()
+        .map(|job| (source(job), job.output_files().map(std::path::Path::to_path_buf).collect()))
+        .collect())
 }
 
 /// Parses the arguments, runs the command, and returns the exit code.
@@ -389,7 +389,11 @@ pub fn main() -> ExitCode {
     // SAFETY: ignoring a signal has no preconditions; nothing else here
     // handles SIGXFSZ.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-    remove_temporary_outputs_on_signals();
+    // A server ends on a signal by answering what it has read; every other
+    // command removes its temporary outputs and exits.
+    if !matches!(cli.command, Command::Serve(_)) {
+        remove_temporary_outputs_on_signals();
+    }
     let code = match cli.command {
         Command::Run(args) => run::run(args),
         Command::AttnMap(args) => attn_map::run(args),
@@ -398,6 +402,7 @@ pub fn main() -> ExitCode {
         Command::Info(args) => info::run(args),
         Command::Fetch(args) => fetch::fetch(args),
         Command::List(args) => fetch::list(args),
+        Command::Serve(args) => serve::run(args),
     };
     ExitCode::from(code.unwrap_or_else(|err| {
         note!("segattn: {}", batch::one_line(&err));

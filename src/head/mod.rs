@@ -19,7 +19,7 @@ pub use decoder::DecoderHead;
 pub use linear::LinearHead;
 pub use mass::{AttentionMass, mass_keep};
 pub use ncut::{Affinity, NormalizedCut, fiedler_vector, fiedler_vector_dense, foreground_component};
-pub use refine::guided_filter;
+pub use refine::{guided_filter, refine_to_photo};
 
 use crate::attention;
 use crate::maps::{PatchMap, PixelMap};

@@ -1,9 +1,20 @@
 //! Edge-aware refinement: a guided filter (He et al., 2010) with the photo as
 //! guide, so a map upsampled from the patch grid follows the object's edges.
 
-use image::RgbImage;
+use image::{DynamicImage, RgbImage};
 
 use crate::maps::PixelMap;
+use crate::model::Vit;
+use crate::preprocess;
+
+/// `map` of `photo`, segmented at `short_side`, with its edges moved to the
+/// photo's own: a filter radius of about half a patch, in photo pixels, is
+/// enough to follow an edge and not enough to invent new ones.
+pub fn refine_to_photo(model: &Vit, map: &PixelMap, photo: &DynamicImage, short_side: usize) -> PixelMap {
+    let short = photo.width().min(photo.height()) as usize;
+    let radius = (model.config().patch_size * short / short_side.max(1) / 2).max(2);
+    guided_filter(map, &preprocess::to_rgb(photo), radius, 1e-3)
+}
 
 /// Mean over a (2r+1)² window, clipped at the borders, via a summed-area table.
 fn box_mean(values: &[f32], width: usize, height: usize, radius: usize) -> Vec<f32> {
