@@ -535,3 +535,22 @@ fn eval_and_train_head_never_write_over_their_inputs() {
     }
     assert_eq!(std::fs::read(&weights_file).unwrap(), before);
 }
+
+#[test]
+fn completions_and_the_man_page_cover_every_command() {
+    let bin = env!("CARGO_BIN_EXE_segattn");
+    for shell in ["bash", "zsh", "fish", "powershell"] {
+        let out = Command::new(bin).args(["completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        let script = String::from_utf8(out.stdout).unwrap();
+        for command in ["run", "attn-map", "serve", "--out-dir", "--skip-existing"] {
+            assert!(script.contains(command), "{shell} completions lack {command}");
+        }
+    }
+    let out = Command::new(bin).arg("man").output().unwrap();
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(page.starts_with(".ie") && page.contains(".TH segattn 1"), "{page}");
+    assert!(page.contains("serve") && page.contains("attn\\-map"), "{page}");
+    let bad = Command::new(bin).args(["completions", "tcsh"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}

@@ -15,3 +15,34 @@ fn readme_library_example_runs() -> anyhow::Result<()> {
     assert_eq!((soft.patches.grid.rows, soft.patches.grid.cols), (56, 84));
     Ok(())
 }
+
+/// A patch's attention row, recomputed from the queries and keys that
+/// `serve` captures beside the class token's row, is that row of the full
+/// matrix the encoder computes: with and without register tokens.
+#[test]
+fn a_patch_row_from_queries_and_keys_is_the_full_matrix_row() -> anyhow::Result<()> {
+    use segattn::attention;
+    use segattn::model::{Capture, Keep};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let photo =
+        image_io::read_image(&image_io::Source::File(root.join("samples/cat.jpg")), image_io::Decoding::default())?;
+    for fixture in ["dino_vit", "dinov2_reg"] {
+        let model = Vit::load(&root.join("tests/fixtures").join(fixture))?;
+        let pixels = segattn::preprocess::model_input(&photo, 56, model.config().patch_size)?;
+        let layer = 1;
+        let served = model.forward(&pixels, &Capture::attention([layer], Keep::ClsRow).and_qkv(layer))?;
+        let full = model.forward(&pixels, &Capture::attention([layer], Keep::Full))?;
+        let matrix = full.attention(layer).expect("captured").get(0)?;
+        for patch in [0, served.grid.len() / 2, served.grid.len() - 1] {
+            let rows = attention::patch_attention(&served, patch)?;
+            let token = full.num_prefix_tokens + patch;
+            for (head, row) in rows.iter().enumerate() {
+                let expected = matrix.get(head)?.get(token)?.narrow(0, full.num_prefix_tokens, full.grid.len())?;
+                for (a, b) in row.values.iter().zip(expected.to_vec1::<f32>()?) {
+                    assert!((a - b).abs() < 1e-5, "{fixture} patch {patch} head {head}: {a} vs {b}");
+                }
+            }
+        }
+    }
+    Ok(())
+}

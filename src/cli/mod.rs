@@ -69,6 +69,13 @@ enum Command {
     List(fetch::ListArgs),
     /// Serve the model over HTTP: an API for programs and a page at / for people.
     Serve(serve::ServeArgs),
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): segattn man > segattn.1
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -345,6 +352,20 @@ fn remove_temporary_outputs_on_signals() {
     });
 }
 
+fn print_completions(shell: clap_complete::Shell) -> Result<u8> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "segattn", &mut script);
+    crate::image_io::write_stdout(&script).context(StdoutFailed)?;
+    Ok(EXIT_OK)
+}
+
+fn print_man_page() -> Result<u8> {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut page)?;
+    crate::image_io::write_stdout(&page).context(StdoutFailed)?;
+    Ok(EXIT_OK)
+}
+
 /// A command's report could not be written to standard output.
 #[derive(Debug)]
 struct StdoutFailed;
@@ -403,6 +424,8 @@ pub fn main() -> ExitCode {
         Command::Fetch(args) => fetch::fetch(args),
         Command::List(args) => fetch::list(args),
         Command::Serve(args) => serve::run(args),
+        Command::Completions { shell } => print_completions(shell),
+        Command::Man => print_man_page(),
     };
     ExitCode::from(code.unwrap_or_else(|err| {
         note!("segattn: {}", batch::one_line(&err));
