@@ -154,3 +154,25 @@ fn eval_scores_pairs_and_lists_the_rest() {
     assert_eq!(result.status.code(), Some(1));
     assert!(String::from_utf8(result.stdout).unwrap().contains("images    3"));
 }
+
+/// Found by fuzzing head files: finite weights large enough that a logit
+/// overflows to infinity, and the map, upsampled, to NaN. That photo is an
+/// error, not a mask of nothing.
+#[test]
+fn a_head_that_overflows_fails_the_photo() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = dir.path().join("head.safetensors");
+    let weight: Vec<f32> = (0..32).map(|i| if i % 2 == 0 { 3e38 } else { -3e38 }).collect();
+    let tensors = HashMap::from([
+        ("head.weight".to_string(), Tensor::from_vec(weight, (1, 32), &Device::Cpu).unwrap()),
+        ("head.bias".to_string(), Tensor::new(&[0f32], &Device::Cpu).unwrap()),
+    ]);
+    candle_core::safetensors::save(&tensors, &head).unwrap();
+    let out = dir.path().join("mask.png");
+    let cat = sample("cat.jpg");
+    let args = ["run", s(&cat), "--out", s(&out), "--head", "linear", "--head-weights", s(&head)];
+    let result = segattn(&args, &fixture("dino_vit"));
+    assert_eq!(result.status.code(), Some(1), "{}", stderr(&result));
+    assert!(stderr(&result).contains("holds NaN or infinite values"), "{}", stderr(&result));
+    assert!(!out.exists());
+}

@@ -12,7 +12,7 @@ mod mass;
 mod ncut;
 mod refine;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use image::DynamicImage;
 
 pub use decoder::DecoderHead;
@@ -82,7 +82,17 @@ pub fn own_head(model: &Vit) -> Result<Option<Box<dyn SegmentationHead>>> {
 pub fn segment(model: &Vit, head: &dyn SegmentationHead, image: &DynamicImage, short_side: usize) -> Result<HeadMap> {
     let pixels = preprocess::model_input(image, short_side, model.config().patch_size)?;
     let out = model.forward(&pixels, &head.capture(model))?;
-    head.predict(model, &out)
+    finite(head.predict(model, &out)?)
+}
+
+/// A map with a NaN or an infinity in it (a head whose finite weights are
+/// large enough to overflow, say) would become a mask of nothing, or of
+/// everything: an error instead.
+fn finite(map: HeadMap) -> Result<HeadMap> {
+    if map.patches.values.iter().any(|v| !v.is_finite()) {
+        bail!("the head's map of this photo holds NaN or infinite values: its weights are broken or too large");
+    }
+    Ok(map)
 }
 
 /// [`segment`], and from the same forward pass the class token's attention
@@ -98,5 +108,5 @@ pub fn segment_and_attention(
     let capture = head.capture(model).and_attention([last], Keep::ClsRow);
     let out = model.forward(&pixels, &capture)?;
     let looks = attention::mean_map(&attention::cls_attention(&out, last)?)?;
-    Ok((head.predict(model, &out)?, looks))
+    Ok((finite(head.predict(model, &out)?)?, looks))
 }
