@@ -1,11 +1,11 @@
 //! Where the model looks: the class token's attention over the patches, per
 //! head, averaged, or rolled out through all layers, as maps on the patch grid.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use candle_core::{D, Tensor};
 
 use crate::maps::PatchMap;
-use crate::model::EncoderOutput;
+use crate::model::{EncoderOutput, PatchGrid};
 
 /// The class token's attention to each patch in `layer`, one map per head.
 /// Register tokens are left out: they are not places in the image.
@@ -16,20 +16,47 @@ pub fn cls_attention(out: &EncoderOutput, layer: usize) -> Result<Vec<PatchMap>>
     per_head.to_vec2::<f32>()?.into_iter().map(|values| PatchMap::new(out.grid, values)).collect()
 }
 
-/// Patch `patch`'s attention to every patch, one map per head, recomputed
-/// from the captured queries and keys of its layer: one row of each head's
-/// matrix, O(tokens), where keeping the matrices would be O(tokens²).
-pub fn patch_attention(out: &EncoderOutput, patch: usize) -> Result<Vec<PatchMap>> {
-    let qkv = out.qkv.as_ref().context("queries and keys were not captured")?;
-    let token = out.num_prefix_tokens + patch;
-    // (heads, 1, head_dim) against (heads, tokens, head_dim).
-    let query = qkv.queries.get(0)?.narrow(1, token, 1)?;
-    let keys = qkv.keys.get(0)?;
-    let scale = 1.0 / (query.dim(D::Minus1)? as f64).sqrt();
-    let scores = (query.matmul(&keys.t()?)? * scale)?;
-    let probabilities = candle_nn::ops::softmax_last_dim(&scores)?.squeeze(1)?;
-    let per_head = probabilities.narrow(D::Minus1, out.num_prefix_tokens, out.grid.len())?;
-    per_head.to_vec2::<f32>()?.into_iter().map(|values| PatchMap::new(out.grid, values)).collect()
+/// One layer's queries and keys: all that a patch's attention row needs,
+/// kept without the rest of the encoder's output.
+#[derive(Debug, Clone)]
+pub struct LayerKeys {
+    /// (heads, tokens, head_dim) each.
+    queries: Tensor,
+    keys: Tensor,
+    grid: PatchGrid,
+    num_prefix_tokens: usize,
+}
+
+impl LayerKeys {
+    /// The queries and keys `out` captured (see `Capture::and_qkv`).
+    pub fn of(out: &EncoderOutput) -> Result<Self> {
+        let qkv = out.qkv.as_ref().context("queries and keys were not captured")?;
+        Ok(Self {
+            queries: qkv.queries.get(0)?,
+            keys: qkv.keys.get(0)?,
+            grid: out.grid,
+            num_prefix_tokens: out.num_prefix_tokens,
+        })
+    }
+
+    pub fn grid(&self) -> PatchGrid {
+        self.grid
+    }
+
+    /// Patch `patch`'s attention to every patch, one map per head: one row
+    /// of each head's matrix, O(tokens), where keeping the matrices would
+    /// be O(tokens²).
+    pub fn patch_attention(&self, patch: usize) -> Result<Vec<PatchMap>> {
+        if patch >= self.grid.len() {
+            bail!("patch {patch} is past the {} patches", self.grid.len());
+        }
+        let query = self.queries.narrow(1, self.num_prefix_tokens + patch, 1)?;
+        let scale = 1.0 / (query.dim(D::Minus1)? as f64).sqrt();
+        let scores = (query.matmul(&self.keys.t()?)? * scale)?;
+        let probabilities = candle_nn::ops::softmax_last_dim(&scores)?.squeeze(1)?;
+        let per_head = probabilities.narrow(D::Minus1, self.num_prefix_tokens, self.grid.len())?;
+        per_head.to_vec2::<f32>()?.into_iter().map(|values| PatchMap::new(self.grid, values)).collect()
+    }
 }
 
 /// The average of several maps on the same grid.

@@ -33,8 +33,10 @@ fn a_patch_row_from_queries_and_keys_is_the_full_matrix_row() -> anyhow::Result<
         let served = model.forward(&pixels, &Capture::attention([layer], Keep::ClsRow).and_qkv(layer))?;
         let full = model.forward(&pixels, &Capture::attention([layer], Keep::Full))?;
         let matrix = full.attention(layer).expect("captured").get(0)?;
+        let keys = attention::LayerKeys::of(&served)?;
+        assert!(keys.patch_attention(served.grid.len()).is_err());
         for patch in [0, served.grid.len() / 2, served.grid.len() - 1] {
-            let rows = attention::patch_attention(&served, patch)?;
+            let rows = keys.patch_attention(patch)?;
             let token = full.num_prefix_tokens + patch;
             for (head, row) in rows.iter().enumerate() {
                 let expected = matrix.get(head)?.get(token)?.narrow(0, full.num_prefix_tokens, full.grid.len())?;

@@ -161,6 +161,16 @@ fn every_endpoint_answers() {
     assert_eq!(first["mean"].as_array().unwrap().len(), cells);
     assert_ne!(first["mean"], last["mean"]);
     assert_ne!(first["mean"], cls["mean"]);
+    // Rows come from the keys kept for the photo, size and layer asked for,
+    // never another's.
+    assert_eq!(server.post_json("/v1/attention?patch=0", &cat()), first);
+    let coffee = server.post_json("/v1/attention?patch=0", &std::fs::read(sample("coffee.jpg")).unwrap());
+    assert_eq!(coffee["width"], 600);
+    assert_ne!(coffee["mean"], first["mean"]);
+    let larger = server.post_json("/v1/attention?patch=0&size=96", &cat());
+    assert_ne!(larger["grid"], first["grid"]);
+    let other_layer = server.post_json("/v1/attention?patch=0&layer=0", &cat());
+    assert_ne!(other_layer["mean"], first["mean"]);
 
     let metrics = server.request("GET", "/metrics", &[], b"").text();
     assert!(metrics.contains("segattn_requests_total{status=\"200\"}"), "{metrics}");

@@ -2,7 +2,9 @@
 //! checks its flags, and the picture or JSON that answers it. Nothing here
 //! touches the file system: a photo comes in the body, a picture goes back.
 
+use std::collections::VecDeque;
 use std::io::Cursor;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Result;
@@ -10,7 +12,7 @@ use image::{DynamicImage, ImageReader};
 use serde_json::json;
 
 use super::http::{Request, Response, multipart_field};
-use crate::attention;
+use crate::attention::{self, LayerKeys};
 use crate::head::{self, AttentionMass, DecoderHead, LinearHead, NormalizedCut, SegmentationHead};
 use crate::image_io::{self, Decoding};
 use crate::maps::PatchMap;
@@ -41,7 +43,26 @@ pub struct Service {
     default_size: usize,
     max_pixels: u64,
     model_name: String,
+    /// The queries and keys of layers whose patches were asked for lately,
+    /// by photo, size and layer: pointing at patch after patch of one photo
+    /// (the page does) costs a row each, not an encoder pass each.
+    recent_keys: Mutex<VecDeque<Arc<PatchKeys>>>,
 }
+
+/// What a photo's patch rows are computed from, and what they were asked
+/// for with (the photo's very bytes: a hash could be made to collide).
+struct PatchKeys {
+    body: Vec<u8>,
+    size: usize,
+    layer: usize,
+    keys: LayerKeys,
+    width: u32,
+    height: u32,
+}
+
+/// Layers of photos kept in [`Service::recent_keys`]: a ViT-S/8 layer of a
+/// 640x480 photo is some 15 MB.
+const RECENT_KEYS: usize = 4;
 
 impl Service {
     /// `model` as `model_name`, fed photos at a short side of `default_size`
@@ -55,6 +76,7 @@ impl Service {
             default_size,
             max_pixels,
             model_name,
+            recent_keys: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -199,28 +221,33 @@ impl Service {
         };
         let raw = flag(request, "raw")?;
         let size = self.short_side(request)?;
-        let photo = self.photo(request)?;
-
-        let pixels =
-            preprocess::model_input(&photo, size, config.patch_size).map_err(|e| refuse(500, format!("{e:#}")))?;
-        let capture = if rollout {
-            Capture::attention(0..config.num_layers, Keep::HeadMean)
-        } else if patch.is_some() {
-            Capture::attention([layer], Keep::ClsRow).and_qkv(layer)
-        } else {
-            Capture::attention([layer], Keep::ClsRow)
-        };
         let failed = |e: anyhow::Error| refuse(500, format!("{e:#}"));
-        let out = self.model.forward(&pixels, &capture).map_err(failed)?;
-        if let Some(p) = patch
-            && p >= out.grid.len()
-        {
-            return Err(unprocessable(format!("patch must be below {}, the patches of this photo", out.grid.len())));
-        }
-        let heads: Vec<PatchMap> = match (rollout, patch) {
-            (true, _) => vec![attention::rollout(&out, config.num_layers).map_err(failed)?],
-            (false, Some(p)) => attention::patch_attention(&out, p).map_err(failed)?,
-            (false, None) => attention::cls_attention(&out, layer).map_err(failed)?,
+
+        let (heads, grid, (width, height), photo) = if let Some(p) = patch.filter(|_| !rollout) {
+            let keys = self.patch_keys(request, size, layer)?;
+            if p >= keys.keys.grid().len() {
+                return Err(unprocessable(format!(
+                    "patch must be below {}, the patches of this photo",
+                    keys.keys.grid().len()
+                )));
+            }
+            let heads = keys.keys.patch_attention(p).map_err(failed)?;
+            (heads, keys.keys.grid(), (keys.width, keys.height), None)
+        } else {
+            let photo = self.photo(request)?;
+            let pixels = preprocess::model_input(&photo, size, config.patch_size).map_err(failed)?;
+            let capture = if rollout {
+                Capture::attention(0..config.num_layers, Keep::HeadMean)
+            } else {
+                Capture::attention([layer], Keep::ClsRow)
+            };
+            let out = self.model.forward(&pixels, &capture).map_err(failed)?;
+            let heads = if rollout {
+                vec![attention::rollout(&out, config.num_layers).map_err(failed)?]
+            } else {
+                attention::cls_attention(&out, layer).map_err(failed)?
+            };
+            (heads, out.grid, (photo.width(), photo.height()), Some(photo))
         };
         let mean = attention::mean_map(&heads).map_err(failed)?;
         if wants_json(request) {
@@ -232,9 +259,9 @@ impl Service {
             return Ok(Response::json(
                 200,
                 &json!({
-                    "width": photo.width(),
-                    "height": photo.height(),
-                    "grid": { "rows": out.grid.rows, "cols": out.grid.cols },
+                    "width": width,
+                    "height": height,
+                    "grid": { "rows": grid.rows, "cols": grid.cols },
                     "layer": if rollout { serde_json::Value::Null } else { json!(layer) },
                     "patch": patch,
                     "heads": heads.iter().map(bytes).collect::<Vec<_>>(),
@@ -246,9 +273,35 @@ impl Service {
             Some(h) if !rollout => &heads[h],
             _ => &mean,
         };
-        let upsampled = map.min_max_normalized().upsample(photo.width(), photo.height());
+        let upsampled = map.min_max_normalized().upsample(width, height);
+        let photo = match photo {
+            Some(photo) => photo,
+            None => self.photo(request)?,
+        };
         let rgb = (!raw).then(|| preprocess::to_rgb(&photo));
         png(&DynamicImage::ImageRgb8(render::heatmap(&upsampled, colormap, rgb.as_ref(), 0.6)))
+    }
+
+    /// `layer`'s queries and keys for the request's photo at `size`, from
+    /// [`Service::recent_keys`] or from a new encoder pass.
+    fn patch_keys(&self, request: &Request, size: usize, layer: usize) -> Result<Arc<PatchKeys>, Refused> {
+        let asked = |k: &&Arc<PatchKeys>| k.size == size && k.layer == layer && k.body == request.body;
+        if let Some(found) = self.recent_keys.lock().ok().and_then(|keys| keys.iter().find(asked).cloned()) {
+            return Ok(found);
+        }
+        let failed = |e: anyhow::Error| refuse(500, format!("{e:#}"));
+        let photo = self.photo(request)?;
+        let pixels = preprocess::model_input(&photo, size, self.model.config().patch_size).map_err(failed)?;
+        let out =
+            self.model.forward(&pixels, &Capture::attention([layer], Keep::ClsRow).and_qkv(layer)).map_err(failed)?;
+        let keys = LayerKeys::of(&out).map_err(failed)?;
+        let (width, height) = (photo.width(), photo.height());
+        let found = Arc::new(PatchKeys { body: request.body.clone(), size, layer, keys, width, height });
+        if let Ok(mut keys) = self.recent_keys.lock() {
+            keys.push_front(found.clone());
+            keys.truncate(RECENT_KEYS);
+        }
+        Ok(found)
     }
 
     /// `GET /v1/models`: the model this service runs.
