@@ -78,14 +78,10 @@ pub fn serve(listener: TcpListener, service: Service, options: Options, stop: Ar
     let shared = Arc::new(Shared { service, metrics: Metrics::default(), queue, waiting, options });
     let open = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::SeqCst) {
-        let stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            }
-            Err(_) => continue,
-        };
+        if !wait_for_connection(&listener, Duration::from_millis(100)) {
+            continue;
+        }
+        let Ok((stream, _)) = listener.accept() else { continue };
         let _ = stream.set_nonblocking(false);
         if open.load(Ordering::SeqCst) >= shared.options.connections {
             shared.metrics.count("busy");
@@ -110,6 +106,17 @@ pub fn serve(listener: TcpListener, service: Service, options: Options, stop: Ar
         let _ = worker.join();
     }
     Ok(())
+}
+
+/// Whether a connection waits on `listener`, within `timeout`: accepting
+/// as soon as one arrives, while looking at the stop flag now and then.
+fn wait_for_connection(listener: &TcpListener, timeout: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut poll = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd, for a descriptor `listener` keeps open.
+    let ready = unsafe { libc::poll(&mut poll, 1, millis) };
+    ready > 0 && poll.revents & libc::POLLIN != 0
 }
 
 fn run_worker(service: &Service, waiting: &AtomicUsize, work: &Mutex<Receiver<Work>>) {
