@@ -205,6 +205,29 @@ fn every_fault_has_its_status() {
     }
 }
 
+/// A body sent in chunks, as clients that stream do, with the chunks'
+/// sizes counted against the limit.
+#[test]
+fn chunked_bodies_are_read_and_bounded() {
+    let server = Server::start(&["--max-body", "100000"]);
+    let chunked = |body: &[u8]| {
+        let mut stream = server.connect();
+        let head = "POST /v1/segment HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+        stream.write_all(head.as_bytes()).unwrap();
+        for chunk in body.chunks(7000) {
+            let _ = stream.write_all(format!("{:x};ext=1\r\n", chunk.len()).as_bytes());
+            let _ = stream.write_all(chunk);
+            let _ = stream.write_all(b"\r\n");
+        }
+        let _ = stream.write_all(b"0\r\n\r\n");
+        read_reply(&mut stream)
+    };
+    let whole = server.post("/v1/segment", &cat()).png().to_luma8().into_raw();
+    assert_eq!(chunked(&cat()).png().to_luma8().into_raw(), whole);
+    let over = chunked(&vec![0u8; 150_000]);
+    assert_eq!(over.status, 413, "{}", over.text());
+}
+
 #[test]
 fn a_token_guards_everything_but_health() {
     let dir = tempfile::tempdir().unwrap();

@@ -165,7 +165,7 @@ fn read_chunked(
         if size > max_body.saturating_sub(body.len()) {
             return Err(ReadError::new(413, format!("body over the limit of {max_body} bytes")));
         }
-        let need = line_end + 2 + size + 2;
+        let need = (line_end + 4).saturating_add(size);
         while data.len() < need {
             read_some(stream, &mut data, deadline)?;
         }
