@@ -73,6 +73,7 @@ fn damaged_jpegs_are_errors_unless_lenient() {
         let err = stderr(&result);
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.starts_with(&format!("segattn: {}: damaged JPEG", input.display())), "{err}");
+        assert!(err.trim_end().ends_with("; --lenient decodes what it can"), "{err}");
         assert!(!out.exists(), "{name}: a mask of a damaged photo");
 
         let lenient = run(&["run", s(&input), "--out", s(&out), "--lenient"]);

@@ -148,7 +148,7 @@ fn crc32(bytes: &[u8]) -> u32 {
 
 #[test]
 fn huge_dimensions_are_rejected_before_decoding() {
-    assert_rejected(&huge_png_header(), "huge.png", "over the limit of 100000000");
+    assert_rejected(&huge_png_header(), "huge.png", "over the limit of 100000000 (see --max-pixels)");
 }
 
 #[test]

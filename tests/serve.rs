@@ -202,6 +202,8 @@ fn every_fault_has_its_status() {
         assert_eq!(reply.status, status, "{message}: {}", reply.text());
         assert!(reply.head.contains("Content-Type: application/json"), "{}", reply.head);
         assert!(reply.error().contains(message), "{message}: {}", reply.error());
+        // The command line's flags mean nothing here.
+        assert!(!reply.error().contains("--"), "{}", reply.error());
     }
 }
 

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::jobs::{self, Job, Plan};
 use super::{BatchArgs, EXIT_OK, EXIT_SOME_FAILED};
-use crate::image_io::{self, Source};
+use crate::image_io::{self, DecodeError, Source};
 
 /// Runs `work` on every item on `threads` threads (default: all cores),
 /// with a progress bar on a terminal, and returns each item's result in
@@ -160,5 +160,10 @@ pub fn one_line(err: &anyhow::Error) -> String {
             parts.push(text);
         }
     }
-    parts.join(": ")
+    let hint = match err.chain().find_map(|cause| cause.downcast_ref::<DecodeError>()) {
+        Some(DecodeError::TooManyPixels { .. }) => " (see --max-pixels)",
+        Some(DecodeError::DamagedJpeg(_)) => "; --lenient decodes what it can",
+        _ => "",
+    };
+    parts.join(": ") + hint
 }

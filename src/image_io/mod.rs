@@ -23,6 +23,34 @@ use zune_jpeg::JpegDecoder;
 /// Default decoding budget: 100 megapixels.
 pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
 
+/// The faults of a photo that a caller may answer in its own way (the
+/// command line names the flag that changes the rule; the server picks a
+/// status). Every other fault is an error of its own words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// None of the formats read here.
+    UnknownFormat,
+    /// Over the pixel limit, as the header says: nothing was decoded.
+    TooManyPixels { width: u32, height: u32, limit: u64 },
+    /// A JPEG whose data ends early or does not parse, decoded strictly.
+    DamagedJpeg(String),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::UnknownFormat => f.write_str("not a supported image (jpeg, png, webp, bmp, tiff, gif)"),
+            DecodeError::TooManyPixels { width, height, limit } => {
+                let pixels = u64::from(*width) * u64::from(*height);
+                write!(f, "image is {width}x{height} ({pixels} pixels), over the limit of {limit}")
+            }
+            DecodeError::DamagedJpeg(why) => write!(f, "damaged JPEG ({why})"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
 /// Where an image comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Source {
@@ -112,13 +140,13 @@ pub fn decode(bytes: &[u8], decoding: Decoding) -> Result<DynamicImage> {
     let reader = || ImageReader::new(Cursor::new(bytes)).with_guessed_format();
     let probe = reader().context("cannot read image")?;
     let Some(format) = probe.format() else {
-        bail!("not a supported image (jpeg, png, webp, bmp, tiff, gif)");
+        return Err(DecodeError::UnknownFormat.into());
     };
     let (width, height) = probe.into_dimensions().context("cannot decode image")?;
     let pixels = u64::from(width) * u64::from(height);
     let max_pixels = decoding.max_pixels;
     if pixels > max_pixels {
-        bail!("image is {width}x{height} ({pixels} pixels), over the limit of {max_pixels} (see --max-pixels)");
+        return Err(DecodeError::TooManyPixels { width, height, limit: max_pixels }.into());
     }
     if pixels == 0 {
         bail!("image has no pixels ({width}x{height})");
@@ -149,8 +177,7 @@ pub fn decode(bytes: &[u8], decoding: Decoding) -> Result<DynamicImage> {
 /// A JPEG decoded by the same decoder the image crate uses, in its strict
 /// mode: data that ends early or does not parse is an error.
 fn decode_jpeg_strictly(bytes: &[u8]) -> Result<DynamicImage> {
-    let damaged =
-        |err: zune_jpeg::errors::DecodeErrors| anyhow::anyhow!("damaged JPEG ({err}); --lenient decodes what it can");
+    let damaged = |err: zune_jpeg::errors::DecodeErrors| anyhow::Error::new(DecodeError::DamagedJpeg(err.to_string()));
     let options = DecoderOptions::default().set_strict_mode(true).set_max_width(usize::MAX).set_max_height(usize::MAX);
     let mut decoder = JpegDecoder::new_with_options(ZCursor::new(bytes), options);
     decoder.decode_headers().map_err(damaged)?;

@@ -3,18 +3,17 @@
 //! touches the file system: a photo comes in the body, a picture goes back.
 
 use std::collections::VecDeque;
-use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Result;
-use image::{DynamicImage, ImageReader};
+use image::DynamicImage;
 use serde_json::json;
 
 use super::http::{Request, Response, multipart_field};
 use crate::attention::{self, LayerKeys};
 use crate::head::{self, AttentionMass, DecoderHead, LinearHead, NormalizedCut, SegmentationHead};
-use crate::image_io::{self, Decoding};
+use crate::image_io::{self, DecodeError, Decoding};
 use crate::maps::PatchMap;
 use crate::model::{Capture, Keep, Vit};
 use crate::preprocess;
@@ -100,18 +99,14 @@ impl Service {
         if bytes.is_empty() {
             return Err(refuse(400, "no photo in the request body"));
         }
-        let probe =
-            ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| refuse(400, e.to_string()))?;
-        if probe.format().is_none() {
-            return Err(refuse(415, "not a supported image (jpeg, png, webp, bmp, tiff, gif)"));
-        }
-        if let Ok((width, height)) = probe.into_dimensions()
-            && u64::from(width) * u64::from(height) > self.max_pixels
-        {
-            let limit = self.max_pixels;
-            return Err(refuse(413, format!("image is {width}x{height}, over the limit of {limit} pixels")));
-        }
-        image_io::decode(bytes, Decoding::strict(self.max_pixels)).map_err(|e| refuse(400, format!("{e:#}")))
+        image_io::decode(bytes, Decoding::strict(self.max_pixels)).map_err(|e| {
+            let status = match e.downcast_ref::<DecodeError>() {
+                Some(DecodeError::UnknownFormat) => 415,
+                Some(DecodeError::TooManyPixels { .. }) => 413,
+                _ => 400,
+            };
+            refuse(status, format!("{e:#}"))
+        })
     }
 
     fn head(&self, request: &Request) -> Result<(&'static str, Box<dyn SegmentationHead + '_>), Refused> {
