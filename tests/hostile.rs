@@ -419,3 +419,29 @@ fn a_link_to_nothing_at_an_output_name_is_an_existing_output() {
     assert_eq!(std::fs::read_link(masks.join("a.png")).unwrap(), dir.path().join("nowhere"));
     assert!(temp_files(&masks).is_empty());
 }
+
+/// Found by fuzzing the planner: a photo `x.jpg` and a folder `x.png` of
+/// photos beside it, scanned with --recursive, want `x.png` as a mask and
+/// as the folder of the other masks. One is refused while planning; the
+/// other is written whole.
+#[test]
+fn an_output_that_is_another_outputs_folder_is_refused_while_planning() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir_all(photos.join("x.png")).unwrap();
+    noisy_photo(&photos.join("x.jpg"), 40, 30);
+    noisy_photo(&photos.join("x.png/y.jpg"), 40, 30);
+    let masks = dir.path().join("masks");
+    let out = segattn(&["run", s(&photos), "--out-dir", s(&masks), "--recursive"]).output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let mask = masks.join("x.png");
+    if mask.is_file() {
+        assert!(err.contains("would be inside") && err.contains("the output for"), "{err}");
+        assert!(is_png(&std::fs::read(&mask).unwrap()));
+    } else {
+        assert!(err.contains("is a directory of the outputs for"), "{err}");
+        assert!(is_png(&std::fs::read(mask.join("y.png")).unwrap()));
+    }
+}

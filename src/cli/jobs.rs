@@ -152,16 +152,24 @@ fn list_dir(
     Ok(())
 }
 
-/// Resolves a path that may not exist yet to a comparable absolute form.
+/// Resolves a path, existing or not yet, to a comparable absolute form: its
+/// longest existing ancestor resolved (links and all), the rest as written.
+/// `None` for a path that steps up (`..`) out of a folder not there yet.
 fn comparable(path: &Path) -> Option<PathBuf> {
-    if let Ok(path) = path.canonicalize() {
-        return Some(path);
+    if let Ok(resolved) = path.canonicalize() {
+        return Some(resolved);
     }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
+    let absolute = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir().ok()?.join(path) };
+    let mut missing = Vec::new();
+    let mut existing = absolute.as_path();
+    let resolved = loop {
+        if let Ok(resolved) = existing.canonicalize() {
+            break resolved;
+        }
+        missing.push(existing.file_name()?);
+        existing = existing.parent()?;
     };
-    Some(parent.canonicalize().ok()?.join(path.file_name()?))
+    Some(missing.iter().rev().fold(resolved, |path, name| path.join(name)))
 }
 
 /// An input before its outputs are checked.
@@ -322,11 +330,12 @@ fn without_earlier_outputs(candidates: Vec<Candidate>) -> Vec<Candidate> {
         .collect()
 }
 
-/// Creates output directories (removing temporary files that killed runs
-/// left there), and drops jobs whose output would overwrite another job's
-/// output or an existing file, recording why; with `skip_existing`, existing
-/// outputs are kept and jobs with nothing left to write are skipped.
-/// Writing over an input is a usage error.
+/// Drops jobs whose output would overwrite another job's output, or lie
+/// inside it, or an existing file, recording why; with `skip_existing`,
+/// existing outputs are kept and jobs with nothing left to write are
+/// skipped. Writing over an input is a usage error. Only then are the kept
+/// jobs' output directories made (and temporary files that killed runs left
+/// there removed): a job that is refused makes none.
 fn check_outputs(
     jobs: Vec<Job>,
     inputs: &HashSet<PathBuf>,
@@ -334,10 +343,44 @@ fn check_outputs(
     rejected: &mut Vec<Rejected>,
 ) -> Result<(Vec<Job>, Vec<String>)> {
     let mut claimed: HashMap<PathBuf, String> = HashMap::new();
+    // Every directory that holds a claimed output, and whose it is.
+    let mut claimed_dirs: HashMap<PathBuf, String> = HashMap::new();
+    let mut unclaimed = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let name = job.source.display_name();
+        let keys: Vec<(&Path, PathBuf)> =
+            job.output_files().filter_map(|output| Some((output, comparable(output)?))).collect();
+        if let Some((output, _)) = keys.iter().find(|(_, key)| inputs.contains(key)) {
+            bail!("refusing to write {} over an input", output.display());
+        }
+        let conflict = keys.iter().find_map(|(output, key)| {
+            let shown = output.display();
+            if let Some(other) = claimed.get(key) {
+                return Some(format!("output {shown} is already written for {other}"));
+            }
+            if let Some(other) = claimed_dirs.get(key) {
+                return Some(format!("output {shown} is a directory of the outputs for {other}"));
+            }
+            let (dir, other) = key.ancestors().skip(1).find_map(|dir| Some((dir, claimed.get(dir)?)))?;
+            Some(format!("output {shown} would be inside {}, the output for {other}", dir.display()))
+        });
+        if let Some(reason) = conflict {
+            rejected.push(Rejected { name, reason });
+            continue;
+        }
+        for (_, key) in keys {
+            for dir in key.ancestors().skip(1) {
+                claimed_dirs.entry(dir.to_path_buf()).or_insert_with(|| name.clone());
+            }
+            claimed.insert(key, name.clone());
+        }
+        unclaimed.push(job);
+    }
+
     let mut ready_dirs: HashSet<PathBuf> = HashSet::new();
-    let mut kept = Vec::with_capacity(jobs.len());
+    let mut kept = Vec::with_capacity(unclaimed.len());
     let mut skipped = Vec::new();
-    'jobs: for mut job in jobs {
+    'jobs: for mut job in unclaimed {
         let name = job.source.display_name();
         let mut existing_outputs = Vec::new();
         for output in job.output_files() {
@@ -351,18 +394,6 @@ fn check_outputs(
                 image_io::remove_stale_temp_files(dir);
                 ready_dirs.insert(dir.to_path_buf());
             }
-            let Some(key) = comparable(output) else {
-                continue;
-            };
-            if inputs.contains(&key) {
-                bail!("refusing to write {} over an input", output.display());
-            }
-            if let Some(other) = claimed.get(&key) {
-                let reason = format!("output {} is already written for {other}", output.display());
-                rejected.push(Rejected { name, reason });
-                continue 'jobs;
-            }
-            claimed.insert(key, name.clone());
             // A link to nothing is there too: it is not a free name.
             if std::fs::symlink_metadata(output).is_ok() {
                 existing_outputs.push(output.to_path_buf());
