@@ -230,6 +230,25 @@ fn chunked_bodies_are_read_and_bounded() {
     assert_eq!(over.status, 413, "{}", over.text());
 }
 
+/// curl asks before sending a body past 1 KiB, and waits for the answer.
+#[test]
+fn a_client_that_asks_before_sending_is_told_to_go_on() {
+    let server = Server::start(&["--max-body", "100000"]);
+    let photo = cat();
+    let mut stream = server.connect();
+    let head = format!("POST /v1/segment HTTP/1.1\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n", photo.len());
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut interim = [0u8; 25];
+    stream.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(&photo).unwrap();
+    assert_eq!(read_reply(&mut stream).status, 200);
+    // Too large: refused at once, with no invitation to send it.
+    let mut stream = server.connect();
+    stream.write_all(b"POST /v1/segment HTTP/1.1\r\nContent-Length: 200000\r\nExpect: 100-continue\r\n\r\n").unwrap();
+    assert_eq!(read_reply(&mut stream).status, 413);
+}
+
 #[test]
 fn a_token_guards_everything_but_health() {
     let dir = tempfile::tempdir().unwrap();

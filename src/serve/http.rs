@@ -101,6 +101,15 @@ pub fn read_request(stream: &mut TcpStream, max_body: usize, time: Duration) -> 
     let mut request =
         Request { method, path: percent_decode(path), query: parse_query(query), headers, body: Vec::new() };
     let rest = buffer[head_end..].to_vec();
+    // A client that asks first (curl does, past 1 KiB) waits for this before
+    // it sends the body; one over the limit is refused below without it.
+    let body_allowed =
+        request.header("content-length").and_then(|l| l.parse::<usize>().ok()).is_none_or(|l| l <= max_body);
+    if request.header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) && body_allowed {
+        stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .map_err(|e| ReadError { status: None, reason: e.to_string() })?;
+    }
     request.body = if request.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         read_chunked(stream, rest, max_body, deadline)?
     } else if let Some(length) = request.header("content-length") {
