@@ -445,3 +445,41 @@ fn an_output_that_is_another_outputs_folder_is_refused_while_planning() {
         assert!(is_png(&std::fs::read(mask.join("y.png")).unwrap()));
     }
 }
+
+/// eval never picks one of two files silently, and a folder or report it
+/// cannot use is one error before any scoring.
+#[test]
+fn eval_refuses_ambiguous_stems_and_missing_folders_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let (images, masks) = (dir.path().join("images"), dir.path().join("masks"));
+    std::fs::create_dir(&images).unwrap();
+    std::fs::create_dir(&masks).unwrap();
+    noisy_photo(&images.join("cat.jpg"), 40, 30);
+    noisy_photo(&masks.join("cat.png"), 40, 30);
+    let eval = |extra: &[&str]| {
+        let mut args = vec!["eval", "--images", s(&images), "--masks", s(&masks)];
+        args.extend(extra);
+        segattn(&args).output().unwrap()
+    };
+    let missing = dir.path().join("no_such_dir");
+    let report = missing.join("report.json");
+    for (extra, message) in [
+        (vec!["--predictions", s(&missing)], "no_such_dir: cannot list directory"),
+        (vec!["--json", s(&report)], "no directory"),
+    ] {
+        let out = eval(&extra);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains(message), "{}", stderr(&out));
+        assert!(out.stdout.is_empty(), "scored before refusing");
+    }
+    noisy_photo(&images.join("cat.png"), 40, 30);
+    noisy_photo(&masks.join("cat.bmp"), 40, 30);
+    let out = eval(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("share the stem cat"), "{}", stderr(&out));
+    std::fs::remove_file(images.join("cat.png")).unwrap();
+    // Two masks of one stem, too.
+    let out = eval(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("share the stem cat") && stderr(&out).contains("cat.bmp"), "{}", stderr(&out));
+}
