@@ -247,15 +247,15 @@ fn capture_keeps_only_what_was_asked() {
 }
 
 #[test]
-fn sliced_attention_for_many_tokens_equals_the_full_matrix() {
-    // 36 x 40 patches = 1440 tokens: past the slice size, so layers whose
-    // matrix is not kept take the sliced path.
+fn fused_attention_for_many_tokens_equals_the_full_matrix() {
+    // 36 x 40 patches = 1440 tokens, many blocks of queries and of keys:
+    // layers whose matrix is not kept run fused, one block at a time.
     let model = Vit::load(&fixture("dino_vit")).unwrap();
     let pixels = Tensor::randn(0f32, 1.0, (1, 3, 288, 320), &Device::Cpu).unwrap();
     let last = model.resolve_layer(-1).unwrap();
     let full = model.forward(&pixels, &Capture::attention(0..3, Keep::Full)).unwrap();
-    let sliced = model.forward(&pixels, &Capture::attention([last], Keep::ClsRow)).unwrap();
-    assert!(max_abs_diff(&full.tokens, &sliced.tokens) < 1e-5);
+    let fused = model.forward(&pixels, &Capture::attention([last], Keep::ClsRow)).unwrap();
+    assert!(max_abs_diff(&full.tokens, &fused.tokens) < 1e-5);
     let full_cls = full.attention(last).unwrap().narrow(2, 0, 1).unwrap();
-    assert!(max_abs_diff(&full_cls, sliced.attention(last).unwrap()) < 1e-6);
+    assert!(max_abs_diff(&full_cls, fused.attention(last).unwrap()) < 1e-6);
 }

@@ -33,8 +33,8 @@ pub struct LinearHead {
 }
 
 impl LinearHead {
-    /// Reads `head.weight` ([s², hidden], or [hidden] for s = 1) and
-    /// `head.bias` ([s²]) from a side file. A head that records the backbone
+    /// Reads `head.weight` (`[s², hidden]`, or `[hidden]` for s = 1) and
+    /// `head.bias` (`[s²]`) from a side file. A head that records the backbone
     /// it was trained on must be used with that one.
     pub fn load(path: &Path, model: &Vit) -> Result<Self> {
         let file = path.display();
@@ -96,7 +96,7 @@ impl LinearHead {
     }
 }
 
-/// Writes a per-patch head (`head.weight` [1, hidden], `head.bias` [1]) as
+/// Writes a per-patch head (`head.weight` `[1, hidden]`, `head.bias` `[1]`) as
 /// safetensors, with the backbone's fingerprint, which [`LinearHead::load`]
 /// checks, and `notes` as metadata.
 pub fn save(path: &Path, weight: &[f32], bias: f32, model: &Vit, notes: &[(&str, String)]) -> Result<()> {

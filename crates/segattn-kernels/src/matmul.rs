@@ -16,7 +16,7 @@ use crate::simd::{self, Avx2, Avx512, Bf16Isa, Bf16Pairs, Isa, Vector, Width};
 use crate::tile_matmul;
 
 /// A linear layer's W, (outputs, inputs) as stored, laid out once at load the
-/// way its product reads it: Wᵀ (inputs, outputs) in [`panel_slot`]'s column
+/// way its product reads it: Wᵀ (inputs, outputs) in `panel_slot`'s column
 /// panels, zero past the last output. Read as stored, W would be packed by
 /// the GEMM on every call.
 #[derive(Clone)]
