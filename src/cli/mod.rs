@@ -297,7 +297,7 @@ impl HeadArgs {
             bail!("--tau tunes the ncut head: it does not go with --head {name}");
         }
         Ok(match name {
-            HeadName::Attn => Box::new(AttentionMass { mass: self.mass.unwrap_or(0.6), min_heads: self.min_heads }),
+            HeadName::Attn => Box::new(AttentionMass::new(self.mass.unwrap_or(0.6), self.min_heads)?),
             HeadName::Ncut => Box::new(match self.tau {
                 Some(tau) => NormalizedCut { tau },
                 None => NormalizedCut::for_model(model),

@@ -11,14 +11,29 @@ use crate::model::{Capture, EncoderOutput, Keep, Vit};
 #[derive(Debug, Clone)]
 pub struct AttentionMass {
     /// Share of each head's attention mass to keep (DINO's `threshold`, 0.6).
-    pub mass: f32,
+    mass: f32,
     /// Heads that must keep a patch for it to be foreground; default: half, rounded up.
-    pub min_heads: Option<usize>,
+    min_heads: Option<usize>,
 }
 
 impl Default for AttentionMass {
     fn default() -> Self {
         Self { mass: 0.6, min_heads: None }
+    }
+}
+
+impl AttentionMass {
+    /// Keeps `mass` (above 0, at most 1: none kept is no mask) of each
+    /// head's attention, and wants `min_heads` (at least 1; at most the
+    /// model's heads, checked when it runs) to agree on a patch.
+    pub fn new(mass: f32, min_heads: Option<usize>) -> Result<Self> {
+        if !(mass > 0.0 && mass <= 1.0) {
+            bail!("the attention mass to keep must be above 0 and at most 1, got {mass}");
+        }
+        if min_heads == Some(0) {
+            bail!("at least one attention head must keep a patch");
+        }
+        Ok(Self { mass, min_heads })
     }
 }
 
@@ -44,14 +59,11 @@ impl SegmentationHead for AttentionMass {
     }
 
     fn predict(&self, model: &Vit, out: &EncoderOutput) -> Result<HeadMap> {
-        if !(0.0..=1.0).contains(&self.mass) {
-            bail!("--mass must be between 0 and 1, got {}", self.mass);
-        }
         let heads = cls_attention(out, model.config().num_layers - 1)?;
         let num_heads = heads.len();
         let min_heads = self.min_heads.unwrap_or(num_heads.div_ceil(2));
-        if min_heads == 0 || min_heads > num_heads {
-            bail!("--min-heads must be between 1 and {num_heads} for this model, got {min_heads}");
+        if min_heads > num_heads {
+            bail!("{min_heads} attention heads cannot agree: the model has {num_heads}");
         }
         let mut votes = vec![0usize; out.grid.len()];
         for head in &heads {
@@ -90,6 +102,15 @@ mod tests {
         assert_eq!(mass_keep(&attention, 1.0), vec![true; 4]);
         // Unnormalized input gives the same answer.
         assert_eq!(mass_keep(&[1.0, 5.0, 1.0, 3.0], 0.6), vec![false, true, false, true]);
+    }
+
+    #[test]
+    fn a_mass_or_a_vote_that_keeps_nothing_is_refused() {
+        for mass in [0.0, -0.1, 1.5, f32::NAN] {
+            assert!(AttentionMass::new(mass, None).is_err(), "{mass}");
+        }
+        assert!(AttentionMass::new(0.6, Some(0)).is_err());
+        assert!(AttentionMass::new(1.0, Some(1)).is_ok());
     }
 
     #[test]
