@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Result, anyhow, bail};
-use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::TensorView;
 
@@ -38,7 +38,11 @@ impl LinearHead {
     /// it was trained on must be used with that one.
     pub fn load(path: &Path, model: &Vit) -> Result<Self> {
         let file = path.display();
-        if let Some(trained_on) = safetensors_metadata(path)?.remove(FINGERPRINT_KEY)
+        let unreadable = |e: &dyn std::fmt::Display| anyhow!("{file}: not a readable safetensors file: {e}");
+        let opened = std::fs::File::open(path).map_err(|e| anyhow!("{file}: cannot open: {e}"))?;
+        // SAFETY: read-only mapping of a file nobody should truncate while we run.
+        let map = unsafe { memmap2::Mmap::map(&opened) }.map_err(|e| unreadable(&e))?;
+        if let Some(trained_on) = safetensors_metadata(&map).map_err(|e| unreadable(&e))?.remove(FINGERPRINT_KEY)
             && trained_on != model.fingerprint()
         {
             bail!(
@@ -47,12 +51,10 @@ impl LinearHead {
                 model.fingerprint()
             );
         }
-        // SAFETY: read-only mapping of a file nobody should truncate while we run.
-        let tensors = unsafe { MmapedSafetensors::new(path) }
-            .map_err(|e| anyhow!("{file}: not a readable safetensors file: {e}"))?;
+        let tensors = safetensors::SafeTensors::deserialize(&map).map_err(|e| unreadable(&e))?;
         let read = |name: &str| -> Result<Tensor> {
             let view = tensors
-                .get(name)
+                .tensor(name)
                 .map_err(|_| anyhow!("{file}: no `{name}` tensor (a linear head needs {WEIGHT} and {BIAS})"))?;
             let tensor = view
                 .load(&Device::Cpu)

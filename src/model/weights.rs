@@ -10,7 +10,6 @@
 //! that never converted, from a PyTorch `pytorch_model.bin` / `.pth` archive.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -223,7 +222,14 @@ impl TensorStore {
     pub fn open(path: &Path) -> Result<Self> {
         let tensors = Tensors::open(path)?;
         let metadata = match tensors {
-            Tensors::Safetensors(_) => safetensors_metadata(path)?,
+            Tensors::Safetensors(_) => {
+                let unreadable =
+                    |e: &dyn std::fmt::Display| anyhow!("{}: not a readable safetensors file: {e}", path.display());
+                let file = std::fs::File::open(path).map_err(|e| unreadable(&e))?;
+                // SAFETY: read-only, as the tensors are mapped just above.
+                let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| unreadable(&e))?;
+                safetensors_metadata(&map).map_err(|e| unreadable(&e))?
+            }
             _ => HashMap::new(),
         };
         Self::new(path.to_path_buf(), tensors, metadata)
@@ -234,9 +240,8 @@ impl TensorStore {
     pub fn embedded(name: &str, bytes: &'static [u8]) -> Result<Self> {
         let tensors =
             SliceSafetensors::new(bytes).map_err(|e| anyhow!("{name}: not a readable safetensors file: {e}"))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| anyhow!("{name}: not a readable safetensors file: {e}"))?;
-        let metadata = header.metadata().clone().unwrap_or_default();
+        let metadata =
+            safetensors_metadata(bytes).map_err(|e| anyhow!("{name}: not a readable safetensors file: {e}"))?;
         Self::new(PathBuf::from(name), Tensors::Embedded(tensors), metadata)
     }
 
@@ -448,27 +453,11 @@ impl TensorStore {
     }
 }
 
-/// The `__metadata__` of a safetensors file, read from its header only.
-pub fn safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
-    let file = path.display();
-    let mut reader = std::fs::File::open(path).map_err(|e| anyhow!("{file}: cannot open: {e}"))?;
-    let mut length = [0u8; 8];
-    reader.read_exact(&mut length).map_err(|_| anyhow!("{file}: not a readable safetensors file"))?;
-    let length = u64::from_le_bytes(length);
-    if length > 100_000_000 {
-        bail!("{file}: not a readable safetensors file (header of {length} bytes)");
-    }
-    let mut header = vec![0u8; length as usize];
-    reader
-        .read_exact(&mut header)
-        .map_err(|_| anyhow!("{file}: not a readable safetensors file (truncated header)"))?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| anyhow!("{file}: not a readable safetensors file: {e}"))?;
-    Ok(header
-        .get("__metadata__")
-        .and_then(|m| m.as_object())
-        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
-        .unwrap_or_default())
+/// The `__metadata__` of a safetensors file's bytes, read from its header
+/// by the safetensors crate (one parser for files, embedded models and heads).
+pub fn safetensors_metadata(bytes: &[u8]) -> Result<HashMap<String, String>, safetensors::SafeTensorError> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)?;
+    Ok(header.metadata().clone().unwrap_or_default())
 }
 
 /// Up to ten names, then how many more.
