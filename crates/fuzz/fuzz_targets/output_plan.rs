@@ -58,7 +58,8 @@ fn tagged_png() -> &'static [u8] {
 
 fn make(root: &Path, name: &str, kind: Kind) {
     let path = root.join(name);
-    if std::fs::symlink_metadata(&path).is_ok() || std::fs::create_dir_all(path.parent().expect("below root")).is_err() {
+    if std::fs::symlink_metadata(&path).is_ok() || std::fs::create_dir_all(path.parent().expect("below root")).is_err()
+    {
         return;
     }
     let _ = match kind {
@@ -186,7 +187,8 @@ fuzz_target!(|bytes: &[u8]| {
             source.display()
         );
         for file in files {
-            let key = std::fs::canonicalize(file.parent().expect("a file")).expect("made").join(file.file_name().unwrap());
+            let key =
+                std::fs::canonicalize(file.parent().expect("a file")).expect("made").join(file.file_name().unwrap());
             assert!(outputs.insert(key), "{} is written twice", file.display());
             // Only a regular file is ever replaced (a link in --out-dir, or to
             // a directory, fails as it is written): it must be no input.
@@ -200,7 +202,11 @@ fuzz_target!(|bytes: &[u8]| {
             }
         }
         if flag(2) && !single {
-            assert!(files.iter().any(|f| std::fs::symlink_metadata(f).is_err()), "nothing left to write for {}", source.display());
+            assert!(
+                files.iter().any(|f| std::fs::symlink_metadata(f).is_err()),
+                "nothing left to write for {}",
+                source.display()
+            );
         }
     }
 });
