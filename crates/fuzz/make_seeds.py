@@ -10,7 +10,6 @@ The seeds are small on purpose (a 1-layer ViT of width 8, 16x12 photos):
 mutations of a small input reach more of the reader per second.
 """
 
-import io
 import json
 import os
 import struct
@@ -18,7 +17,7 @@ import zipfile
 
 import torch
 from PIL import Image
-from safetensors.torch import save, save_file
+from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "..", "..", "tests", "fixtures")
