@@ -28,6 +28,7 @@ pub mod model;
 pub mod preprocess;
 pub mod render;
 pub mod serve;
+pub mod temp_files;
 pub mod train;
 
 /// Process-wide runtime settings; call first thing in `main`.

@@ -7,17 +7,12 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use tempfile::NamedTempFile;
 
 const TEMP_PREFIX: &str = ".segattn-";
 const TEMP_SUFFIX: &str = ".tmp";
-
-/// A temporary file lives for the milliseconds of one write; one older than
-/// this was left by a process that was killed outright, and is removed.
-const STALE_AFTER: Duration = Duration::from_secs(600);
 
 /// Temporary files that exist and are not yet moved into place. A file is
 /// created and listed, or moved and unlisted, under this lock, so the list
@@ -273,27 +268,9 @@ pub fn abandon_pending_outputs_and_exit(code: i32) -> ! {
     std::process::exit(code)
 }
 
-/// Removes temporary files in `dir` that a killed process left behind:
-/// segattn's own names, older than any write takes.
+/// Removes temporary files in `dir` that a killed process left behind.
 pub fn remove_stale_temp_files(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let now = SystemTime::now();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if !(name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX)) {
-            continue;
-        }
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > STALE_AFTER));
-        if old && entry.file_type().is_ok_and(|t| t.is_file()) {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
+    crate::temp_files::remove_stale(dir, |name| name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX));
 }
 
 /// Writes one file atomically, replacing what is there.
@@ -410,7 +387,7 @@ mod tests {
         for name in [".segattn-old.tmp", ".segattn-new.tmp", "photo.tmp"] {
             std::fs::write(dir.path().join(name), b"x").unwrap();
         }
-        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
         for name in [".segattn-old.tmp", "photo.tmp"] {
             std::fs::File::options().write(true).open(dir.path().join(name)).unwrap().set_modified(hour_ago).unwrap();
         }

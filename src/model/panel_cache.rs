@@ -196,16 +196,15 @@ impl PanelCache {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
-        let now = std::time::SystemTime::now();
+        // tempfile's names, for a write a signal cut short.
+        crate::temp_files::remove_stale(&self.dir, |name| name.starts_with(".tmp"));
         let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
             .filter_map(|entry| {
-                let path = entry.ok()?.path();
-                let written = std::fs::metadata(&path).ok()?.modified().ok()?;
-                let unfinished = path.file_name()?.to_str()?.starts_with(".tmp");
-                if unfinished && now.duration_since(written).is_ok_and(|age| age.as_secs() > 600) {
-                    let _ = std::fs::remove_file(&path);
-                }
-                path.extension().is_some_and(|e| e == "panels").then_some((written, path))
+                let entry = entry.ok()?;
+                let meta = entry.metadata().ok()?;
+                let path = entry.path();
+                let ours = meta.is_file() && path.extension().is_some_and(|e| e == "panels");
+                ours.then_some((meta.modified().ok()?, path))
             })
             .collect();
         files.sort();
