@@ -18,6 +18,31 @@ use serde::Deserialize;
 
 use crate::model::WEIGHT_FILES;
 
+/// The failures whose remedy a caller words in its own terms (the command
+/// line names `segattn fetch`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HubError {
+    /// Not in the cache, and the network may not be used.
+    NotCached { name: String, repo: String, cache_dir: PathBuf },
+    /// A file's download failed part way; fetching the model again resumes it.
+    DownloadFailed { name: String, repo: String, file: String, cause: String },
+}
+
+impl std::fmt::Display for HubError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HubError::NotCached { name, repo, cache_dir } => write!(
+                f,
+                "model `{name}` ({repo}) is not in the Hugging Face cache {} and the network is off",
+                cache_dir.display()
+            ),
+            HubError::DownloadFailed { repo, file, cause, .. } => write!(f, "{repo}/{file}: download failed: {cause}"),
+        }
+    }
+}
+
+impl std::error::Error for HubError {}
+
 /// Short names of the published DINO checkpoints and their Hub repositories.
 pub const KNOWN_MODELS: [(&str, &str); 8] = [
     ("dino-vits8", "facebook/dino-vits8"),
@@ -134,11 +159,8 @@ impl Hub {
             return Ok(model.snapshot);
         }
         if self.offline {
-            bail!(
-                "model `{name}` ({repo}) is not in the Hugging Face cache {} and the network is off \
-                 (--offline or HF_HUB_OFFLINE): run `segattn fetch {name}` where the Hub is reachable",
-                self.cache_dir.display()
-            );
+            let cache_dir = self.cache_dir.clone();
+            return Err(HubError::NotCached { name: name.to_string(), repo, cache_dir }.into());
         }
         note!("segattn: downloading `{name}` ({repo}) into {}", self.cache_dir.display());
         Ok(self.fetch(name, show_progress)?.model.snapshot)
@@ -263,7 +285,8 @@ impl Hub {
             ApiError::TooManyRetries(e) => format!("gave up after {} attempts: {e}", RETRIES + 1),
             other => other.to_string(),
         };
-        anyhow!("{repo}/{file}: download failed: {cause}; `segattn fetch {name}` resumes it")
+        let (name, repo, file) = (name.to_string(), repo.to_string(), file.to_string());
+        HubError::DownloadFailed { name, repo, file, cause }.into()
     }
 }
 
@@ -358,7 +381,8 @@ mod tests {
             ("facebook/dino-vits16", "model.safetensors")
         );
         assert_eq!(hub.resolve("dino-vits16", false).unwrap(), snapshot);
-        let message = hub.resolve("dino-vitb8", false).unwrap_err().to_string();
-        assert!(message.contains("network is off") && message.contains("segattn fetch dino-vitb8"), "{message}");
+        let error = hub.resolve("dino-vitb8", false).unwrap_err();
+        assert!(matches!(error.downcast_ref(), Some(HubError::NotCached { name, .. }) if name == "dino-vitb8"));
+        assert!(error.to_string().contains("network is off"), "{error}");
     }
 }

@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::jobs::{self, Job, Plan};
 use super::{BatchArgs, EXIT_OK, EXIT_SOME_FAILED};
+use crate::hub::HubError;
 use crate::image_io::{self, DecodeError, Source};
 
 /// Runs `work` on every item on `threads` threads (default: all cores),
@@ -160,10 +161,27 @@ pub fn one_line(err: &anyhow::Error) -> String {
             parts.push(text);
         }
     }
-    let hint = match err.chain().find_map(|cause| cause.downcast_ref::<DecodeError>()) {
-        Some(DecodeError::TooManyPixels { .. }) => " (see --max-pixels)",
-        Some(DecodeError::DamagedJpeg(_)) => "; --lenient decodes what it can",
-        _ => "",
-    };
-    parts.join(": ") + hint
+    parts.join(": ") + &hint(err)
+}
+
+/// What the command line can add to a library error: the flag or command
+/// that changes the outcome.
+fn hint(err: &anyhow::Error) -> String {
+    for cause in err.chain() {
+        match cause.downcast_ref::<DecodeError>() {
+            Some(DecodeError::TooManyPixels { .. }) => return " (see --max-pixels)".into(),
+            Some(DecodeError::DamagedJpeg(_)) => return "; --lenient decodes what it can".into(),
+            _ => {}
+        }
+        match cause.downcast_ref::<HubError>() {
+            Some(HubError::NotCached { name, .. }) => {
+                return format!(
+                    " (--offline or HF_HUB_OFFLINE): run `segattn fetch {name}` where the Hub is reachable"
+                );
+            }
+            Some(HubError::DownloadFailed { name, .. }) => return format!("; `segattn fetch {name}` resumes it"),
+            None => {}
+        }
+    }
+    String::new()
 }
