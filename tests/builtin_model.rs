@@ -285,3 +285,21 @@ fn info_and_list_name_the_builtin_model() {
     assert!(fetch.status.success(), "{}", stderr(&fetch));
     assert!(stderr(&fetch).contains("built into segattn"), "{}", stderr(&fetch));
 }
+
+/// The built-in model is no file: an output that happens to carry its
+/// display name is the user's to replace, not "one of this command's inputs".
+#[test]
+fn the_builtin_model_protects_no_file_of_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = segattn::model::builtin::DISPLAY_NAME;
+    std::fs::write(dir.path().join(name), b"an earlier output").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_segattn"))
+        .current_dir(dir.path())
+        .args(["run", s(&sample("cat.jpg")), "--out", name])
+        .env_remove("SEGATTN_WEIGHTS")
+        .env_remove("SEGATTN_MODEL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(std::fs::read(dir.path().join(name)).unwrap().starts_with(b"\x89PNG"));
+}

@@ -141,8 +141,7 @@ impl ModelArgs {
 
     /// The files a loaded model was read from, which no output may replace.
     fn files_of(model: &Vit) -> Vec<&std::path::Path> {
-        let files = model.files();
-        std::iter::once(files.weights.as_path()).chain(files.config.as_deref()).collect()
+        model.files().on_disk()
     }
 
     /// The input's short side: `--size`, else what the model was trained

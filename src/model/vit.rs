@@ -629,7 +629,7 @@ impl Vit {
     /// [`Vit::builtin`] in `precision`, as [`Vit::load_in`].
     pub fn builtin_in(precision: Precision) -> Result<Self> {
         let store = TensorStore::embedded(builtin::DISPLAY_NAME, builtin::SAFETENSORS)?;
-        Self::from_store(store, ModelFiles { weights: builtin::DISPLAY_NAME.into(), config: None }, precision, None)
+        Self::from_store(store, ModelFiles::embedded(builtin::DISPLAY_NAME), precision, None)
     }
 
     fn from_store(

@@ -21,11 +21,26 @@ use super::torch_archive::TorchArchive;
 /// Where the weights (and optionally their `config.json`) live.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
+    /// The checkpoint file; for a model compiled into the binary, the name
+    /// messages call it by.
     pub weights: PathBuf,
     pub config: Option<PathBuf>,
+    /// Compiled into the binary: `weights` names no file.
+    pub embedded: bool,
 }
 
 impl ModelFiles {
+    /// A model compiled into the binary, called `name` in messages.
+    pub fn embedded(name: &str) -> Self {
+        Self { weights: name.into(), config: None, embedded: true }
+    }
+
+    /// The files on disk the model was read from: none for an embedded one.
+    pub fn on_disk(&self) -> Vec<&Path> {
+        let weights = (!self.embedded).then_some(self.weights.as_path());
+        weights.into_iter().chain(self.config.as_deref()).collect()
+    }
+
     /// `path` is a checkpoint file or a directory holding `model.safetensors`
     /// (or, failing that, `pytorch_model.bin`), as a Hugging Face snapshot does.
     pub fn locate(path: &Path) -> Result<Self> {
@@ -41,7 +56,7 @@ impl ModelFiles {
             bail!("{}: no such file or directory", path.display());
         };
         let config = Some(dir.join("config.json")).filter(|p| p.is_file());
-        Ok(Self { weights, config })
+        Ok(Self { weights, config, embedded: false })
     }
 }
 
