@@ -69,6 +69,7 @@ pub fn bias_gelu(values: &mut [f32], bias: &Tensor, exact: bool) -> Result<()> {
 
 /// Adds `bias` to every row of `values`, in place.
 pub fn add_bias(values: &mut [f32], bias: &Tensor) -> Result<()> {
+    limit_kernels();
     kernels::add_bias(values, &bias.to_vec1::<f32>()?);
     Ok(())
 }
