@@ -195,6 +195,8 @@ fn every_fault_has_its_status() {
         (server.post("/v1/attention?layer=7", &jpeg), 422, "layer 7 out of range"),
         (server.post("/v1/attention?head=4", &jpeg), 422, "head must be mean or 0 to 3"),
         (server.post("/v1/attention?patch=100000", &jpeg), 422, "patch must be below"),
+        (server.post("/v1/attention?rollout=true&patch=3", &jpeg), 422, "takes no layer, head or patch"),
+        (server.post("/v1/attention?rollout=true&layer=1", &jpeg), 422, "takes no layer, head or patch"),
         (server.request("GET", "/v1/segment", &[], b""), 405, "not allowed"),
         (server.request("GET", "/etc/passwd", &[], b""), 404, "no endpoint"),
     ];

@@ -216,9 +216,16 @@ impl Service {
         };
         let raw = flag(request, "raw")?;
         let size = self.short_side(request)?;
+        // Rollout is every layer's, averaged over heads, from the class token.
+        if rollout && ["layer", "head", "patch"].iter().any(|name| request.param(name).is_some()) {
+            return Err(unprocessable(
+                "rollout goes through every layer and head, from the class token: \
+                it takes no layer, head or patch",
+            ));
+        }
         let failed = |e: anyhow::Error| refuse(500, format!("{e:#}"));
 
-        let (heads, grid, (width, height), photo) = if let Some(p) = patch.filter(|_| !rollout) {
+        let (heads, grid, (width, height), photo) = if let Some(p) = patch {
             let keys = self.patch_keys(request, size, layer)?;
             if p >= keys.keys.grid().len() {
                 return Err(unprocessable(format!(
@@ -264,16 +271,14 @@ impl Service {
                 }),
             ));
         }
-        let map = match head_choice {
-            Some(h) if !rollout => &heads[h],
-            _ => &mean,
-        };
+        let map = head_choice.map_or(&mean, |h| &heads[h]);
         let upsampled = map.min_max_normalized().upsample(width, height);
-        let photo = match photo {
-            Some(photo) => photo,
-            None => self.photo(request)?,
+        // Rows from kept keys come without the photo; it is decoded only to draw on.
+        let rgb = match (raw, photo) {
+            (true, _) => None,
+            (false, Some(photo)) => Some(preprocess::to_rgb(&photo)),
+            (false, None) => Some(preprocess::to_rgb(&self.photo(request)?)),
         };
-        let rgb = (!raw).then(|| preprocess::to_rgb(&photo));
         png(&DynamicImage::ImageRgb8(render::heatmap(&upsampled, colormap, rgb.as_ref(), 0.6)))
     }
 
