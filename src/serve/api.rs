@@ -226,7 +226,7 @@ impl Service {
         let failed = |e: anyhow::Error| refuse(500, format!("{e:#}"));
 
         let (heads, grid, (width, height), photo) = if let Some(p) = patch {
-            let keys = self.patch_keys(request, size, layer)?;
+            let (keys, photo) = self.patch_keys(request, size, layer)?;
             if p >= keys.keys.grid().len() {
                 return Err(unprocessable(format!(
                     "patch must be below {}, the patches of this photo",
@@ -234,7 +234,7 @@ impl Service {
                 )));
             }
             let heads = keys.keys.patch_attention(p).map_err(failed)?;
-            (heads, keys.keys.grid(), (keys.width, keys.height), None)
+            (heads, keys.keys.grid(), (keys.width, keys.height), photo)
         } else {
             let photo = self.photo(request)?;
             let pixels = preprocess::model_input(&photo, size, config.patch_size).map_err(failed)?;
@@ -283,11 +283,17 @@ impl Service {
     }
 
     /// `layer`'s queries and keys for the request's photo at `size`, from
-    /// [`Service::recent_keys`] or from a new encoder pass.
-    fn patch_keys(&self, request: &Request, size: usize, layer: usize) -> Result<Arc<PatchKeys>, Refused> {
+    /// [`Service::recent_keys`], or from a new encoder pass with the photo it
+    /// decoded.
+    fn patch_keys(
+        &self,
+        request: &Request,
+        size: usize,
+        layer: usize,
+    ) -> Result<(Arc<PatchKeys>, Option<DynamicImage>), Refused> {
         let asked = |k: &&Arc<PatchKeys>| k.size == size && k.layer == layer && k.body == request.body;
         if let Some(found) = self.recent_keys.lock().ok().and_then(|keys| keys.iter().find(asked).cloned()) {
-            return Ok(found);
+            return Ok((found, None));
         }
         let failed = |e: anyhow::Error| refuse(500, format!("{e:#}"));
         let photo = self.photo(request)?;
@@ -301,7 +307,7 @@ impl Service {
             keys.push_front(found.clone());
             keys.truncate(RECENT_KEYS);
         }
-        Ok(found)
+        Ok((found, Some(photo)))
     }
 
     /// `GET /v1/models`: the model this service runs.
