@@ -483,3 +483,17 @@ fn eval_refuses_ambiguous_stems_and_missing_folders_up_front() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("share the stem cat") && stderr(&out).contains("cat.bmp"), "{}", stderr(&out));
 }
+
+/// Found by fuzzing the planner: two outputs of one photo that are one file
+/// (here --overlay into the mask folder; in the fuzzer's tree, through
+/// links) are refused while planning, and neither is written.
+#[test]
+fn two_outputs_of_one_photo_in_one_file_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let masks = dir.path().join("masks");
+    let out =
+        segattn(&["run", s(&sample("cat.jpg")), "--out-dir", s(&masks), "--overlay", s(&masks)]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cat.png is the same file as its output"), "{}", stderr(&out));
+    assert!(std::fs::read_dir(&masks).map_or(true, |mut entries| entries.next().is_none()));
+}

@@ -353,8 +353,13 @@ fn check_outputs(
         if let Some((output, _)) = keys.iter().find(|(_, key)| inputs.contains(key)) {
             bail!("refusing to write {} over an input", output.display());
         }
-        let conflict = keys.iter().find_map(|(output, key)| {
+        let conflict = keys.iter().enumerate().find_map(|(i, (output, key))| {
             let shown = output.display();
+            // This photo's other outputs count as claimed too.
+            let (earlier, _) = keys.split_at(i);
+            if let Some((other, _)) = earlier.iter().find(|(_, k)| k == key) {
+                return Some(format!("output {shown} is the same file as its output {}", other.display()));
+            }
             if let Some(other) = claimed.get(key) {
                 return Some(format!("output {shown} is already written for {other}"));
             }

@@ -237,7 +237,7 @@ impl PackedWeight {
             .and_then(|slots| slots.checked_mul(width));
         let end = len.and_then(|len| start.checked_add(len));
         match (len, end) {
-            (Some(len), Some(end)) if inputs > 0 && end <= (*owner).as_ref().len() => {
+            (Some(len), Some(end)) if inputs > 0 && outputs > 0 && end <= (*owner).as_ref().len() => {
                 Ok(Self { values: owner, start, len, kernel, inputs, outputs })
             }
             _ => Err(ShapeError::new(format!("PackedWeight: no panels at {start} for {outputs} x {inputs}"))),
@@ -503,8 +503,10 @@ mod tests {
             // Another layout, or too few values, is refused.
             assert!(PackedWeight::from_panels(precision, outputs, inputs, "other", owner.clone(), 5).is_err());
             assert!(PackedWeight::from_panels(precision, outputs, inputs, &name, owner.clone(), 6).is_err());
-            // Sizes read from a file may be anything: past usize is refused.
-            for (outputs, inputs, start) in [(outputs, inputs, usize::MAX), (usize::MAX, usize::MAX, 0)] {
+            // Sizes read from a file may be anything: past usize, or no
+            // outputs at all (found by fuzzing: a division by zero), is refused.
+            for (outputs, inputs, start) in [(outputs, inputs, usize::MAX), (usize::MAX, usize::MAX, 0), (0, inputs, 5)]
+            {
                 assert!(PackedWeight::from_panels(precision, outputs, inputs, &name, owner.clone(), start).is_err());
             }
         }
