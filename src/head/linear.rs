@@ -15,7 +15,7 @@ use safetensors::tensor::TensorView;
 use super::{HeadMap, SegmentationHead};
 use crate::image_io;
 use crate::maps::PatchMap;
-use crate::model::weights::safetensors_metadata;
+use crate::model::weights::{map_file, safetensors_metadata};
 use crate::model::{Capture, EncoderOutput, PatchGrid, Vit};
 
 pub use crate::model::vit::{HEAD_BIAS as BIAS, HEAD_WEIGHT as WEIGHT};
@@ -38,11 +38,9 @@ impl LinearHead {
     /// it was trained on must be used with that one.
     pub fn load(path: &Path, model: &Vit) -> Result<Self> {
         let file = path.display();
-        let unreadable = |e: &dyn std::fmt::Display| anyhow!("{file}: not a readable safetensors file: {e}");
-        let opened = std::fs::File::open(path).map_err(|e| anyhow!("{file}: cannot open: {e}"))?;
-        // SAFETY: read-only mapping of a file nobody should truncate while we run.
-        let map = unsafe { memmap2::Mmap::map(&opened) }.map_err(|e| unreadable(&e))?;
-        if let Some(trained_on) = safetensors_metadata(&map).map_err(|e| unreadable(&e))?.remove(FINGERPRINT_KEY)
+        let unreadable = |e: safetensors::SafeTensorError| anyhow!("{file}: not a readable safetensors file: {e}");
+        let map = map_file(path)?;
+        if let Some(trained_on) = safetensors_metadata(&map).map_err(unreadable)?.remove(FINGERPRINT_KEY)
             && trained_on != model.fingerprint()
         {
             bail!(
@@ -51,7 +49,7 @@ impl LinearHead {
                 model.fingerprint()
             );
         }
-        let tensors = safetensors::SafeTensors::deserialize(&map).map_err(|e| unreadable(&e))?;
+        let tensors = safetensors::SafeTensors::deserialize(&map).map_err(unreadable)?;
         let read = |name: &str| -> Result<Tensor> {
             let view = tensors
                 .tensor(name)

@@ -237,14 +237,8 @@ impl TensorStore {
     pub fn open(path: &Path) -> Result<Self> {
         let tensors = Tensors::open(path)?;
         let metadata = match tensors {
-            Tensors::Safetensors(_) => {
-                let unreadable =
-                    |e: &dyn std::fmt::Display| anyhow!("{}: not a readable safetensors file: {e}", path.display());
-                let file = std::fs::File::open(path).map_err(|e| unreadable(&e))?;
-                // SAFETY: read-only, as the tensors are mapped just above.
-                let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| unreadable(&e))?;
-                safetensors_metadata(&map).map_err(|e| unreadable(&e))?
-            }
+            Tensors::Safetensors(_) => safetensors_metadata(&map_file(path)?)
+                .map_err(|e| anyhow!("{}: not a readable safetensors file: {e}", path.display()))?,
             _ => HashMap::new(),
         };
         Self::new(path.to_path_buf(), tensors, metadata)
@@ -466,6 +460,14 @@ impl TensorStore {
         }
         Err(anyhow!(message))
     }
+}
+
+/// `path` mapped read-only, for the safetensors crate to read in place.
+pub fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
+    // SAFETY: a read-only mapping; like every mmap reader we rely on nobody
+    // truncating the file while it is in use.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| anyhow!("{}: cannot map: {e}", path.display()))
 }
 
 /// The `__metadata__` of a safetensors file's bytes, read from its header
