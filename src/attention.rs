@@ -5,7 +5,8 @@ use anyhow::{Context, Result, bail};
 use candle_core::{D, Tensor};
 
 use crate::maps::PatchMap;
-use crate::model::{EncoderOutput, PatchGrid};
+use crate::model::EncoderOutput;
+use crate::preprocess::PatchGrid;
 
 /// The class token's attention to each patch in `layer`, one map per head.
 /// Register tokens are left out: they are not places in the image.
@@ -100,7 +101,7 @@ pub fn rollout(out: &EncoderOutput, num_layers: usize) -> Result<PatchMap> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::PatchGrid;
+    use crate::preprocess::PatchGrid;
 
     #[test]
     fn rollout_is_the_class_row_of_the_layer_product() {

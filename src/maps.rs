@@ -3,7 +3,7 @@
 
 use anyhow::{Result, bail};
 
-use crate::model::PatchGrid;
+use crate::preprocess::PatchGrid;
 
 /// One value per patch, row-major over the patch grid.
 #[derive(Debug, Clone, PartialEq)]

@@ -23,6 +23,23 @@ pub const MAX_PATCHES: usize = 16_384;
 /// otherwise ask for thousands of tokens, and attention costs the square.
 pub const WIDEST_ASPECT: f64 = 4.0;
 
+/// The grid of whole patches an image is cut into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PatchGrid {
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl PatchGrid {
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Size of the model input for a `width` x `height` photo: the short side
 /// becomes `short_side`, the long side keeps the aspect ratio, and both are
 /// rounded to whole patches (at least one); a photo wider than

@@ -187,15 +187,15 @@ def panel_file(layout, lanes, shapes):
     """A panel cache file under the key "fuzz" for `layout`, whose panels are `lanes` wide
     (None: the whole width, as the gemm crate's layout)."""
     parts, weights, start = [], [], 0
-    for outputs, inputs in shapes:
+    for i, (outputs, inputs) in enumerate(shapes):
         width = lanes or outputs
         values = -(-outputs // width) * inputs * width
         parts.append(struct.pack(f"<{values}f", *[(i % 7) * 0.25 for i in range(values)]))
-        weights.append({"outputs": outputs, "inputs": inputs, "layout": layout, "start": start})
+        weights.append({"name": f"w{i}.weight", "outputs": outputs, "inputs": inputs, "layout": layout, "start": start})
         start += values
     header = json.dumps({"key": "fuzz", "checksum": checksum(parts), "weights": weights}).encode()
     padding = -(24 + len(header)) % 64
-    return b"segattn panels\0\x01" + struct.pack("<Q", len(header)) + header + b"\0" * padding + b"".join(parts)
+    return b"segattn panels\0\x02" + struct.pack("<Q", len(header)) + header + b"\0" * padding + b"".join(parts)
 
 
 def panels():

@@ -9,9 +9,10 @@ use image::{DynamicImage, RgbImage};
 use serde_json::json;
 
 use super::jobs::Job;
+use super::output::Committed;
 use super::{BatchArgs, ModelArgs, batch, jobs, values};
 use crate::attention;
-use crate::image_io::{self, Committed};
+use crate::image_io;
 use crate::maps::PatchMap;
 use crate::model::{Capture, Keep, Vit};
 use crate::preprocess;

@@ -15,7 +15,7 @@ use serde_json::json;
 use super::jobs::{self, Job, Plan};
 use super::{BatchArgs, EXIT_OK, EXIT_SOME_FAILED};
 use crate::hub::HubError;
-use crate::image_io::{self, DecodeError, Source};
+use crate::image_io::{DecodeError, Source};
 
 /// Runs `work` on every item on `threads` threads (default: all cores),
 /// with a progress bar on a terminal, and returns each item's result in
@@ -72,7 +72,7 @@ impl Reporter {
     fn line(&self, value: &serde_json::Value) -> Result<()> {
         let line = format!("{value}\n");
         if self.json {
-            image_io::write_stdout(line.as_bytes()).context("cannot write the JSON line")?;
+            super::output::write_stdout(line.as_bytes()).context("cannot write the JSON line")?;
         }
         if let Some(report) = &self.report {
             let mut file = report.lock().unwrap_or_else(PoisonError::into_inner);

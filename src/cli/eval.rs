@@ -142,7 +142,7 @@ pub fn run(args: EvalArgs) -> Result<u8> {
             "missing": missing,
             "unreadable": unreadable,
         });
-        image_io::write_atomic(path, format!("{report:#}\n").as_bytes())?;
+        super::output::write_atomic(path, format!("{report:#}\n").as_bytes())?;
     }
     Ok(if unreadable.is_empty() { EXIT_OK } else { EXIT_SOME_FAILED })
 }

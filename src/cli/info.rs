@@ -35,13 +35,12 @@ pub fn run(args: InfoArgs) -> Result<u8> {
         "activation": format!("{:?}", c.activation),
         "train_resolution": c.train_resolution(),
         "position_interpolation": format!("{:?}", c.pos_interpolation),
-        "trained_head": model.bundled_head().map(|(weight, _)| {
-            let cells = weight.elem_count() / c.hidden_size;
-            format!("linear, {0}x{0} cells per patch", cells.isqrt())
+        "trained_head": crate::head::LinearHead::bundled(&model)?.map(|head| {
+            format!("linear, {0}x{0} cells per patch", head.cells_per_side())
         }),
-        "trained_decoder": model.bundled_decoder().map(|_| "skips from the stem, logits at 1/4 of the input"),
+        "trained_decoder": crate::head::has_bundled_decoder(&model).then_some("skips from the stem, logits at 1/4 of the input"),
         "input_short_side": crate::preprocess::input_size(1, 1, args.model.short_side(&model), c.patch_size).0,
-        "ncut_tau": crate::head::NormalizedCut::for_model(&model).tau,
+        "ncut_tau": crate::head::NormalizedCut::for_model(&model)?.tau,
         "linear_kernel": linear_kernel,
         "attention_kernel": attention_kernel,
         "weights_from_cache": model.weights_from_cache(),

@@ -11,7 +11,8 @@ use anyhow::{Context, Result, bail};
 use image::DynamicImage;
 
 use super::BatchArgs;
-use crate::image_io::{self, Committed, Existing, OutputSet, Sink, Source};
+use super::output::{self, Committed, Existing, OutputSet, Sink};
+use crate::image_io::{self, Source};
 
 const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "jfif"];
 
@@ -396,7 +397,7 @@ fn check_outputs(
                     rejected.push(Rejected { name, reason: format!("cannot create {}: {err}", dir.display()) });
                     continue 'jobs;
                 }
-                image_io::remove_stale_temp_files(dir);
+                output::remove_stale_temp_files(dir);
                 ready_dirs.insert(dir.to_path_buf());
             }
             // A link to nothing is there too: it is not a free name.

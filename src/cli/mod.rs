@@ -15,6 +15,7 @@ mod eval;
 mod fetch;
 mod info;
 mod jobs;
+mod output;
 mod run;
 mod serve;
 mod train_head;
@@ -116,6 +117,8 @@ impl ModelArgs {
             PrecisionName::Bf16 => Precision::Bf16,
         };
         let model = self.load_in(precision)?;
+        // A broken setting for any head is a broken checkpoint, whichever head runs.
+        head::check_bundled_settings(&model)?;
         if model.precision() != precision {
             note!("segattn: warning: --precision bf16 needs a CPU with AVX512-BF16; this one runs in f32");
         }
@@ -299,7 +302,7 @@ impl HeadArgs {
             HeadName::Attn => Box::new(AttentionMass::new(self.mass.unwrap_or(0.6), self.min_heads)?),
             HeadName::Ncut => Box::new(match self.tau {
                 Some(tau) => NormalizedCut { tau },
-                None => NormalizedCut::for_model(model),
+                None => NormalizedCut::for_model(model)?,
             }),
             HeadName::Decoder => Box::new(DecoderHead::bundled(model)?.with_context(|| {
                 format!("{}: no trained decoder (decoder.*) in the model", model.files().weights.display())
@@ -320,9 +323,9 @@ impl HeadArgs {
     fn name(&self, model: &Vit) -> HeadName {
         self.head.unwrap_or(if self.head_weights.is_some() {
             HeadName::Linear
-        } else if model.bundled_decoder().is_some() {
+        } else if head::has_bundled_decoder(model) {
             HeadName::Decoder
-        } else if model.bundled_head().is_some() {
+        } else if head::has_bundled_linear(model) {
             HeadName::Linear
         } else {
             HeadName::Attn
@@ -346,7 +349,7 @@ fn remove_temporary_outputs_on_signals() {
     };
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
-            crate::image_io::abandon_pending_outputs_and_exit(128 + signal);
+            output::abandon_pending_outputs_and_exit(128 + signal);
         }
     });
 }
@@ -354,14 +357,14 @@ fn remove_temporary_outputs_on_signals() {
 fn print_completions(shell: clap_complete::Shell) -> Result<u8> {
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "segattn", &mut script);
-    crate::image_io::write_stdout(&script).context(StdoutFailed)?;
+    output::write_stdout(&script).context(StdoutFailed)?;
     Ok(EXIT_OK)
 }
 
 fn print_man_page() -> Result<u8> {
     let mut page = Vec::new();
     clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut page)?;
-    crate::image_io::write_stdout(&page).context(StdoutFailed)?;
+    output::write_stdout(&page).context(StdoutFailed)?;
     Ok(EXIT_OK)
 }
 
@@ -376,7 +379,7 @@ impl std::fmt::Display for StdoutFailed {
 }
 
 fn print_stdout(text: &str) -> Result<()> {
-    crate::image_io::write_stdout(text.as_bytes()).context(StdoutFailed)
+    output::write_stdout(text.as_bytes()).context(StdoutFailed)
 }
 
 /// What `segattn run ARGS` would write, planned as a run plans it (output

@@ -9,9 +9,10 @@ use image::DynamicImage;
 use serde_json::json;
 
 use super::jobs::{Extra, ExtraOutput, Job};
+use super::output::{Committed, Sink};
 use super::{BatchArgs, HeadArgs, ModelArgs, batch, jobs};
 use crate::head::{self, SegmentationHead};
-use crate::image_io::{self, Committed, Sink};
+use crate::image_io;
 use crate::model::Vit;
 use crate::{preprocess, render};
 

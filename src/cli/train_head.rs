@@ -83,7 +83,7 @@ pub fn run(args: TrainHeadArgs) -> Result<u8> {
         );
     })?;
     let notes = [("best_epoch", head.best_epoch.to_string()), ("val_iou", format!("{:.4}", head.val_iou))];
-    linear::save(&args.out, &head.weight, head.bias, &model, &notes)?;
+    super::output::write_atomic(&args.out, &linear::to_safetensors(&head.weight, head.bias, &model, &notes)?)?;
     outln!(
         "wrote {} (epoch {}, val IoU {:.4}, {} training / {} validation photos)",
         args.out.display(),

@@ -15,8 +15,11 @@ use candle_core::{D, Tensor};
 
 use super::{HeadMap, SegmentationHead};
 use crate::maps::PatchMap;
-use crate::model::vit::DECODER_PREFIX;
-use crate::model::{Capture, ChannelsLastConv, EncoderOutput, PatchGrid, Vit};
+use crate::model::{Capture, ChannelsLastConv, EncoderOutput, Vit};
+use crate::preprocess::PatchGrid;
+
+/// A decoder's tensors are named with this in the model's checkpoint.
+pub(super) const PREFIX: &str = "decoder.";
 
 /// The stem layers the decoder reads: their outputs are at 1/4 and 1/8 of
 /// the input, 4x and 2x the patch grid under 16-pixel patches.
@@ -34,13 +37,14 @@ pub struct DecoderHead {
 impl DecoderHead {
     /// The decoder that came inside the model's own checkpoint, if it has one.
     pub fn bundled(model: &Vit) -> Result<Option<Self>> {
-        model
-            .bundled_decoder()
-            .map(|tensors| Self::new(tensors, model).map_err(|e| anyhow!("{}: {e}", model.files().weights.display())))
-            .transpose()
+        let tensors = model.extra_tensors(PREFIX);
+        if tensors.is_empty() {
+            return Ok(None);
+        }
+        Self::new(&tensors, model).map(Some).map_err(|e| anyhow!("{}: {e}", model.files().weights.display()))
     }
 
-    fn new(tensors: &BTreeMap<String, Tensor>, model: &Vit) -> Result<Self> {
+    fn new(tensors: &BTreeMap<&str, &Tensor>, model: &Vit) -> Result<Self> {
         let config = model.config();
         let stem = &config.stem_channels;
         if stem.len() != 3 || config.patch_size != 16 {
@@ -51,22 +55,24 @@ impl DecoderHead {
         let up4 = conv(tensors, "up4", 3, up8.outputs() + stem[QUARTER])?;
         let out = conv(tensors, "out", 1, up4.outputs())?;
         if out.outputs() != 1 {
-            bail!("`{DECODER_PREFIX}out.weight` has {} outputs, expected 1 (object logits)", out.outputs());
+            bail!("`{PREFIX}out.weight` has {} outputs, expected 1 (object logits)", out.outputs());
         }
         Ok(Self { reduce, up8, up4, out })
     }
 }
 
 /// `name`.weight (_, `inputs`, `kernel`, `kernel`) and `name`.bias.
-fn conv(tensors: &BTreeMap<String, Tensor>, name: &str, kernel: usize, inputs: usize) -> Result<ChannelsLastConv> {
+fn conv(tensors: &BTreeMap<&str, &Tensor>, name: &str, kernel: usize, inputs: usize) -> Result<ChannelsLastConv> {
     let read = |part: &str| {
-        tensors.get(&format!("{name}.{part}")).with_context(|| format!("no `{DECODER_PREFIX}{name}.{part}` tensor"))
+        tensors
+            .get(format!("{name}.{part}").as_str())
+            .copied()
+            .with_context(|| format!("no `{PREFIX}{name}.{part}` tensor"))
     };
-    let conv = ChannelsLastConv::new(read("weight")?, read("bias")?, 1)
-        .with_context(|| format!("`{DECODER_PREFIX}{name}`"))?;
+    let conv = ChannelsLastConv::new(read("weight")?, read("bias")?, 1).with_context(|| format!("`{PREFIX}{name}`"))?;
     if conv.kernel() != kernel || conv.inputs() != inputs {
         bail!(
-            "`{DECODER_PREFIX}{name}.weight` has shape {:?}, expected [_, {inputs}, {kernel}, {kernel}]",
+            "`{PREFIX}{name}.weight` has shape {:?}, expected [_, {inputs}, {kernel}, {kernel}]",
             read("weight")?.dims()
         );
     }

@@ -13,12 +13,16 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::TensorView;
 
 use super::{HeadMap, SegmentationHead};
-use crate::image_io;
 use crate::maps::PatchMap;
 use crate::model::weights::{map_file, safetensors_metadata};
-use crate::model::{Capture, EncoderOutput, PatchGrid, Vit};
+use crate::model::{Capture, EncoderOutput, Vit};
+use crate::preprocess::PatchGrid;
 
-pub use crate::model::vit::{HEAD_BIAS as BIAS, HEAD_WEIGHT as WEIGHT};
+/// Where a checkpoint keeps a linear head: in its own file, or beside the
+/// encoder's tensors in the model's.
+pub(super) const PREFIX: &str = "head.";
+pub const WEIGHT: &str = "head.weight";
+pub const BIAS: &str = "head.bias";
 /// Safetensors metadata key holding [`Vit::fingerprint`] of the training backbone.
 pub const FINGERPRINT_KEY: &str = "segattn_backbone_fingerprint";
 
@@ -69,12 +73,15 @@ impl LinearHead {
 
     /// The head that came inside the model's own checkpoint, if it has one.
     pub fn bundled(model: &Vit) -> Result<Option<Self>> {
-        model
-            .bundled_head()
-            .map(|(weight, bias)| {
-                Self::new(weight, bias, model).map_err(|e| anyhow!("{}: {e}", model.files().weights.display()))
-            })
-            .transpose()
+        let tensors = model.extra_tensors(PREFIX);
+        let (Some(weight), Some(bias)) = (tensors.get("weight"), tensors.get("bias")) else { return Ok(None) };
+        let head = Self::new(weight, bias, model).map_err(|e| anyhow!("{}: {e}", model.files().weights.display()))?;
+        Ok(Some(head))
+    }
+
+    /// Cells per side of a patch: the head classifies s x s cells of each.
+    pub fn cells_per_side(&self) -> usize {
+        self.split
     }
 
     fn new(weight: &Tensor, bias: &Tensor, model: &Vit) -> Result<Self> {
@@ -96,10 +103,10 @@ impl LinearHead {
     }
 }
 
-/// Writes a per-patch head (`head.weight` `[1, hidden]`, `head.bias` `[1]`) as
-/// safetensors, with the backbone's fingerprint, which [`LinearHead::load`]
-/// checks, and `notes` as metadata.
-pub fn save(path: &Path, weight: &[f32], bias: f32, model: &Vit, notes: &[(&str, String)]) -> Result<()> {
+/// A per-patch head (`head.weight` `[1, hidden]`, `head.bias` `[1]`) as a
+/// safetensors file's bytes, with the backbone's fingerprint, which
+/// [`LinearHead::load`] checks, and `notes` as metadata.
+pub fn to_safetensors(weight: &[f32], bias: f32, model: &Vit, notes: &[(&str, String)]) -> Result<Vec<u8>> {
     let weight_bytes: Vec<u8> = weight.iter().flat_map(|v| v.to_le_bytes()).collect();
     let bias_bytes = bias.to_le_bytes();
     let views = [
@@ -111,7 +118,7 @@ pub fn save(path: &Path, weight: &[f32], bias: f32, model: &Vit, notes: &[(&str,
         ("backbone_weights".to_string(), model.files().weights.display().to_string()),
     ]);
     metadata.extend(notes.iter().map(|(key, value)| (key.to_string(), value.clone())));
-    image_io::write_atomic(path, &safetensors::serialize(views, Some(metadata))?)
+    Ok(safetensors::serialize(views, Some(metadata))?)
 }
 
 impl SegmentationHead for LinearHead {

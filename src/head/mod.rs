@@ -26,6 +26,23 @@ use crate::maps::{PatchMap, PixelMap};
 use crate::model::{Capture, EncoderOutput, Keep, Vit};
 use crate::preprocess;
 
+/// Whether `model`'s checkpoint carries a trained decoder.
+pub fn has_bundled_decoder(model: &Vit) -> bool {
+    !model.extra_tensors(decoder::PREFIX).is_empty()
+}
+
+/// Whether `model`'s checkpoint carries a trained linear head.
+pub fn has_bundled_linear(model: &Vit) -> bool {
+    let tensors = model.extra_tensors(linear::PREFIX);
+    tensors.contains_key("weight") && tensors.contains_key("bias")
+}
+
+/// Checks the settings `model`'s checkpoint carries for the heads, so that
+/// a broken one fails whichever head then runs, as a broken tensor does.
+pub fn check_bundled_settings(model: &Vit) -> Result<()> {
+    NormalizedCut::for_model(model).map(drop)
+}
+
 /// What a head's patch values mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MapKind {

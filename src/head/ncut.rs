@@ -7,11 +7,16 @@ use faer::{Mat, Side};
 use super::{HeadMap, SegmentationHead};
 use crate::attention;
 use crate::maps::PatchMap;
-use crate::model::{Capture, EncoderOutput, Keep, PatchGrid, Vit};
+use crate::model::{Capture, EncoderOutput, Keep, Vit};
+use crate::preprocess::PatchGrid;
 
 /// TokenCut's weight for edges below the threshold: small, not zero, so the
 /// graph stays connected.
 const WEAK_EDGE: f64 = 1e-5;
+
+/// Safetensors metadata key: the key similarity above which the cut links
+/// two patches, for a model whose keys are more alike than DINO's.
+pub const TAU_METADATA_KEY: &str = "segattn_ncut_tau";
 
 /// TokenCut's similarity threshold, tuned on DINO's keys.
 const TOKENCUT_TAU: f64 = 0.2;
@@ -25,8 +30,16 @@ pub struct NormalizedCut {
 impl NormalizedCut {
     /// With the threshold `model`'s file gives (segattn-s16's keys are more
     /// alike than DINO's), else TokenCut's.
-    pub fn for_model(model: &Vit) -> Self {
-        Self { tau: model.default_ncut_tau().unwrap_or(TOKENCUT_TAU) }
+    /// A threshold there that is not a similarity is a broken checkpoint.
+    pub fn for_model(model: &Vit) -> Result<Self> {
+        let Some(text) = model.metadata(TAU_METADATA_KEY) else { return Ok(Self { tau: TOKENCUT_TAU }) };
+        match text.parse::<f64>() {
+            Ok(tau) if (0.0..1.0).contains(&tau) => Ok(Self { tau }),
+            _ => bail!(
+                "{}: metadata {TAU_METADATA_KEY} is {text:?}, not a similarity in [0, 1)",
+                model.files().weights.display()
+            ),
+        }
     }
 }
 

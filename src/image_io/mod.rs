@@ -1,13 +1,8 @@
-//! Reading photos safely (`mod.rs`), encoding PNGs that say who wrote them
-//! (`png`), and writing each input's outputs all or none (`output`).
+//! Reading photos safely (`mod.rs`) and encoding PNGs that say who wrote
+//! them (`png`).
 
-mod output;
 mod png;
 
-pub use output::{
-    Committed, Existing, OutputSet, Sink, abandon_pending_outputs_and_exit, remove_stale_temp_files, write_atomic,
-    write_stdout,
-};
 pub use png::{encode_png, is_segattn_output};
 
 use std::io::{Cursor, Read};

@@ -31,14 +31,6 @@ pub fn is_available(precision: Precision) -> bool {
     precision.is_available()
 }
 
-/// W, (outputs, inputs) as stored, laid out for the kernel that will read
-/// it in `precision`.
-pub fn pack(weight: &Tensor, precision: Precision) -> Result<PackedWeight> {
-    let (outputs, inputs) = weight.dims2()?;
-    limit_kernels();
-    cpu_slice(weight, |w| Ok(PackedWeight::new(precision, w, outputs, inputs)?))
-}
-
 /// W, `outputs` x `inputs`, laid out for the kernel that will read it in
 /// `precision` (f32 where that is not available), from
 /// `read(output, first, into)`, which fills `into` with W[output][first..].

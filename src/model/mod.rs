@@ -15,5 +15,5 @@ pub use conv::ChannelsLastConv;
 pub use fused::{Precision, is_available as precision_is_available};
 pub use interpolate::PosInterpolation;
 pub use panel_cache::PanelCache;
-pub use vit::{Capture, EncoderOutput, Keep, PatchGrid, Qkv, Vit};
+pub use vit::{Capture, EncoderOutput, Keep, Qkv, Vit};
 pub use weights::{ModelFiles, WEIGHT_FILES};

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::fused::{PackedWeight, Precision};
 use crate::fnv::fnv1a_64;
 
-const MAGIC: &[u8; 16] = b"segattn panels\0\x01";
+const MAGIC: &[u8; 16] = b"segattn panels\0\x02";
 /// Values start at a multiple of this many bytes, for the vector loads.
 const ALIGN: usize = 64;
 /// Files kept: writing one more removes the oldest written.
@@ -46,6 +46,8 @@ struct Header {
 
 #[derive(Serialize, Deserialize)]
 struct StoredWeight {
+    /// The checkpoint's name for it, which loading asks for it by.
+    name: String,
     outputs: usize,
     inputs: usize,
     layout: String,
@@ -117,13 +119,13 @@ impl PanelCache {
         self.dir.join(format!("{:016x}.panels", fnv1a_64(key.bytes())))
     }
 
-    /// The weights stored under `key`, in the order they were written, if
-    /// the file is there, whole, and laid out for this CPU's kernels.
-    pub fn read(&self, key: &str, precision: Precision) -> Option<Vec<PackedWeight>> {
+    /// The weights stored under `key`, by name, if the file is there,
+    /// whole, and laid out for this CPU's kernels.
+    pub fn read(&self, key: &str, precision: Precision) -> Option<Vec<(String, PackedWeight)>> {
         self.try_read(key, precision).ok()
     }
 
-    fn try_read(&self, key: &str, precision: Precision) -> Result<Vec<PackedWeight>> {
+    fn try_read(&self, key: &str, precision: Precision) -> Result<Vec<(String, PackedWeight)>> {
         let file = std::fs::File::open(self.file(key))?;
         // SAFETY: mapped read-only; a file replaced while mapped stays as it
         // was (replacement is a rename), and one truncated in place would
@@ -143,33 +145,33 @@ impl PanelCache {
             bail!("another key, or a broken file");
         }
         let values: Arc<dyn AsRef<[f32]> + Send + Sync> = Arc::new(MappedValues { map, offset });
-        let weights = header
-            .weights
-            .iter()
-            .map(|w| PackedWeight::from_panels(precision, w.outputs, w.inputs, &w.layout, values.clone(), w.start));
+        let weights = header.weights.into_iter().map(|w| {
+            let weight = PackedWeight::from_panels(precision, w.outputs, w.inputs, &w.layout, values.clone(), w.start);
+            weight.map(|weight| (w.name, weight))
+        });
         let weights = weights.collect::<Result<Vec<_>, _>>()?;
-        let parts: Vec<&[u8]> = weights.iter().map(|w| bytes_of(w.panels())).collect();
+        let parts: Vec<&[u8]> = weights.iter().map(|(_, w)| bytes_of(w.panels())).collect();
         if checksum(&parts) != header.checksum {
             bail!("checksum");
         }
         Ok(weights)
     }
 
-    /// Stores `weights` under `key`, replacing what was there, if they are
-    /// big enough to be worth it. A cache that cannot be written is no
-    /// cache; the caller goes on.
-    pub fn write(&self, key: &str, weights: &[&PackedWeight]) -> Result<()> {
-        let total: usize = weights.iter().map(|w| w.panels().len()).sum();
+    /// Stores `weights`, each under its name, under `key`, replacing what
+    /// was there, if they are big enough to be worth it. A cache that cannot
+    /// be written is no cache; the caller goes on.
+    pub fn write(&self, key: &str, weights: &[(String, PackedWeight)]) -> Result<()> {
+        let total: usize = weights.iter().map(|(_, w)| w.panels().len()).sum();
         if total * 4 < self.min_bytes || cfg!(target_endian = "big") {
             return Ok(());
         }
         // On a little-endian machine an f32 slice is its file bytes already.
-        let parts: Vec<&[u8]> = weights.iter().map(|w| bytes_of(w.panels())).collect();
+        let parts: Vec<&[u8]> = weights.iter().map(|(_, w)| bytes_of(w.panels())).collect();
         let mut stored = Vec::with_capacity(weights.len());
         let mut start = 0;
-        for weight in weights {
+        for (name, weight) in weights {
             let (outputs, inputs) = weight.shape();
-            stored.push(StoredWeight { outputs, inputs, layout: weight.layout_name(), start });
+            stored.push(StoredWeight { name: name.clone(), outputs, inputs, layout: weight.layout_name(), start });
             start += weight.panels().len();
         }
         let header = Header { key: key.to_string(), checksum: checksum(&parts), weights: stored };
@@ -247,9 +249,9 @@ fn checksum(parts: &[&[u8]]) -> String {
 mod tests {
     use super::*;
 
-    fn weight(seed: usize) -> PackedWeight {
+    fn weight(seed: usize) -> (String, PackedWeight) {
         let values: Vec<f32> = (0..6 * 5).map(|i| (i * seed) as f32 * 0.1).collect();
-        PackedWeight::new(Precision::F32, &values, 6, 5).unwrap()
+        (format!("layer{seed}.weight"), PackedWeight::new(Precision::F32, &values, 6, 5).unwrap())
     }
 
     #[test]
@@ -257,11 +259,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = PanelCache::new(dir.path().to_path_buf()).keeping_any_size();
         let (a, b) = (weight(1), weight(2));
-        cache.write("one", &[&a, &b]).unwrap();
+        cache.write("one", &[a.clone(), b.clone()]).unwrap();
         let read = cache.read("one", Precision::F32).unwrap();
         assert_eq!(read.len(), 2);
-        assert_eq!((read[0].panels(), read[1].panels()), (a.panels(), b.panels()));
-        assert_eq!(read[1].shape(), (6, 5));
+        assert_eq!((&read[0].0, &read[1].0), (&a.0, &b.0));
+        assert_eq!((read[0].1.panels(), read[1].1.panels()), (a.1.panels(), b.1.panels()));
+        assert_eq!(read[1].1.shape(), (6, 5));
         assert!(cache.read("two", Precision::F32).is_none());
     }
 
@@ -271,7 +274,7 @@ mod tests {
         let cache = PanelCache::new(dir.path().to_path_buf()).keeping_any_size();
         let keys: Vec<String> = (0..KEEP + 3).map(|i| format!("key {i}")).collect();
         for key in &keys {
-            cache.write(key, &[&weight(3)]).unwrap();
+            cache.write(key, &[weight(3)]).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let kept: Vec<bool> = keys.iter().map(|key| cache.read(key, Precision::F32).is_some()).collect();
@@ -284,8 +287,8 @@ mod tests {
     fn sizes_past_the_file_or_past_usize_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let cache = PanelCache::new(dir.path().to_path_buf()).keeping_any_size();
-        let a = weight(1);
-        cache.write("k", &[&a]).unwrap();
+        let (name, a) = weight(1);
+        cache.write("k", &[(name.clone(), a.clone())]).unwrap();
         let path = cache.file("k");
         let good = std::fs::read(&path).unwrap();
         let layout = a.layout_name();
@@ -294,7 +297,7 @@ mod tests {
             files.push([&good[..16], &header_len.to_le_bytes(), &good[24..]].concat());
         }
         for (outputs, inputs, start) in [(6, 5, usize::MAX), (usize::MAX, usize::MAX, 0), (6, usize::MAX, 1)] {
-            let weights = vec![StoredWeight { outputs, inputs, layout: layout.clone(), start }];
+            let weights = vec![StoredWeight { name: name.clone(), outputs, inputs, layout: layout.clone(), start }];
             let header = serde_json::to_vec(&Header { key: "k".into(), checksum: String::new(), weights }).unwrap();
             let offset = (24 + header.len()).next_multiple_of(ALIGN);
             let mut file = [&MAGIC[..], &(header.len() as u64).to_le_bytes(), &header].concat();
@@ -312,7 +315,7 @@ mod tests {
     fn small_weights_are_not_worth_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let cache = PanelCache::new(dir.path().to_path_buf());
-        cache.write("small", &[&weight(1)]).unwrap();
+        cache.write("small", &[weight(1)]).unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -71,7 +71,7 @@ pub const CONFIG_METADATA_KEY: &str = "config";
 
 /// Names of a checkpoint that no encoder tensor maps to, and that are fine to carry.
 fn is_ignorable(name: &str) -> bool {
-    name.starts_with("pooler.") || name.ends_with("mask_token") || name.starts_with("head.")
+    name.starts_with("pooler.") || name.ends_with("mask_token")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +224,22 @@ impl StoredValues<'_> {
     }
 }
 
+/// A tensor's values, where they lie or loaded.
+pub enum StoredRows<'a> {
+    InPlace(StoredValues<'a>),
+    Loaded(Vec<f32>),
+}
+
+impl StoredRows<'_> {
+    /// Fills `into` with the values from index `first` on, as f32.
+    pub fn read(&self, first: usize, into: &mut [f32]) {
+        match self {
+            Self::InPlace(values) => values.read(first, into),
+            Self::Loaded(values) => into.copy_from_slice(&values[first..first + into.len()]),
+        }
+    }
+}
+
 /// A checkpoint file, read through the prefix its names carry.
 pub struct TensorStore {
     path: PathBuf,
@@ -302,7 +318,7 @@ impl TensorStore {
             bail!("{}: tensor `{full}` has shape {:?}, expected {:?}", self.path.display(), actual, shape);
         }
         match self.tensors.dtype(&full) {
-            Some(DType::F32 | DType::F16 | DType::BF16 | DType::F64) => Ok(full),
+            _ if self.holds_floats(name) => Ok(full),
             dtype => bail!(
                 "{}: tensor `{full}` has dtype {}, expected a float type (F32, F16, BF16)",
                 self.path.display(),
@@ -342,24 +358,39 @@ impl TensorStore {
         Ok(tensor)
     }
 
-    /// `name`'s values read in place from the file's bytes, its shape and
-    /// type checked (not its finiteness: that is the reader's, in its pass).
-    /// `None` where the format cannot be read in place (a pickle) or holds
-    /// f64: [`TensorStore::tensor`] copies those.
-    pub fn values(&self, name: &str, shape: &[usize]) -> Result<Option<StoredValues<'_>>> {
+    /// `name`'s values, its shape and type checked: read in place from the
+    /// file's bytes where the format allows (safetensors in f32, f16 or
+    /// bf16), their finiteness then the reader's, in its pass; else loaded
+    /// as [`TensorStore::tensor`] loads them.
+    pub fn rows(&self, name: &str, shape: &[usize]) -> Result<StoredRows<'_>> {
         let full = self.checked(name, shape)?;
         let view = match &self.tensors {
-            Tensors::Safetensors(t) => t.get(&full),
-            Tensors::Embedded(t) => t.get(&full),
-            Tensors::Pickle(_) => return Ok(None),
-        }
-        .with_context(|| format!("{}: cannot read tensor `{full}`", self.path.display()))?;
-        Ok(match view.dtype() {
+            Tensors::Safetensors(t) => Some(t.get(&full)),
+            Tensors::Embedded(t) => Some(t.get(&full)),
+            Tensors::Pickle(_) => None,
+        };
+        let view = view.transpose().with_context(|| format!("{}: cannot read tensor `{full}`", self.path.display()))?;
+        let in_place = view.and_then(|view| match view.dtype() {
             safetensors::Dtype::F32 => Some(StoredValues::F32(view.data())),
             safetensors::Dtype::F16 => Some(StoredValues::F16(view.data())),
             safetensors::Dtype::BF16 => Some(StoredValues::BF16(view.data())),
             _ => None,
+        });
+        Ok(match in_place {
+            Some(values) => StoredRows::InPlace(values),
+            None => StoredRows::Loaded(self.tensor(name, shape)?.flatten_all()?.to_vec1()?),
         })
+    }
+
+    /// Whether `name` holds floating-point values (not a buffer of integers).
+    pub fn holds_floats(&self, name: &str) -> bool {
+        let full = format!("{}{name}", self.prefix);
+        matches!(self.tensors.dtype(&full), Some(DType::F32 | DType::F16 | DType::BF16 | DType::F64))
+    }
+
+    /// All of the safetensors `__metadata__`.
+    pub fn all_metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
     }
 
     /// The message for a tensor holding NaN or infinite values.

@@ -118,7 +118,9 @@ impl Service {
                 (name, Box::new(Borrowed(self.own_head.as_deref().expect("checked"))))
             }
             None | Some("attn") => ("attn", Box::new(AttentionMass::default())),
-            Some("ncut") => ("ncut", Box::new(NormalizedCut::for_model(&self.model))),
+            Some("ncut") => {
+                ("ncut", Box::new(NormalizedCut::for_model(&self.model).map_err(|e| refuse(500, format!("{e:#}")))?))
+            }
             Some("decoder") => {
                 ("decoder", Box::new(Borrowed(self.decoder.as_ref().ok_or_else(|| missing("decoder"))?)))
             }

@@ -15,7 +15,7 @@ const KEY: &str = "fuzz";
 fuzz_target!(|bytes: &[u8]| {
     scratch_file(&format!("panels/{:016x}.panels", fnv1a_64(KEY.bytes())), bytes);
     let cache = PanelCache::new(scratch().join("panels"));
-    for weight in cache.read(KEY, Precision::F32).into_iter().flatten() {
+    for (_, weight) in cache.read(KEY, Precision::F32).into_iter().flatten() {
         let (_, inputs) = weight.shape();
         let x = vec![1.0; inputs * 3];
         segattn_kernels::matmul(&x, &weight).expect("the shapes it was read with");

@@ -102,12 +102,3 @@ impl SharedOut {
         self.0.wrapping_add(offset)
     }
 }
-
-/// Where (row, column) of a `rows`-row matrix goes when the matrix is laid
-/// out in panels of `width` columns, each (rows, width) row-major, one after
-/// the other: the layout every tiled product reads its right-hand side in
-/// (one vector a panel), and with one panel as wide as the matrix, plain
-/// row-major.
-pub(crate) fn panel_slot(row: usize, column: usize, rows: usize, width: usize) -> usize {
-    (column / width * rows + row) * width + column % width
-}

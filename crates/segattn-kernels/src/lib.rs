@@ -8,9 +8,12 @@
 //!   [`residual_layer_norm`]), one pass each.
 //!
 //! On x86-64 CPUs with AVX-512, or AVX2 + FMA, the products run on register
-//! tiles written once for both (`simd`, `tile_matmul`, `tile_attention`),
-//! chosen at run time; elsewhere, and for attention heads other than 64
-//! dimensions, on the gemm crate. On request ([`Precision::Bf16`]), the
+//! tiles written once for both (`simd`, `tile_matmul`, `tile_attention`);
+//! elsewhere, and for attention heads other than 64 dimensions, on the gemm
+//! crate (`portable`). Each instruction set's kernels form one table
+//! (`dispatch`), chosen at run time; the drivers (`matmul`, `attention`)
+//! share out the work and call through it, on operands laid out as
+//! `layout` says. On request ([`Precision::Bf16`]), the
 //! linear layers and the attention multiply in bfloat16 on CPUs with
 //! AVX512-BF16, on the same tiles. Work is shared out on rayon's pool.
 
@@ -47,7 +50,11 @@ macro_rules! widest_vectors {
 
 mod attention;
 mod buffers;
+mod dispatch;
+mod exp;
+mod layout;
 mod matmul;
+mod portable;
 mod rows;
 #[cfg(target_arch = "x86_64")]
 mod simd;
@@ -59,7 +66,8 @@ mod tile_matmul;
 use std::sync::OnceLock;
 
 pub use attention::{Attended, attention};
-pub use matmul::{PackedWeight, Precision, matmul};
+pub use layout::Precision;
+pub use matmul::{PackedWeight, matmul};
 pub use rows::{Norm, add_bias, bias_gelu, layer_norm, residual_layer_norm};
 
 /// A shape the kernels cannot work on, in words.
@@ -109,8 +117,8 @@ fn limit() -> Limit {
 /// this machine, in words.
 pub fn kernel_names(precision: Precision, head_dim: usize) -> (String, String) {
     (
-        matmul::MatmulKernel::best(precision).to_string(),
-        attention::AttentionKernel::best(head_dim, precision).to_string(),
+        dispatch::Kernels::best(precision).matmul_name.to_string(),
+        dispatch::Kernels::best_attention(head_dim, precision).attention_name.to_string(),
     )
 }
 

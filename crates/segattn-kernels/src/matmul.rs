@@ -9,11 +9,9 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::ShapeError;
-use crate::buffers::{SharedOut, Strided, Unwritten, overwrite_product};
-#[cfg(target_arch = "x86_64")]
-use crate::simd::{self, Avx2, Avx512, Bf16Isa, Bf16Pairs, Isa, Vector, Width};
-#[cfg(target_arch = "x86_64")]
-use crate::tile_matmul;
+use crate::buffers::Unwritten;
+use crate::dispatch::Kernels;
+use crate::layout::{Precision, bf16_pair};
 
 /// A linear layer's W, (outputs, inputs) as stored, laid out once at load the
 /// way its product reads it: Wᵀ (inputs, outputs) in `panel_slot`'s column
@@ -27,95 +25,9 @@ pub struct PackedWeight {
     values: Arc<dyn AsRef<[f32]> + Send + Sync>,
     start: usize,
     len: usize,
-    kernel: MatmulKernel,
+    kernels: &'static Kernels,
     inputs: usize,
     outputs: usize,
-}
-
-/// What the linear layers and the attention multiply in. Sums are f32
-/// either way.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Precision {
-    #[default]
-    F32,
-    /// x and W rounded to bfloat16 (8 bits of mantissa), on CPUs with
-    /// AVX512-BF16: twice the products per instruction.
-    Bf16,
-}
-
-impl Precision {
-    /// Whether this CPU (under [`crate::set_limit`]) runs it: whether the
-    /// best kernel for it multiplies in it.
-    pub fn is_available(self) -> bool {
-        MatmulKernel::best(self).precision() == self
-    }
-}
-
-/// What computes `x · W`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum MatmulKernel {
-    /// The gemm crate, on Wᵀ as one panel; any CPU.
-    Gemm,
-    /// Register tiles on W in one-vector panels.
-    #[cfg(target_arch = "x86_64")]
-    Tiles(Isa),
-    /// Register tiles on x and W in bfloat16 pairs ([`Bf16Pairs`]).
-    #[cfg(target_arch = "x86_64")]
-    Bf16Tiles(Bf16Isa),
-}
-
-impl std::fmt::Display for MatmulKernel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Gemm => f.write_str("gemm crate"),
-            #[cfg(target_arch = "x86_64")]
-            Self::Tiles(isa) => write!(f, "register tiles, {isa}"),
-            #[cfg(target_arch = "x86_64")]
-            Self::Bf16Tiles(_) => f.write_str("bfloat16 register tiles, AVX512-BF16"),
-        }
-    }
-}
-
-impl MatmulKernel {
-    /// The fastest kernel in `precision` here; f32's where bfloat16 is not
-    /// available.
-    pub(crate) fn best(precision: Precision) -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if let (Precision::Bf16, Some(isa)) = (precision, simd::bf16()) {
-            return Self::Bf16Tiles(isa);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let Some(isa) = simd::widest() {
-            return Self::Tiles(isa);
-        }
-        Self::Gemm
-    }
-
-    pub(crate) fn precision(self) -> Precision {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Self::Bf16Tiles(_) => Precision::Bf16,
-            _ => Precision::F32,
-        }
-    }
-
-    fn panel_width(self, outputs: usize) -> usize {
-        match self {
-            Self::Gemm => outputs,
-            #[cfg(target_arch = "x86_64")]
-            Self::Tiles(isa) => isa.lanes(),
-            #[cfg(target_arch = "x86_64")]
-            Self::Bf16Tiles(_) => Bf16Pairs::LANES,
-        }
-    }
-
-    /// Inputs per value of a panel: pairs, in bfloat16.
-    fn inputs_per_slot(self) -> usize {
-        match self.precision() {
-            Precision::F32 => 1,
-            Precision::Bf16 => 2,
-        }
-    }
 }
 
 impl PackedWeight {
@@ -146,21 +58,21 @@ impl PackedWeight {
         if inputs == 0 {
             return Err(ShapeError::new(format!("PackedWeight: a {outputs} x 0 matrix")));
         }
-        Ok(Self::for_kernel(read, outputs, inputs, MatmulKernel::best(precision)))
+        Ok(Self::for_kernels(read, outputs, inputs, Kernels::best(precision)))
     }
 
     /// Each task lays out a piece of one panel: [`PIECE`] of its rows
     /// (inputs, or pairs of them), read as runs of rows of W into a buffer
     /// that stays in L1, then written to the panel one row at a time.
-    pub(crate) fn for_kernel(
+    pub(crate) fn for_kernels(
         read: impl Fn(usize, usize, &mut [f32]) + Sync,
         outputs: usize,
         inputs: usize,
-        kernel: MatmulKernel,
+        kernels: &'static Kernels,
     ) -> Self {
         const PIECE: usize = 128;
-        let width = kernel.panel_width(outputs).max(1);
-        let per_slot = kernel.inputs_per_slot();
+        let width = kernels.panel_width(outputs);
+        let per_slot = kernels.inputs_per_slot();
         let depth = inputs.div_ceil(per_slot);
         let mut panels = Unwritten::new(outputs.div_ceil(width) * depth * width);
         panels.slots().par_chunks_mut(depth * width).enumerate().for_each(|(panel, out)| {
@@ -174,7 +86,7 @@ impl PackedWeight {
                     read(panel * width + lane, first, row);
                 }
                 let depth = out.len() / width;
-                let rows = match kernel.precision() {
+                let rows = match kernels.precision {
                     Precision::F32 => rows,
                     Precision::Bf16 => {
                         let mut pairs = Vec::with_capacity(width * depth);
@@ -192,12 +104,12 @@ impl PackedWeight {
         // SAFETY: each piece wrote every lane of each of its rows.
         let panels = unsafe { panels.assume_written() };
         let len = panels.len();
-        Self { values: Arc::new(panels), start: 0, len, kernel, inputs, outputs }
+        Self { values: Arc::new(panels), start: 0, len, kernels, inputs, outputs }
     }
 
     /// What the product multiplies in.
     pub fn precision(&self) -> Precision {
-        self.kernel.precision()
+        self.kernels.precision
     }
 
     /// The panels as laid out, to be stored and given back to
@@ -208,7 +120,7 @@ impl PackedWeight {
 
     /// Names the layout of [`PackedWeight::panels`]: the kernel it is for.
     pub fn layout_name(&self) -> String {
-        self.kernel.to_string()
+        self.kernels.matmul_name.to_string()
     }
 
     /// A W of `outputs` x `inputs` whose panels, laid out by an earlier
@@ -225,20 +137,21 @@ impl PackedWeight {
         owner: Arc<dyn AsRef<[f32]> + Send + Sync>,
         start: usize,
     ) -> Result<Self, ShapeError> {
-        let kernel = MatmulKernel::best(precision);
-        if layout_name != kernel.to_string() {
-            return Err(ShapeError::new(format!("PackedWeight: panels for {layout_name}, not {kernel}")));
+        let kernels = Kernels::best(precision);
+        if layout_name != kernels.matmul_name {
+            let expected = kernels.matmul_name;
+            return Err(ShapeError::new(format!("PackedWeight: panels for {layout_name}, not {expected}")));
         }
-        let width = kernel.panel_width(outputs).max(1);
+        let width = kernels.panel_width(outputs);
         // The sizes come from a file: a product or end past usize is a
         // layout no file can hold, not an overflow.
         let len = (outputs.div_ceil(width))
-            .checked_mul(inputs.div_ceil(kernel.inputs_per_slot()))
+            .checked_mul(inputs.div_ceil(kernels.inputs_per_slot()))
             .and_then(|slots| slots.checked_mul(width));
         let end = len.and_then(|len| start.checked_add(len));
         match (len, end) {
             (Some(len), Some(end)) if inputs > 0 && outputs > 0 && end <= (*owner).as_ref().len() => {
-                Ok(Self { values: owner, start, len, kernel, inputs, outputs })
+                Ok(Self { values: owner, start, len, kernels, inputs, outputs })
             }
             _ => Err(ShapeError::new(format!("PackedWeight: no panels at {start} for {outputs} x {inputs}"))),
         }
@@ -264,49 +177,8 @@ pub fn matmul(x: &[f32], weight: &PackedWeight) -> Result<Vec<f32>, ShapeError> 
         }
         let rows = x.len() / inputs;
         let mut product = Unwritten::new(rows * outputs);
-        match weight.kernel {
-            MatmulKernel::Gemm => gemm_product(x, inputs, weight.panels(), outputs, product.slots()),
-            // SAFETY: an `Isa` is made only for an instruction set the CPU
-            // has, and `for_kernel` packed the panels for this one.
-            #[cfg(target_arch = "x86_64")]
-            MatmulKernel::Tiles(isa) => match isa.width() {
-                Width::Avx512 => unsafe {
-                    tile_matmul::product::<Avx512, { Avx512::TILE_PANELS }>(
-                        x,
-                        inputs,
-                        weight.panels(),
-                        outputs,
-                        product.slots(),
-                    )
-                },
-                Width::Avx2 => unsafe {
-                    tile_matmul::product::<Avx2, { Avx2::TILE_PANELS }>(
-                        x,
-                        inputs,
-                        weight.panels(),
-                        outputs,
-                        product.slots(),
-                    )
-                },
-            },
-            #[cfg(target_arch = "x86_64")]
-            MatmulKernel::Bf16Tiles(isa) => {
-                let pairs = bf16_rows(isa, x, inputs);
-                // SAFETY: a `Bf16Isa` is made only where the CPU has
-                // AVX512-BF16; `for_kernel` packed the panels in pairs, as
-                // `bf16_rows` laid out x.
-                unsafe {
-                    tile_matmul::product::<Bf16Pairs, { Bf16Pairs::TILE_PANELS }>(
-                        &pairs,
-                        inputs.div_ceil(2),
-                        weight.panels(),
-                        outputs,
-                        product.slots(),
-                    )
-                }
-            }
-        }
-        // SAFETY: either kernel writes every value of the product when inputs > 0.
+        weight.kernels.product(x, inputs, weight.panels(), outputs, product.slots());
+        // SAFETY: every kernel writes every value of the product when inputs > 0.
         Ok(unsafe { product.assume_written() })
     }
 }
@@ -336,80 +208,10 @@ fn transpose(rows: &[f32], depth: usize, width: usize, out: &mut [MaybeUninit<f3
     }
 }
 
-/// `low` and `high` as a bfloat16 pair in the bits of an f32 ([`Bf16Pairs`]).
-pub(crate) fn bf16_pair(low: f32, high: f32) -> f32 {
-    f32::from_bits(u32::from(bf16_bits(low)) | u32::from(bf16_bits(high)) << 16)
-}
-
-/// f32 to bfloat16, rounded to nearest even as `vcvtneps2bf16` rounds
-/// finite values.
-pub(crate) fn bf16_bits(value: f32) -> u16 {
-    let bits = value.to_bits();
-    (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
-}
-
-/// `value` rounded to bfloat16, as an f32: what the bfloat16 kernels
-/// multiply, for the tests' references.
-#[cfg(test)]
-pub(crate) fn bf16_rounded(value: f32) -> f32 {
-    f32::from_bits(u32::from(bf16_bits(value)) << 16)
-}
-
-/// x's rows of `inputs` values as rows of bfloat16 pairs ([`Bf16Pairs`]).
-#[cfg(target_arch = "x86_64")]
-fn bf16_rows(_: Bf16Isa, x: &[f32], inputs: usize) -> Vec<f32> {
-    let slots = inputs.div_ceil(2);
-    let mut pairs = Unwritten::new(x.len() / inputs * slots);
-    pairs.slots().par_chunks_mut(64 * slots).zip(x.par_chunks(64 * inputs)).for_each(|(out, x)| {
-        for (out, row) in out.chunks_exact_mut(slots).zip(x.chunks_exact(inputs)) {
-            // SAFETY: the caller holds a `Bf16Isa`; the row has `slots` slots.
-            unsafe { simd::bf16_pairs(row, out) };
-        }
-    });
-    // SAFETY: every row's slots were written.
-    unsafe { pairs.assume_written() }
-}
-
-/// `out = x · B` for B (inputs, outputs) row-major. Each task, two per
-/// thread, is a single-threaded GEMM over a slice of the output columns. The
-/// gemm crate's own threading packs B on the calling thread while the workers
-/// wait, then synchronizes them per panel, which costs most on small inputs.
-fn gemm_product(x: &[f32], inputs: usize, b: &[f32], outputs: usize, out: &mut [MaybeUninit<f32>]) {
-    let rows = x.len() / inputs;
-    let columns = outputs.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(16);
-    let dst = SharedOut(out.as_mut_ptr().cast());
-    (0..outputs.div_ceil(columns)).into_par_iter().for_each(|task| {
-        let first = task * columns;
-        // SAFETY: dst is (rows x outputs) row-major `out`, of which this task
-        // writes columns first..first+width; lhs (rows x inputs) row-major is
-        // `x`; rhs (inputs x width) is columns first..first+width of B.
-        unsafe {
-            overwrite_product(
-                (rows, columns.min(outputs - first), inputs),
-                dst.at(first),
-                outputs,
-                Strided::row_major(x.as_ptr(), inputs),
-                Strided::row_major(b.as_ptr().add(first), outputs),
-                1.0,
-            );
-        }
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Every kernel this CPU runs, bfloat16's included.
-    fn kernels_here() -> Vec<MatmulKernel> {
-        #[cfg(target_arch = "x86_64")]
-        return std::iter::once(MatmulKernel::Gemm)
-            .chain(simd::usable().map(MatmulKernel::Tiles))
-            .chain(simd::bf16().map(MatmulKernel::Bf16Tiles))
-            .collect();
-        #[cfg(not(target_arch = "x86_64"))]
-        vec![MatmulKernel::Gemm]
-    }
+    use crate::layout::bf16_rounded;
 
     #[test]
     fn matmul_kernels_match_the_formula() {
@@ -422,10 +224,10 @@ mod tests {
                 let x = crate::noise(rows * inputs, (rows * 100 + inputs) as u64);
                 for outputs in [1, 8, 16, 17, 23, 83] {
                     let weight = crate::noise(outputs * inputs, outputs as u64);
-                    for kernel in kernels_here() {
+                    for kernels in Kernels::all_here() {
                         // bfloat16 multiplies x and W rounded; its sums are f32.
                         let rounded = |v: &[f32]| -> Vec<f32> {
-                            match kernel.precision() {
+                            match kernels.precision {
                                 Precision::F32 => v.to_vec(),
                                 Precision::Bf16 => v.iter().map(|&v| bf16_rounded(v)).collect(),
                             }
@@ -442,13 +244,13 @@ mod tests {
                         let read = |output: usize, first: usize, into: &mut [f32]| {
                             into.copy_from_slice(&weight[output * inputs + first..][..into.len()]);
                         };
-                        let packed = PackedWeight::for_kernel(read, outputs, inputs, kernel);
+                        let packed = PackedWeight::for_kernels(read, outputs, inputs, kernels);
                         let ours = matmul(&x, &packed).unwrap();
                         assert_eq!(ours.len(), expected.len());
                         for (a, e) in ours.iter().zip(&expected) {
                             assert!(
                                 (f64::from(*a) - e).abs() < 1e-4,
-                                "{kernel:?}, {rows}x{inputs} by {outputs}: {a} vs {e}"
+                                "{kernels:?}, {rows}x{inputs} by {outputs}: {a} vs {e}"
                             );
                         }
                     }
@@ -457,26 +259,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn bfloat16_rounds_to_nearest_even() {
-        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: even is 1. 1 + 3·2^-8
-        // is halfway between 1 + 2^-7 and 1 + 2^-6: even is the latter.
-        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
-        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
-        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0 + 1e-6), 0x3f81);
-        assert_eq!(bf16_bits(-2.0), 0xc000);
-    }
-
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn rows_of_x_become_the_pairs_the_weights_are_packed_in() {
-        let Some(isa) = simd::bf16() else {
+        if crate::simd::bf16().is_none() {
             return;
-        };
+        }
         for inputs in [1, 2, 15, 16, 17, 33, 300] {
             let mut x = crate::noise(3 * inputs, inputs as u64);
             x[0] = 1.0 + 1.0 / 256.0;
-            let pairs = bf16_rows(isa, &x, inputs);
+            // SAFETY: the CPU has AVX512-BF16, checked above.
+            let pairs = unsafe { crate::tile_matmul::bf16_rows(&x, inputs) };
             let slots = inputs.div_ceil(2);
             assert_eq!(pairs.len(), 3 * slots);
             for (row, pairs) in x.chunks(inputs).zip(pairs.chunks(slots)) {

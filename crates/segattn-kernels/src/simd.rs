@@ -58,14 +58,6 @@ impl Isa {
     pub(crate) fn width(self) -> Width {
         self.0
     }
-
-    /// Floats per vector, and so columns per panel of a tile's right-hand side.
-    pub(crate) fn lanes(self) -> usize {
-        match self.0 {
-            Width::Avx2 => Avx2::LANES,
-            Width::Avx512 => Avx512::LANES,
-        }
-    }
 }
 
 /// One vector register of floats.
@@ -217,7 +209,7 @@ impl FloatLanes for Avx2 {
     #[inline(always)]
     unsafe fn softmax_numerators(row: &mut [f32]) -> f32 {
         let mut inv_sum = [0f32];
-        crate::rows::softmax_numerators_portable(row, row.len(), &mut inv_sum);
+        crate::exp::softmax_numerators_portable(row, row.len(), &mut inv_sum);
         inv_sum[0]
     }
 }
@@ -329,7 +321,7 @@ pub(crate) unsafe fn bf16_pairs(values: &[f32], into: &mut [std::mem::MaybeUnini
     }
 }
 
-/// AVX-512 softmax numerators, as `crate::rows::softmax_numerators` computes them.
+/// AVX-512 softmax numerators, as `crate::exp::softmax_numerators_portable` computes them.
 /// The exponential is FMAs and `vscalefps`, 11 instructions a vector against
 /// 22 for the portable one, which has no FMA to rely on; four vectors a step
 /// keep four sums apart.

@@ -12,7 +12,7 @@
 //! in pairs of dimensions and of tokens, each tile's queries and softmax
 //! numerators converted as it reaches them; scores, softmax and sums stay f32.
 
-use crate::attention::{HeadMajor, QueryBlock};
+use crate::layout::{HeadMajor, QueryBlock};
 use crate::simd::{self, Avx512, Bf16Pairs, FloatLanes, Vector};
 use crate::tile_matmul::{TILE_ROWS, tile_product};
 

@@ -9,8 +9,8 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::buffers::SharedOut;
-use crate::simd::Vector;
+use crate::buffers::{SharedOut, Unwritten};
+use crate::simd::{self, Bf16Pairs, Vector};
 
 /// Rows of x per tile.
 pub(crate) const TILE_ROWS: usize = 6;
@@ -56,6 +56,43 @@ pub(crate) unsafe fn product<V: Vector, const P: usize>(
             )
         };
     });
+}
+
+/// [`product`] on bfloat16 pairs: x's rows converted to the pairs W's
+/// panels are packed in, then the tiles over pairs of inputs.
+///
+/// # Safety
+/// As [`product`], for [`Bf16Pairs`]: the CPU has AVX512-BF16 and `panels`
+/// holds ceil(outputs / 16) panels of ceil(inputs / 2) rows of pairs.
+pub(crate) unsafe fn bf16_product(
+    x: &[f32],
+    inputs: usize,
+    panels: &[f32],
+    outputs: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
+    // SAFETY: the caller's contract; `bf16_rows` lays out x in pairs.
+    unsafe {
+        let pairs = bf16_rows(x, inputs);
+        product::<Bf16Pairs, { Bf16Pairs::TILE_PANELS }>(&pairs, inputs.div_ceil(2), panels, outputs, out)
+    }
+}
+
+/// x's rows of `inputs` values as rows of bfloat16 pairs ([`Bf16Pairs`]).
+///
+/// # Safety
+/// The CPU has AVX512-BF16.
+pub(crate) unsafe fn bf16_rows(x: &[f32], inputs: usize) -> Vec<f32> {
+    let slots = inputs.div_ceil(2);
+    let mut pairs = Unwritten::new(x.len() / inputs * slots);
+    pairs.slots().par_chunks_mut(64 * slots).zip(x.par_chunks(64 * inputs)).for_each(|(out, x)| {
+        for (out, row) in out.chunks_exact_mut(slots).zip(x.chunks_exact(inputs)) {
+            // SAFETY: the caller's contract; the row has `slots` slots.
+            unsafe { simd::bf16_pairs(row, out) };
+        }
+    });
+    // SAFETY: every row's slots were written.
+    unsafe { pairs.assume_written() }
 }
 
 /// Up to P panels' columns of the product, over rows of x.

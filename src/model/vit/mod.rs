@@ -5,93 +5,22 @@
 //! `forward`. Attention probabilities and q/k/v are only kept for the layers
 //! a [`Capture`] asks for.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod loading;
 
-use anyhow::{Result, anyhow, bail};
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{Result, bail};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::builtin;
-use super::config::{Activation, HfConfig, VitConfig};
+pub use self::loading::SHORT_SIDE_METADATA_KEY;
+use self::loading::Weights;
+use super::config::{Activation, VitConfig};
 use super::conv::ChannelsLastConv;
-use super::fused::{self, PackedWeight, Precision};
+use super::fused::{self, Precision};
 use super::interpolate::resample_grid;
-use super::panel_cache::PanelCache;
-use super::weights::{CONFIG_METADATA_KEY, Layout, ModelFiles, QkvNames, TensorStore};
-use crate::fnv::fnv1a_64;
-
-/// A trained segmentation head stored beside the encoder's tensors.
-pub const HEAD_WEIGHT: &str = "head.weight";
-pub const HEAD_BIAS: &str = "head.bias";
-/// The names of a trained decoder's tensors, stored beside the encoder's,
-/// start with this.
-pub const DECODER_PREFIX: &str = "decoder.";
-/// Safetensors metadata key: the input's short side the model was trained for.
-pub const SHORT_SIDE_METADATA_KEY: &str = "segattn_short_side";
-/// Safetensors metadata key: the key similarity above which TokenCut links two
-/// patches, for a model whose keys are more alike than DINO's (TokenCut's 0.2).
-pub const NCUT_TAU_METADATA_KEY: &str = "segattn_ncut_tau";
-
-/// The file's metadata entry `key` as a `T` that `valid` accepts, if the file
-/// has one; anything else there is a broken checkpoint.
-fn metadata_value<T: FromStr>(
-    store: &TensorStore,
-    key: &str,
-    what: &str,
-    valid: impl Fn(&T) -> bool,
-) -> Result<Option<T>> {
-    let Some(text) = store.metadata(key) else { return Ok(None) };
-    let value = text.parse::<T>().ok().filter(valid);
-    value.map(Some).ok_or_else(|| anyhow!("{}: metadata {key} is {text:?}, not {what}", store.path().display()))
-}
-
-/// A checkpoint being read into layers: its tensors, their names, the
-/// model's shape, and what its products will multiply in.
-#[derive(Clone, Copy)]
-struct Checkpoint<'a> {
-    store: &'a TensorStore,
-    layout: &'a Layout,
-    config: &'a VitConfig,
-    precision: Precision,
-    /// Weight matrices an earlier run laid out ([`PanelCache`]), by
-    /// [`Checkpoint::slot`].
-    laid_out: Option<&'a [PackedWeight]>,
-}
-
-/// The linear layers of a block, in the order of their slots.
-#[derive(Clone, Copy)]
-enum Role {
-    Qkv,
-    Out,
-    Fc1,
-    Fc2,
-}
-
-impl Role {
-    const ALL: [Role; 4] = [Role::Qkv, Role::Out, Role::Fc1, Role::Fc2];
-}
-
-impl Checkpoint<'_> {
-    /// Linear layers have slots in a fixed order, the order a [`PanelCache`]
-    /// keeps them in: the patch embedding's projection, then each block's.
-    const PATCH_EMBEDDING_SLOT: usize = 0;
-
-    fn slot(layer: usize, role: Role) -> usize {
-        1 + Role::ALL.len() * layer + role as usize
-    }
-
-    fn slots(num_layers: usize) -> usize {
-        1 + Role::ALL.len() * num_layers
-    }
-
-    /// The laid-out weight of `slot`, if there is one of `shape`.
-    fn laid_out(&self, slot: usize, shape: (usize, usize)) -> Option<PackedWeight> {
-        self.laid_out?.get(slot).filter(|w| w.shape() == shape).cloned()
-    }
-}
+use super::weights::{ModelFiles, QkvNames};
+use crate::preprocess::PatchGrid;
 
 /// `x · Wᵀ + b`, with W laid out once at load for the product's kernel
 /// ([`fused::PackedWeight`]). Read as stored, (outputs, inputs), W would be
@@ -102,46 +31,9 @@ struct Linear {
 }
 
 impl Linear {
-    fn new(checkpoint: &Checkpoint, name: &str, inputs: usize, outputs: usize, slot: usize) -> Result<Self> {
-        Self::stacked(checkpoint, &[name.to_string()], inputs, outputs, slot)
-    }
-
-    /// The layers `names` (each `outputs` x `inputs`) as one, their outputs
-    /// one after another: a fused qkv projection from separate q, k and v.
-    /// W is read in place from the file and packed in one pass, its
-    /// finiteness checked on the way; formats that cannot be read in place
-    /// are loaded as tensors first. W laid out by an earlier run, for
-    /// `slot`, is used as it is (its shape and type still checked).
-    fn stacked(checkpoint: &Checkpoint, names: &[String], inputs: usize, outputs: usize, slot: usize) -> Result<Self> {
-        let Checkpoint { store, precision, .. } = *checkpoint;
-        let bias_parts =
-            (names.iter().map(|name| store.tensor(&format!("{name}.bias"), &[outputs]))).collect::<Result<Vec<_>>>()?;
-        let bias = Tensor::cat(&bias_parts, 0)?;
-        let weights = (names.iter().map(|name| store.values(&format!("{name}.weight"), &[outputs, inputs])))
-            .collect::<Result<Option<Vec<_>>>>()?;
-        if let Some(weight) = checkpoint.laid_out(slot, (names.len() * outputs, inputs)) {
-            return Ok(Self { weight, bias });
-        }
-        let Some(weights) = weights else {
-            let parts = (names.iter().map(|name| store.tensor(&format!("{name}.weight"), &[outputs, inputs])))
-                .collect::<Result<Vec<_>>>()?;
-            return Ok(Self { weight: fused::pack(&Tensor::cat(&parts, 0)?, precision)?, bias });
-        };
-        let not_finite = AtomicUsize::new(usize::MAX);
-        let weight = fused::pack_rows(precision, names.len() * outputs, inputs, |output, first, into| {
-            let (part, row) = (output / outputs, output % outputs);
-            weights[part].read(row * inputs + first, into);
-            // Without a branch per value, so that it vectorizes: the largest
-            // magnitude's bits are an infinity's or a NaN's exactly when one is.
-            let largest = into.iter().map(|v| v.to_bits() & 0x7fff_ffff).max().unwrap_or(0);
-            if largest >= f32::INFINITY.to_bits() {
-                not_finite.fetch_min(part, Ordering::Relaxed);
-            }
-        })?;
-        if let Some(name) = names.get(not_finite.into_inner()) {
-            bail!("{}", store.not_finite(&format!("{name}.weight")));
-        }
-        Ok(Self { weight, bias })
+    /// `{name}.weight` of `shape` (outputs first) and `{name}.bias`.
+    fn new(weights: &Weights, name: &str, shape: &[usize]) -> Result<Self> {
+        weights.linear(&[name.to_string()], shape)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -169,11 +61,12 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn new(store: &TensorStore, name: &str, size: usize, eps: f64) -> Result<Self> {
+    fn new(weights: &Weights, name: &str) -> Result<Self> {
+        let size = weights.config.hidden_size;
         Ok(Self {
-            weight: store.tensor(&format!("{name}.weight"), &[size])?,
-            bias: store.tensor(&format!("{name}.bias"), &[size])?,
-            eps: eps as f32,
+            weight: weights.tensor(&format!("{name}.weight"), &[size])?,
+            bias: weights.tensor(&format!("{name}.bias"), &[size])?,
+            eps: weights.config.layer_norm_eps as f32,
         })
     }
 
@@ -193,9 +86,9 @@ struct StemConv {
 }
 
 impl StemConv {
-    fn new(store: &TensorStore, name: &str, inputs: usize, outputs: usize) -> Result<Self> {
-        let weight = store.tensor(&format!("{name}.weight"), &[outputs, inputs, 3, 3])?;
-        let bias = store.tensor(&format!("{name}.bias"), &[outputs])?;
+    fn new(weights: &Weights, name: &str, inputs: usize, outputs: usize) -> Result<Self> {
+        let weight = weights.tensor(&format!("{name}.weight"), &[outputs, inputs, 3, 3])?;
+        let bias = weights.tensor(&format!("{name}.bias"), &[outputs])?;
         Ok(Self { conv: ChannelsLastConv::new(&weight, &bias, 2)? })
     }
 
@@ -215,23 +108,18 @@ struct PatchEmbed {
 }
 
 impl PatchEmbed {
-    fn new(checkpoint: &Checkpoint) -> Result<Self> {
-        let Checkpoint { store, layout, config, precision, .. } = *checkpoint;
+    fn new(weights: &Weights) -> Result<Self> {
+        let (layout, config) = (weights.layout, weights.config);
         let mut inputs = 3;
         let mut stem = Vec::with_capacity(config.stem_channels.len());
         for (i, &outputs) in config.stem_channels.iter().enumerate() {
-            stem.push(StemConv::new(store, &format!("{}.{i}", layout.stem), inputs, outputs)?);
+            stem.push(StemConv::new(weights, &format!("{}.{i}", layout.stem), inputs, outputs)?);
             inputs = outputs;
         }
-        let d = config.hidden_size;
         let q = config.patch_size >> stem.len();
-        let weight = store.tensor(&format!("{}.weight", layout.patch_embed), &[d, inputs, q, q])?;
-        let bias = store.tensor(&format!("{}.bias", layout.patch_embed), &[d])?;
-        let weight = match checkpoint.laid_out(Checkpoint::PATCH_EMBEDDING_SLOT, (d, inputs * q * q)) {
-            Some(laid_out) => laid_out,
-            None => fused::pack(&weight.reshape((d, inputs * q * q))?, precision)?,
-        };
-        let projection = Linear { weight, bias };
+        // A convolution of stride q over q x q patches: one product whose
+        // inputs are a patch's channels and pixels.
+        let projection = Linear::new(weights, layout.patch_embed, &[config.hidden_size, inputs, q, q])?;
         Ok(Self { stem, projection, projection_size: q, patch_size: config.patch_size })
     }
 
@@ -268,23 +156,6 @@ impl PatchEmbed {
     }
 }
 
-/// The patch grid an image was cut into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PatchGrid {
-    pub rows: usize,
-    pub cols: usize,
-}
-
-impl PatchGrid {
-    pub fn len(&self) -> usize {
-        self.rows * self.cols
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 struct PositionEmbedding {
     cls: Tensor,
     /// (D, G, G): channels first, ready for separable resampling.
@@ -293,9 +164,10 @@ struct PositionEmbedding {
 }
 
 impl PositionEmbedding {
-    fn new(store: &TensorStore, layout: &Layout, config: &VitConfig) -> Result<Self> {
+    fn new(weights: &Weights) -> Result<Self> {
+        let config = weights.config;
         let (d, g) = (config.hidden_size, config.pos_grid);
-        let table = store.tensor(layout.pos_embed, &[1, 1 + g * g, d])?;
+        let table = weights.tensor(weights.layout.pos_embed, &[1, 1 + g * g, d])?;
         let cls = table.narrow(1, 0, 1)?;
         let grid = table.narrow(1, 1, g * g)?.reshape((g, g, d))?.permute((2, 0, 1))?.contiguous()?;
         Ok(Self { cls, grid, config: config.clone() })
@@ -418,18 +290,17 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(checkpoint: &Checkpoint, layer: usize) -> Result<Self> {
-        let Checkpoint { layout, config, precision, .. } = *checkpoint;
+    fn new(weights: &Weights, layer: usize, precision: Precision) -> Result<Self> {
+        let (layout, config) = (weights.layout, weights.config);
         let d = config.hidden_size;
-        let slot = |role| Checkpoint::slot(layer, role);
         let qkv = match layout.qkv {
-            QkvNames::Fused(name) => Linear::new(checkpoint, &layout.block(layer, name), d, 3 * d, slot(Role::Qkv))?,
+            QkvNames::Fused(name) => Linear::new(weights, &layout.block(layer, name), &[3 * d, d])?,
             QkvNames::Separate(names) => {
                 let names: Vec<String> = names.iter().map(|name| layout.block(layer, name)).collect();
-                Linear::stacked(checkpoint, &names, d, d, slot(Role::Qkv))?
+                weights.linear(&names, &[d, d])?
             }
         };
-        let out = Linear::new(checkpoint, &layout.block(layer, layout.attn_out), d, d, slot(Role::Out))?;
+        let out = Linear::new(weights, &layout.block(layer, layout.attn_out), &[d, d])?;
         let scale = 1.0 / (config.head_dim() as f64).sqrt();
         Ok(Self { qkv, out, num_heads: config.num_heads, scale, precision })
     }
@@ -513,32 +384,21 @@ struct Block {
 }
 
 impl Block {
-    /// The linear layer that plays `role`.
-    fn linear(&self, role: Role) -> &Linear {
-        match role {
-            Role::Qkv => &self.attention.qkv,
-            Role::Out => &self.attention.out,
-            Role::Fc1 => &self.mlp.fc1,
-            Role::Fc2 => &self.mlp.fc2,
-        }
-    }
-
-    fn new(checkpoint: &Checkpoint, layer: usize) -> Result<Self> {
-        let Checkpoint { store, layout, config, .. } = *checkpoint;
-        let (d, eps) = (config.hidden_size, config.layer_norm_eps);
-        let slot = |role| Checkpoint::slot(layer, role);
+    fn new(weights: &Weights, layer: usize, precision: Precision) -> Result<Self> {
+        let (layout, config) = (weights.layout, weights.config);
+        let (d, hidden) = (config.hidden_size, config.mlp_hidden_size);
         let name = |role: &str| layout.block(layer, role);
         let layer_scale = |role: &str| -> Result<Option<Tensor>> {
-            config.layer_scale.then(|| store.tensor(&name(role), &[d])).transpose()
+            config.layer_scale.then(|| weights.tensor(&name(role), &[d])).transpose()
         };
         Ok(Self {
-            norm1: LayerNorm::new(store, &name(layout.norm1), d, eps)?,
-            attention: Attention::new(checkpoint, layer)?,
+            norm1: LayerNorm::new(weights, &name(layout.norm1))?,
+            attention: Attention::new(weights, layer, precision)?,
             layer_scale1: layer_scale(layout.layer_scale[0])?,
-            norm2: LayerNorm::new(store, &name(layout.norm2), d, eps)?,
+            norm2: LayerNorm::new(weights, &name(layout.norm2))?,
             mlp: Mlp {
-                fc1: Linear::new(checkpoint, &name(layout.fc1), d, config.mlp_hidden_size, slot(Role::Fc1))?,
-                fc2: Linear::new(checkpoint, &name(layout.fc2), config.mlp_hidden_size, d, slot(Role::Fc2))?,
+                fc1: Linear::new(weights, &name(layout.fc1), &[hidden, d])?,
+                fc2: Linear::new(weights, &name(layout.fc2), &[d, hidden])?,
                 activation: config.activation,
             },
             layer_scale2: layer_scale(layout.layer_scale[1])?,
@@ -577,160 +437,77 @@ impl EncoderOutput {
     }
 }
 
-pub struct Vit {
-    config: VitConfig,
-    files: ModelFiles,
+/// The encoder's layers, in the order a forward pass runs them.
+struct Layers {
     patch_embed: PatchEmbed,
     cls_token: Tensor,
     register_tokens: Option<Tensor>,
     position: PositionEmbedding,
     blocks: Vec<Block>,
     norm: LayerNorm,
+}
+
+impl Layers {
+    fn new(weights: &Weights, precision: Precision) -> Result<Self> {
+        let (layout, config) = (weights.layout, weights.config);
+        let d = config.hidden_size;
+        let register_tokens = match config.num_registers {
+            0 => None,
+            r => Some(weights.tensor(layout.register_tokens, &[1, r, d])?),
+        };
+        // Blocks read, check and lay out their weights independently: in
+        // parallel, load time is what one core's share of the file takes.
+        let blocks = (0..config.num_layers)
+            .into_par_iter()
+            .map(|layer| Block::new(weights, layer, precision))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            patch_embed: PatchEmbed::new(weights)?,
+            cls_token: weights.tensor(layout.cls_token, &[1, 1, d])?,
+            register_tokens,
+            position: PositionEmbedding::new(weights)?,
+            blocks,
+            norm: LayerNorm::new(weights, layout.final_norm)?,
+        })
+    }
+}
+
+pub struct Vit {
+    config: VitConfig,
+    layers: Layers,
+    files: ModelFiles,
+    /// The checkpoint's tensors that are not the encoder's (a head or a
+    /// decoder trained with it, say), by name.
+    extras: BTreeMap<String, Tensor>,
+    /// The checkpoint's safetensors metadata.
+    metadata: HashMap<String, String>,
     num_parameters: usize,
-    /// (weight, bias) of a head trained with this backbone, from its own file.
-    bundled_head: Option<(Tensor, Tensor)>,
-    /// The tensors named [`DECODER_PREFIX`]..., without the prefix: a decoder
-    /// trained with this backbone, from its own file.
-    bundled_decoder: BTreeMap<String, Tensor>,
     default_short_side: Option<usize>,
-    default_ncut_tau: Option<f64>,
     fingerprint: String,
     precision: Precision,
     weights_from_cache: bool,
 }
 
 impl Vit {
-    /// Loads a checkpoint from a `.safetensors` file or a Hugging Face snapshot directory.
-    /// It runs on the CPU: the fused kernels are CPU code.
-    pub fn load(path: &Path) -> Result<Self> {
-        Self::load_in(path, Precision::F32)
-    }
-
-    /// [`Vit::load`], its linear layers and attention multiplying in `precision` where
-    /// this CPU has it (else in f32: [`Vit::precision`] says which).
-    pub fn load_in(path: &Path, precision: Precision) -> Result<Self> {
-        Self::load_cached(path, precision, None)
-    }
-
-    /// [`Vit::load_in`], taking the laid-out weights from `cache` when an
-    /// earlier run left them there for this file, and leaving them there
-    /// otherwise.
-    pub fn load_cached(path: &Path, precision: Precision, cache: Option<&PanelCache>) -> Result<Self> {
-        let files = ModelFiles::locate(path)?;
-        let store = TensorStore::open(&files.weights)?;
-        Self::from_store(store, files, precision, cache)
-    }
-
-    /// segattn's own model, compiled into the binary ([`builtin`]).
-    pub fn builtin() -> Result<Self> {
-        Self::builtin_in(Precision::F32)
-    }
-
-    /// [`Vit::builtin`] in `precision`, as [`Vit::load_in`].
-    pub fn builtin_in(precision: Precision) -> Result<Self> {
-        let store = TensorStore::embedded(builtin::DISPLAY_NAME, builtin::SAFETENSORS)?;
-        Self::from_store(store, ModelFiles::embedded(builtin::DISPLAY_NAME), precision, None)
-    }
-
-    fn from_store(
-        store: TensorStore,
-        files: ModelFiles,
-        precision: Precision,
-        cache: Option<&PanelCache>,
-    ) -> Result<Self> {
-        let precision = if fused::is_available(precision) { precision } else { Precision::F32 };
-        // A config.json beside the weights, else one carried in the file's metadata.
-        let hf = match (&files.config, store.metadata(CONFIG_METADATA_KEY)) {
-            (Some(config_path), _) => HfConfig::read(config_path)?,
-            (None, Some(text)) => HfConfig::parse(text, store.path())?,
-            (None, None) => HfConfig::default(),
-        };
-        let layout = store.layout();
-        let config = VitConfig::infer(&store, &layout, &hf, files.config.as_deref())?;
-        let d = config.hidden_size;
-        let register_tokens = match config.num_registers {
-            0 => None,
-            r => Some(store.tensor(layout.register_tokens, &[1, r, d])?),
-        };
-        let key = cache.and_then(|cache| cache.key(&files.weights, precision));
-        let laid_out = cache.zip(key.as_deref()).and_then(|(cache, key)| cache.read(key, precision));
-        let laid_out = laid_out.filter(|weights| weights.len() == Checkpoint::slots(config.num_layers));
-        let checkpoint =
-            Checkpoint { store: &store, layout: &layout, config: &config, precision, laid_out: laid_out.as_deref() };
-        // Blocks read, check and lay out their weights independently: in
-        // parallel, load time is what one core's share of the file takes.
-        let blocks = (0..config.num_layers)
-            .into_par_iter()
-            .map(|layer| Block::new(&checkpoint, layer))
-            .collect::<Result<Vec<_>>>()?;
-        let cls_token = store.tensor(layout.cls_token, &[1, 1, d])?;
-        let patch_embed = PatchEmbed::new(&checkpoint)?;
-        let weights_from_cache = laid_out.is_some();
-        if let (Some(cache), Some(key), false) = (cache, &key, weights_from_cache) {
-            // In slot order: the patch projection, then each block's roles.
-            let weights = std::iter::once(&patch_embed.projection.weight)
-                .chain(blocks.iter().flat_map(|block| Role::ALL.map(|role| &block.linear(role).weight)));
-            // A cache that cannot be written only costs the next run time.
-            let _ = cache.write(key, &weights.collect::<Vec<_>>());
-        }
-        let fingerprint = fingerprint(&[&cls_token, &patch_embed.projection.bias])?;
-        let num_parameters = store.names().filter_map(|n| store.shape(n)).map(|s| s.iter().product::<usize>()).sum();
-        let bundled_head = match (store.shape(HEAD_WEIGHT), store.shape(HEAD_BIAS)) {
-            (Some(weight), Some(bias)) => Some((store.tensor(HEAD_WEIGHT, &weight)?, store.tensor(HEAD_BIAS, &bias)?)),
-            _ => None,
-        };
-        let bundled_decoder = store
-            .names()
-            .filter_map(|name| Some((name, name.strip_prefix(DECODER_PREFIX)?)))
-            .map(|(name, short)| Ok((short.to_string(), store.tensor(name, &store.shape(name).unwrap_or_default())?)))
-            .collect::<Result<BTreeMap<_, _>>>()?;
-        let default_short_side = metadata_value(&store, SHORT_SIDE_METADATA_KEY, "a size", |&n: &usize| n > 0)?;
-        let default_ncut_tau =
-            metadata_value(&store, NCUT_TAU_METADATA_KEY, "a similarity in [0, 1)", |t: &f64| (0.0..1.0).contains(t))?;
-        Ok(Self {
-            patch_embed,
-            cls_token,
-            fingerprint,
-            register_tokens,
-            position: PositionEmbedding::new(&store, &layout, &config)?,
-            blocks,
-            norm: LayerNorm::new(&store, layout.final_norm, d, config.layer_norm_eps)?,
-            num_parameters,
-            bundled_head,
-            bundled_decoder,
-            default_short_side,
-            default_ncut_tau,
-            config,
-            files,
-            precision,
-            weights_from_cache,
-        })
-    }
-
-    /// Whether the weight matrices came laid out from a [`PanelCache`].
+    /// Whether the weight matrices came laid out from a [`super::PanelCache`].
     pub fn weights_from_cache(&self) -> bool {
         self.weights_from_cache
     }
 
-    /// `head.weight` and `head.bias`, when the checkpoint carries a trained head.
-    pub fn bundled_head(&self) -> Option<(&Tensor, &Tensor)> {
-        self.bundled_head.as_ref().map(|(weight, bias)| (weight, bias))
+    /// The checkpoint's tensors whose names start with `prefix` and that
+    /// the encoder does not read, named without the prefix.
+    pub fn extra_tensors(&self, prefix: &str) -> BTreeMap<&str, &Tensor> {
+        self.extras.iter().filter_map(|(name, tensor)| Some((name.strip_prefix(prefix)?, tensor))).collect()
     }
 
-    /// The decoder's tensors (named without [`DECODER_PREFIX`]), when the
-    /// checkpoint carries a trained decoder.
-    pub fn bundled_decoder(&self) -> Option<&BTreeMap<String, Tensor>> {
-        Some(&self.bundled_decoder).filter(|tensors| !tensors.is_empty())
+    /// The checkpoint's metadata entry `key`, if it has one.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
     }
 
     /// The input's short side the model was trained for, when its file says.
     pub fn default_short_side(&self) -> Option<usize> {
         self.default_short_side
-    }
-
-    /// The ncut head's similarity threshold for this model, when its file says.
-    pub fn default_ncut_tau(&self) -> Option<f64> {
-        self.default_ncut_tau
     }
 
     pub fn config(&self) -> &VitConfig {
@@ -778,13 +555,14 @@ impl Vit {
         for layer in capture.layers() {
             self.resolve_layer(layer as i64)?;
         }
-        let (patches, grid, stem) = self.patch_embed.forward(pixels, capture.stem)?;
+        let Layers { patch_embed, cls_token, register_tokens, position, blocks, norm } = &self.layers;
+        let (patches, grid, stem) = patch_embed.forward(pixels, capture.stem)?;
         let batch = patches.dim(0)?;
         let d = self.config.hidden_size;
-        let cls = self.cls_token.broadcast_as((batch, 1, d))?;
-        let x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position.forward(grid)?)?;
+        let cls = cls_token.broadcast_as((batch, 1, d))?;
+        let x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&position.forward(grid)?)?;
         // Registers are inserted after the position embeddings: they have none.
-        let x = match &self.register_tokens {
+        let x = match register_tokens {
             Some(registers) => {
                 let registers = registers.broadcast_as((batch, self.config.num_registers, d))?;
                 Tensor::cat(&[&x.narrow(1, 0, 1)?, &registers, &x.narrow(1, 1, grid.len())?], 1)?
@@ -793,10 +571,10 @@ impl Vit {
         };
         let mut attentions = Vec::new();
         let mut qkv = None;
-        let first_norm = self.blocks.first().map_or(&self.norm, |first| &first.norm1);
+        let first_norm = blocks.first().map_or(norm, |first| &first.norm1);
         let mut stream = Stream::new(x.contiguous()?, first_norm)?;
-        for (layer, block) in self.blocks.iter().enumerate() {
-            let next_norm = self.blocks.get(layer + 1).map_or(&self.norm, |next| &next.norm1);
+        for (layer, block) in blocks.iter().enumerate() {
+            let next_norm = blocks.get(layer + 1).map_or(norm, |next| &next.norm1);
             let kept;
             (stream, kept) = block.forward(stream, next_norm, capture.for_layer(layer))?;
             attentions.extend(kept.probabilities.map(|p| (layer, p)));
@@ -813,13 +591,6 @@ impl Vit {
             num_prefix_tokens: self.config.num_prefix_tokens(),
         })
     }
-}
-
-/// FNV-1a over the tensors' f32 values, little-endian.
-fn fingerprint(tensors: &[&Tensor]) -> Result<String> {
-    let values = tensors.iter().map(|t| t.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<Vec<_>>>()?;
-    let hash = fnv1a_64(values.iter().flatten().flat_map(|v| v.to_le_bytes()));
-    Ok(format!("{hash:016x}"))
 }
 
 impl std::fmt::Debug for Vit {

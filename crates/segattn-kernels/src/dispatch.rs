@@ -1,0 +1,213 @@
+//! One table of kernels per instruction set, as the gemm crate dispatches:
+//! the product of the linear layers, the attention of a block of queries,
+//! and the layouts they read, chosen together once per process. Adding an
+//! instruction set is one more table (and its `simd::Vector`); the drivers
+//! (`matmul`, `attention`) only ever call through a table.
+//!
+//! A table whose kernels need an instruction set is only handed out for
+//! that set's token ([`Isa`], [`Bf16Isa`]), made after detection, so
+//! holding a `&Kernels` is what lets its kernels run.
+
+use std::mem::MaybeUninit;
+
+use crate::layout::{HeadMajor, Precision, QueryBlock};
+use crate::portable;
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{self, Avx2, Avx512, Bf16Isa, Bf16Pairs, Isa, Vector, Width};
+#[cfg(target_arch = "x86_64")]
+use crate::{tile_attention, tile_matmul};
+
+/// `out` (rows x outputs) = x (rows x inputs) · W, W in the table's panels.
+type Product = unsafe fn(&[f32], usize, &[f32], usize, &mut [MaybeUninit<f32>]);
+/// Kᵀ and V of each head, from qkv rows: (qkv, tokens, heads, head_dim).
+type PackHeads = fn(&[f32], usize, usize, usize) -> HeadMajor;
+/// One block of query rows through the attention; row 0's probabilities
+/// when the block asks for them.
+type AttendBlock = unsafe fn(QueryBlock) -> Vec<f32>;
+
+/// The kernels of one instruction set.
+pub(crate) struct Kernels {
+    /// The product's name, which also names the layout of its panels.
+    pub(crate) matmul_name: &'static str,
+    pub(crate) attention_name: &'static str,
+    pub(crate) precision: Precision,
+    /// Columns per panel of W; `None`: one panel as wide as W.
+    panel_lanes: Option<usize>,
+    product: Product,
+    /// The head size the attention kernels take; `None`: any.
+    head_dim: Option<usize>,
+    pack_heads: PackHeads,
+    attend_block: AttendBlock,
+}
+
+static GEMM: Kernels = Kernels {
+    matmul_name: "gemm crate",
+    attention_name: "gemm crate around a softmax pass",
+    precision: Precision::F32,
+    panel_lanes: None,
+    product: portable::product,
+    head_dim: None,
+    pack_heads: |qkv, tokens, heads, head_dim| HeadMajor::new(qkv, tokens, heads, head_dim, (tokens, head_dim)),
+    attend_block: portable::attend_block,
+};
+
+/// Kᵀ and V in panels one V wide, as the f32 tiles read them.
+#[cfg(target_arch = "x86_64")]
+fn vector_panels<V: Vector>(qkv: &[f32], tokens: usize, heads: usize, head_dim: usize) -> HeadMajor {
+    HeadMajor::new(qkv, tokens, heads, head_dim, (V::LANES, V::LANES))
+}
+
+/// The f32 register tiles of `V`'s instruction set.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tiles {
+    ($name:literal, $vector:ty) => {
+        Kernels {
+            matmul_name: $name,
+            attention_name: $name,
+            precision: Precision::F32,
+            panel_lanes: Some(<$vector>::LANES),
+            product: tile_matmul::product::<$vector, { <$vector>::TILE_PANELS }>,
+            head_dim: Some(tile_attention::HEAD_DIM),
+            pack_heads: vector_panels::<$vector>,
+            attend_block: tile_attention::attend_block::<$vector, { <$vector>::TILE_PANELS }>,
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+static AVX2: Kernels = tiles!("register tiles, AVX2", Avx2);
+#[cfg(target_arch = "x86_64")]
+static AVX512: Kernels = tiles!("register tiles, AVX-512", Avx512);
+#[cfg(target_arch = "x86_64")]
+static BF16: Kernels = Kernels {
+    matmul_name: "bfloat16 register tiles, AVX512-BF16",
+    attention_name: "bfloat16 register tiles, AVX512-BF16",
+    precision: Precision::Bf16,
+    panel_lanes: Some(Bf16Pairs::LANES),
+    product: tile_matmul::bf16_product,
+    head_dim: Some(tile_attention::HEAD_DIM),
+    pack_heads: HeadMajor::pairs::<{ Bf16Pairs::LANES }>,
+    attend_block: tile_attention::attend_block::<tile_attention::Bf16Math, { Bf16Pairs::TILE_PANELS }>,
+};
+
+impl Kernels {
+    /// The gemm crate's, which every CPU runs.
+    pub(crate) fn portable() -> &'static Self {
+        &GEMM
+    }
+
+    /// The f32 tiles of `isa`.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn tiles(isa: Isa) -> &'static Self {
+        match isa.width() {
+            Width::Avx2 => &AVX2,
+            Width::Avx512 => &AVX512,
+        }
+    }
+
+    /// The bfloat16 tiles.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn bf16_tiles(_: Bf16Isa) -> &'static Self {
+        &BF16
+    }
+
+    /// The fastest table here for products in `precision`; f32's where
+    /// bfloat16 is not available.
+    pub(crate) fn best(precision: Precision) -> &'static Self {
+        #[cfg(target_arch = "x86_64")]
+        if let (Precision::Bf16, Some(isa)) = (precision, simd::bf16()) {
+            return Self::bf16_tiles(isa);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(isa) = simd::widest() {
+            return Self::tiles(isa);
+        }
+        Self::portable()
+    }
+
+    /// The fastest table here whose attention takes heads of `head_dim`.
+    pub(crate) fn best_attention(head_dim: usize, precision: Precision) -> &'static Self {
+        let best = Self::best(precision);
+        if best.attends(head_dim) { best } else { Self::portable() }
+    }
+
+    /// Every table this CPU runs, for the tests.
+    #[cfg(test)]
+    pub(crate) fn all_here() -> Vec<&'static Self> {
+        #[cfg(target_arch = "x86_64")]
+        return std::iter::once(Self::portable())
+            .chain(simd::usable().map(Self::tiles))
+            .chain(simd::bf16().map(Self::bf16_tiles))
+            .collect();
+        #[cfg(not(target_arch = "x86_64"))]
+        vec![Self::portable()]
+    }
+
+    /// Whether the attention kernels take heads of `head_dim`.
+    pub(crate) fn attends(&self, head_dim: usize) -> bool {
+        self.head_dim.is_none_or(|taken| taken == head_dim)
+    }
+
+    /// Columns per panel of a W of `outputs` rows.
+    pub(crate) fn panel_width(&self, outputs: usize) -> usize {
+        self.panel_lanes.unwrap_or(outputs).max(1)
+    }
+
+    /// Inputs per value of a panel: pairs, in bfloat16.
+    pub(crate) fn inputs_per_slot(&self) -> usize {
+        match self.precision {
+            Precision::F32 => 1,
+            Precision::Bf16 => 2,
+        }
+    }
+
+    /// `out` = x · W, for `panels` laid out for this table
+    /// ([`Kernels::panel_width`], [`Kernels::inputs_per_slot`]).
+    pub(crate) fn product(
+        &self,
+        x: &[f32],
+        inputs: usize,
+        panels: &[f32],
+        outputs: usize,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let slots = outputs.div_ceil(self.panel_width(outputs)) * self.panel_width(outputs);
+        assert!(
+            x.len() == out.len() / outputs * inputs && panels.len() == slots * inputs.div_ceil(self.inputs_per_slot()),
+            "{}: operands of another shape",
+            self.matmul_name
+        );
+        // SAFETY: this table was handed out only for an instruction set the
+        // CPU has (see the module's doc), and the shapes are checked above.
+        unsafe { (self.product)(x, inputs, panels, outputs, out) }
+    }
+
+    /// Kᵀ and V of each head of `qkv`, as [`Kernels::attend_block`] reads them.
+    pub(crate) fn pack_heads(&self, qkv: &[f32], tokens: usize, heads: usize, head_dim: usize) -> HeadMajor {
+        assert!(self.attends(head_dim), "{}: heads of {head_dim}", self.attention_name);
+        HeadMajor { layout: self.attention_name, ..(self.pack_heads)(qkv, tokens, heads, head_dim) }
+    }
+
+    /// One block of query rows; `block.heads` must come from this table's
+    /// [`Kernels::pack_heads`].
+    pub(crate) fn attend_block(&self, block: QueryBlock) -> Vec<f32> {
+        assert_eq!(block.heads.layout, self.attention_name, "heads packed for another kernel");
+        // SAFETY: the instruction set as in `product`; the heads were packed
+        // by this table (checked above), for a head size it takes.
+        unsafe { (self.attend_block)(block) }
+    }
+}
+
+impl std::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.matmul_name)
+    }
+}
+
+impl Precision {
+    /// Whether this CPU (under [`crate::set_limit`]) runs it: whether the
+    /// best kernels for it multiply in it.
+    pub fn is_available(self) -> bool {
+        Kernels::best(self).precision == self
+    }
+}

@@ -1,0 +1,94 @@
+//! The kernels of every CPU: the gemm crate, called single-threaded on
+//! strided operands, for the linear layers and for attention heads of any
+//! size.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use crate::buffers::{SharedOut, Strided, overwrite_product};
+use crate::layout::{HeadMajor, QueryBlock};
+use crate::rows::softmax_numerators;
+
+/// `out = x · B` for B (inputs, outputs) row-major. Each task, two per
+/// thread, is a single-threaded GEMM over a slice of the output columns. The
+/// gemm crate's own threading packs B on the calling thread while the workers
+/// wait, then synchronizes them per panel, which costs most on small inputs.
+pub(crate) fn product(x: &[f32], inputs: usize, b: &[f32], outputs: usize, out: &mut [MaybeUninit<f32>]) {
+    let rows = x.len() / inputs;
+    let columns = outputs.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(16);
+    let dst = SharedOut(out.as_mut_ptr().cast());
+    (0..outputs.div_ceil(columns)).into_par_iter().for_each(|task| {
+        let first = task * columns;
+        // SAFETY: dst is (rows x outputs) row-major `out`, of which this task
+        // writes columns first..first+width; lhs (rows x inputs) row-major is
+        // `x`; rhs (inputs x width) is columns first..first+width of B.
+        unsafe {
+            overwrite_product(
+                (rows, columns.min(outputs - first), inputs),
+                dst.at(first),
+                outputs,
+                Strided::row_major(x.as_ptr(), inputs),
+                Strided::row_major(b.as_ptr().add(first), outputs),
+                1.0,
+            );
+        }
+    });
+}
+
+/// The block with two GEMMs per head around a softmax pass.
+pub(crate) fn attend_block(block: QueryBlock) -> Vec<f32> {
+    let QueryBlock { qkv, heads, out, first, scale, keep_first_row } = block;
+    let HeadMajor { tokens, num_heads, head_dim, .. } = *heads;
+    let d = num_heads * head_dim;
+    let rows = out.len() / d;
+    let mut scores = Vec::with_capacity(rows * tokens);
+    let mut inv_sums = vec![0f32; rows];
+    let mut mixed = Vec::with_capacity(rows * head_dim);
+    let mut first_row = Vec::with_capacity(if keep_first_row { num_heads * tokens } else { 0 });
+    for head in 0..num_heads {
+        let q = qkv[first * 3 * d + head * head_dim..].as_ptr();
+        let k_t = heads.keys_t[head * tokens * head_dim..].as_ptr();
+        let v = heads.values[head * tokens * head_dim..].as_ptr();
+        // SAFETY: every index touched is inside `qkv`, `heads` or `scores`:
+        // rows < tokens - first, columns < head_dim, keys < tokens, with the
+        // strides of the (token, 3, heads, head_dim), (head_dim, tokens) and
+        // (tokens, head_dim) layouts; the product writes all of `scores`.
+        unsafe {
+            // scores (rows x tokens) = scale · Q_block (rows x hd) · Kᵀ (hd x tokens)
+            overwrite_product(
+                (rows, tokens, head_dim),
+                scores.as_mut_ptr(),
+                tokens,
+                Strided::row_major(q, 3 * d),
+                Strided::row_major(k_t, tokens),
+                scale,
+            );
+            scores.set_len(rows * tokens);
+        }
+        softmax_numerators(&mut scores, tokens, &mut inv_sums);
+        if keep_first_row {
+            first_row.extend(scores[..tokens].iter().map(|p| p * inv_sums[0]));
+        }
+        // SAFETY: as above, for the (rows x hd) output, which the product writes whole.
+        unsafe {
+            // mixed (rows x hd) = P (rows x tokens) · V (tokens x hd)
+            overwrite_product(
+                (rows, head_dim, tokens),
+                mixed.as_mut_ptr(),
+                head_dim,
+                Strided::row_major(scores.as_ptr(), tokens),
+                Strided::row_major(v, head_dim),
+                1.0,
+            );
+            mixed.set_len(rows * head_dim);
+        }
+        let columns = out.chunks_mut(d).map(|row| &mut row[head * head_dim..(head + 1) * head_dim]);
+        for ((out, mixed), inv_sum) in columns.zip(mixed.chunks(head_dim)).zip(&inv_sums) {
+            out.iter_mut().zip(mixed).for_each(|(o, m)| {
+                o.write(m * inv_sum);
+            });
+        }
+    }
+    first_row
+}
