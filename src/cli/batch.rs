@@ -89,6 +89,7 @@ pub fn run<F>(plan: Plan, args: &BatchArgs, model_files: &[&Path], work: F) -> R
 where
     F: Fn(&Job) -> Result<serde_json::Value> + Sync,
 {
+    let plan = plan.make_output_dirs();
     let report = match &args.report {
         Some(path) => {
             let inputs = plan.jobs.iter().filter_map(|j| match &j.source {

@@ -173,9 +173,12 @@ fn comparable(path: &Path) -> Option<PathBuf> {
     Some(missing.iter().rev().fold(resolved, |path, name| path.join(name)))
 }
 
-/// An input before its outputs are checked.
-struct Candidate {
-    job: Job,
+/// An input, found on the command line or in a directory.
+struct Found {
+    source: Source,
+    /// Its outputs' names below the output directory, without the suffix
+    /// and extension.
+    stem: PathBuf,
     /// What --shard hashes: the path below the input directory, or the
     /// argument as given.
     shard_key: Vec<u8>,
@@ -183,8 +186,26 @@ struct Candidate {
     listed: bool,
 }
 
-/// Expands `args.inputs` into jobs. Usage mistakes are errors; inputs that
-/// cannot be used are returned as rejections so the batch can go on.
+/// An input with its outputs named, before they are checked.
+struct Candidate {
+    job: Job,
+    /// Each output's [`comparable`] path, where it has one.
+    output_keys: Vec<(PathBuf, PathBuf)>,
+    shard_key: Vec<u8>,
+    listed: bool,
+}
+
+impl Candidate {
+    fn new(job: Job, found: Found) -> Self {
+        let output_keys = job.output_files().filter_map(|o| Some((o.to_path_buf(), comparable(o)?))).collect();
+        Self { job, output_keys, shard_key: found.shard_key, listed: found.listed }
+    }
+}
+
+/// Expands `args.inputs` into jobs, reading the file system but changing
+/// nothing in it ([`Plan::make_output_dirs`] does, when the run starts).
+/// Usage mistakes are errors; inputs that cannot be used are returned as
+/// rejections so the batch can go on.
 ///
 /// The rules for outputs: none may replace an input (that is an error);
 /// two inputs may not share one; an existing file in --out-dir is kept
@@ -193,14 +214,62 @@ struct Candidate {
 /// in an input directory where this run would write it again, is an earlier
 /// run's output, not a photo.
 pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<Plan> {
+    let (found, mut rejected) = find_inputs(args)?;
+    let existing = if args.out.is_some() {
+        Existing::Replace
+    } else if args.overwrite {
+        Existing::ReplaceFiles
+    } else if args.skip_existing {
+        Existing::Skip
+    } else {
+        Existing::Keep
+    };
+    let candidates = name_outputs(found, args, extras, existing)?;
+    let candidates = without_earlier_outputs(candidates);
+    let inputs: HashSet<PathBuf> = candidates
+        .iter()
+        .filter_map(|c| match &c.job.source {
+            Source::File(p) => comparable(p),
+            Source::Stdin => None,
+        })
+        .collect();
+    let all_shards = args.shard.map(|_| candidates.len());
+    let candidates = candidates.into_iter().filter(|c| args.shard.is_none_or(|s| s.holds(&c.shard_key)));
+    let (unclaimed, refused) = claim_outputs(candidates, &inputs)?;
+    rejected.extend(refused);
+    let mut jobs = Vec::with_capacity(unclaimed.len());
+    let mut skipped = Vec::new();
+    for mut job in unclaimed {
+        // A link to nothing is there too: it is not a free name.
+        let there: Vec<PathBuf> =
+            job.output_files().filter(|o| std::fs::symlink_metadata(o).is_ok()).map(Path::to_path_buf).collect();
+        if args.skip_existing {
+            if job.out != Sink::Stdout && there.len() == job.output_files().count() {
+                skipped.push(job.source.display_name());
+                continue;
+            }
+            job.kept = there;
+        } else if let Some(there) = there.first().filter(|_| job.existing == Existing::Keep) {
+            let reason =
+                format!("{} already exists: --skip-existing keeps it, --overwrite replaces it", there.display());
+            rejected.push(Rejected { name: job.source.display_name(), reason });
+            continue;
+        }
+        jobs.push(job);
+    }
+    Ok(Plan { jobs, rejected, skipped, all_shards })
+}
+
+/// The photos `args.inputs` name, directories listed, in order; and the
+/// inputs that cannot be used, with why.
+fn find_inputs(args: &BatchArgs) -> Result<(Vec<Found>, Vec<Rejected>)> {
     let mut rejected = Vec::new();
-    // (source, output stem relative to the output directory, shard key, listed)
-    let mut sources: Vec<(Source, PathBuf, Vec<u8>, bool)> = Vec::new();
+    let mut sources = Vec::new();
     for input in &args.inputs {
         let source = Source::from_arg(input);
         match &source {
             Source::Stdin if args.shard.is_some() => bail!("--shard splits files and directories, not standard input"),
-            Source::Stdin => sources.push((source, PathBuf::from("stdin"), Vec::new(), false)),
+            Source::Stdin => sources.push(Found { source, stem: "stdin".into(), shard_key: Vec::new(), listed: false }),
             Source::File(path) if path.is_dir() => {
                 let mut found = Listing::default();
                 let listed = list_dir(path, args.recursive, &mut found, path, &mut HashSet::new());
@@ -214,9 +283,11 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<Plan> {
                         let reason = format!("no photos ({}) in this directory{below}", IMAGE_EXTENSIONS.join(", "));
                         rejected.push(Rejected { name: path.display().to_string(), reason })
                     }
-                    Ok(()) => sources.extend(found.photos.into_iter().map(|(p, rel)| {
-                        let key = rel.as_os_str().as_bytes().to_vec();
-                        (Source::File(p), rel.with_extension(""), key, true)
+                    Ok(()) => sources.extend(found.photos.into_iter().map(|(path, relative)| Found {
+                        source: Source::File(path),
+                        stem: relative.with_extension(""),
+                        shard_key: relative.as_os_str().as_bytes().to_vec(),
+                        listed: true,
                     })),
                     Err(err) => rejected.push(Rejected { name: path.display().to_string(), reason: err.to_string() }),
                 }
@@ -228,46 +299,37 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<Plan> {
             }
             Source::File(path) => {
                 let stem = path.file_stem().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("image"));
-                let key = path.as_os_str().as_bytes().to_vec();
-                sources.push((source.clone(), stem, key, false));
+                let shard_key = path.as_os_str().as_bytes().to_vec();
+                sources.push(Found { source: source.clone(), stem, shard_key, listed: false });
             }
         }
     }
-    if sources.iter().filter(|(s, ..)| *s == Source::Stdin).count() > 1 {
+    if sources.iter().filter(|f| f.source == Source::Stdin).count() > 1 {
         bail!("standard input (-) can be read only once");
     }
+    Ok((sources, rejected))
+}
 
-    let existing = if args.out.is_some() {
-        Existing::Replace
-    } else if args.overwrite {
-        Existing::ReplaceFiles
-    } else if args.skip_existing {
-        Existing::Skip
-    } else {
-        Existing::Keep
-    };
+/// Names each input's outputs: --out for one input, else a file in
+/// --out-dir (and in each extra's directory) after its stem.
+fn name_outputs(
+    found: Vec<Found>,
+    args: &BatchArgs,
+    extras: &[ExtraOutput],
+    existing: Existing,
+) -> Result<Vec<Candidate>> {
     let job = |source, out, extra| Job { source, out, extra, kept: Vec::new(), existing };
-    let candidates: Vec<Candidate> = match (&args.out, &args.out_dir) {
+    Ok(match (&args.out, &args.out_dir) {
         (Some(out), None) => {
             let single_file = args.inputs.len() == 1 && !args.inputs[0].is_dir();
             if !single_file {
                 bail!("--out names one file, for one input; use --out-dir DIR for several inputs or a directory");
             }
-            sources
-                .into_iter()
-                .map(|(source, _, shard_key, listed)| Candidate {
-                    job: job(
-                        source,
-                        Sink::from_arg(out),
-                        extras.iter().map(|e| (e.kind, e.path.to_path_buf())).collect(),
-                    ),
-                    shard_key,
-                    listed,
-                })
-                .collect()
+            let extra = || extras.iter().map(|e| (e.kind, e.path.to_path_buf())).collect();
+            found.into_iter().map(|f| Candidate::new(job(f.source.clone(), Sink::from_arg(out), extra()), f)).collect()
         }
         (None, Some(dir)) => {
-            if sources.iter().any(|(s, ..)| *s == Source::Stdin) {
+            if found.iter().any(|f| f.source == Source::Stdin) {
                 bail!("standard input (-) needs --out FILE (or --out - for standard output)");
             }
             let name = |base: &Path, stem: &Path| {
@@ -276,34 +338,16 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<Plan> {
                 file.push(".png");
                 base.join(file)
             };
-            sources
+            found
                 .into_iter()
-                .map(|(source, stem, shard_key, listed)| Candidate {
-                    job: job(
-                        source,
-                        Sink::File(name(dir, &stem)),
-                        extras.iter().map(|e| (e.kind, name(e.path, &stem))).collect(),
-                    ),
-                    shard_key,
-                    listed,
+                .map(|f| {
+                    let extra = extras.iter().map(|e| (e.kind, name(e.path, &f.stem))).collect();
+                    Candidate::new(job(f.source.clone(), Sink::File(name(dir, &f.stem)), extra), f)
                 })
                 .collect()
         }
         _ => bail!("give --out FILE (one input) or --out-dir DIR"),
-    };
-    let candidates = without_earlier_outputs(candidates);
-    let inputs: HashSet<PathBuf> = candidates
-        .iter()
-        .filter_map(|c| match &c.job.source {
-            Source::File(p) => comparable(p),
-            Source::Stdin => None,
-        })
-        .collect();
-    let all_shards = args.shard.map(|_| candidates.len());
-    let jobs: Vec<Job> =
-        candidates.into_iter().filter(|c| args.shard.is_none_or(|s| s.holds(&c.shard_key))).map(|c| c.job).collect();
-    let (jobs, skipped) = check_outputs(jobs, &inputs, args.skip_existing, &mut rejected)?;
-    Ok(Plan { jobs, rejected, skipped, all_shards })
+    })
 }
 
 /// Drops photos found in input directories that are segattn's own outputs
@@ -311,9 +355,7 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<Plan> {
 fn without_earlier_outputs(candidates: Vec<Candidate>) -> Vec<Candidate> {
     let mut written_by: HashMap<PathBuf, usize> = HashMap::new();
     for (i, c) in candidates.iter().enumerate() {
-        for output in c.job.output_files() {
-            written_by.extend(comparable(output).map(|key| (key, i)));
-        }
+        written_by.extend(c.output_keys.iter().map(|(_, key)| (key.clone(), i)));
     }
     candidates
         .into_iter()
@@ -331,26 +373,19 @@ fn without_earlier_outputs(candidates: Vec<Candidate>) -> Vec<Candidate> {
         .collect()
 }
 
-/// Drops jobs whose output would overwrite another job's output, or lie
-/// inside it, or an existing file, recording why; with `skip_existing`,
-/// existing outputs are kept and jobs with nothing left to write are
-/// skipped. Writing over an input is a usage error. Only then are the kept
-/// jobs' output directories made (and temporary files that killed runs left
-/// there removed): a job that is refused makes none.
-fn check_outputs(
-    jobs: Vec<Job>,
+/// Refuses jobs whose output would be another job's output, or lie inside
+/// it, or be the folder of another's, returning the rest and the refused
+/// with why. Writing over an input is a usage error.
+fn claim_outputs(
+    candidates: impl Iterator<Item = Candidate>,
     inputs: &HashSet<PathBuf>,
-    skip_existing: bool,
-    rejected: &mut Vec<Rejected>,
-) -> Result<(Vec<Job>, Vec<String>)> {
+) -> Result<(Vec<Job>, Vec<Rejected>)> {
     let mut claimed: HashMap<PathBuf, String> = HashMap::new();
     // Every directory that holds a claimed output, and whose it is.
     let mut claimed_dirs: HashMap<PathBuf, String> = HashMap::new();
-    let mut unclaimed = Vec::with_capacity(jobs.len());
-    for job in jobs {
+    let (mut unclaimed, mut rejected) = (Vec::new(), Vec::new());
+    for Candidate { job, output_keys: keys, .. } in candidates {
         let name = job.source.display_name();
-        let keys: Vec<(&Path, PathBuf)> =
-            job.output_files().filter_map(|output| Some((output, comparable(output)?))).collect();
         if let Some((output, _)) = keys.iter().find(|(_, key)| inputs.contains(key)) {
             bail!("refusing to write {} over an input", output.display());
         }
@@ -382,44 +417,39 @@ fn check_outputs(
         }
         unclaimed.push(job);
     }
+    Ok((unclaimed, rejected))
+}
 
-    let mut ready_dirs: HashSet<PathBuf> = HashSet::new();
-    let mut kept = Vec::with_capacity(unclaimed.len());
-    let mut skipped = Vec::new();
-    'jobs: for mut job in unclaimed {
-        let name = job.source.display_name();
-        let mut existing_outputs = Vec::new();
-        for output in job.output_files() {
-            if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty())
-                && !ready_dirs.contains(dir)
-            {
-                if let Err(err) = std::fs::create_dir_all(dir) {
-                    rejected.push(Rejected { name, reason: format!("cannot create {}: {err}", dir.display()) });
-                    continue 'jobs;
+impl Plan {
+    /// What the run does first: makes the jobs' output directories, each
+    /// once, and removes there the temporary files that killed runs left.
+    /// A job whose directory cannot be made is refused, and makes none.
+    pub fn make_output_dirs(mut self) -> Self {
+        let mut ready: HashSet<PathBuf> = HashSet::new();
+        let jobs = std::mem::take(&mut self.jobs);
+        for job in jobs {
+            let dirs: Vec<PathBuf> = job
+                .output_files()
+                .filter_map(|output| output.parent().filter(|d| !d.as_os_str().is_empty()))
+                .filter(|dir| !ready.contains(*dir))
+                .map(Path::to_path_buf)
+                .collect();
+            let made = dirs.iter().try_for_each(|dir| {
+                std::fs::create_dir_all(dir).map_err(|err| format!("cannot create {}: {err}", dir.display()))
+            });
+            match made {
+                Ok(()) => {
+                    for dir in dirs {
+                        output::remove_stale_temp_files(&dir);
+                        ready.insert(dir);
+                    }
+                    self.jobs.push(job);
                 }
-                output::remove_stale_temp_files(dir);
-                ready_dirs.insert(dir.to_path_buf());
-            }
-            // A link to nothing is there too: it is not a free name.
-            if std::fs::symlink_metadata(output).is_ok() {
-                existing_outputs.push(output.to_path_buf());
+                Err(reason) => self.rejected.push(Rejected { name: job.source.display_name(), reason }),
             }
         }
-        if skip_existing {
-            if job.out != Sink::Stdout && existing_outputs.len() == job.output_files().count() {
-                skipped.push(name);
-                continue;
-            }
-            job.kept = existing_outputs;
-        } else if let Some(there) = existing_outputs.first().filter(|_| job.existing == Existing::Keep) {
-            let reason =
-                format!("{} already exists: --skip-existing keeps it, --overwrite replaces it", there.display());
-            rejected.push(Rejected { name, reason });
-            continue;
-        }
-        kept.push(job);
+        self
     }
-    Ok((kept, skipped))
 }
 
 /// Fails when `output` is one of `inputs`, by whatever path: a command never
@@ -502,4 +532,95 @@ pub fn pair_by_stem(images: &Path, masks: &Path) -> Result<(Vec<Pair>, Vec<Strin
         bail!("no photo/mask pairs: {} and {} share no file stems", images.display(), masks.display());
     }
     Ok((pairs, missing))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Line {
+        #[command(flatten)]
+        batch: BatchArgs,
+    }
+
+    /// The plan of `args` (after the program's name), with `dir` as the
+    /// folder its relative paths start from.
+    fn plan_in(dir: &Path, args: &[&str]) -> Result<Plan> {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| if a.starts_with('-') { a.to_string() } else { dir.join(a).display().to_string() })
+            .collect();
+        let line = Line::try_parse_from(std::iter::once("segattn".to_string()).chain(args))?;
+        plan(&line.batch, &[])
+    }
+
+    fn photos(dir: &Path, names: &[&str]) {
+        for name in names {
+            let path = dir.join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"not decoded while planning").unwrap();
+        }
+    }
+
+    fn outputs(plan: &Plan, dir: &Path) -> Vec<String> {
+        let relative = |p: &Path| p.strip_prefix(dir).unwrap().display().to_string();
+        plan.jobs.iter().flat_map(Job::output_files).map(relative).collect()
+    }
+
+    #[test]
+    fn outputs_are_named_after_the_photos_and_no_folder_is_made_while_planning() {
+        let dir = tempfile::tempdir().unwrap();
+        photos(dir.path(), &["in/a.jpg", "in/sub/b.png", "in/notes.txt"]);
+        let plan = plan_in(dir.path(), &["in", "-r", "--out-dir", "out", "--suffix=_m"]).unwrap();
+        assert_eq!(outputs(&plan, dir.path()), ["out/a_m.png", "out/sub/b_m.png"]);
+        assert!(!dir.path().join("out").exists(), "planning made a folder");
+        let plan = plan.make_output_dirs();
+        assert_eq!(plan.jobs.len(), 2);
+        assert!(dir.path().join("out/sub").is_dir());
+    }
+
+    #[test]
+    fn an_output_over_an_input_is_an_error_and_a_shared_output_refuses_the_second_photo() {
+        let dir = tempfile::tempdir().unwrap();
+        photos(dir.path(), &["in/a.png", "in/b.jpg", "in/b.webp"]);
+        let over = plan_in(dir.path(), &["in", "--out-dir", "in"]).err().unwrap();
+        assert!(over.to_string().contains("over an input"), "{over}");
+        let plan = plan_in(dir.path(), &["in", "--out-dir", "out"]).unwrap();
+        assert_eq!(outputs(&plan, dir.path()), ["out/a.png", "out/b.png"]);
+        assert_eq!(plan.rejected.len(), 1);
+        assert!(plan.rejected[0].name.ends_with("b.webp"), "{}", plan.rejected[0].name);
+        assert!(plan.rejected[0].reason.contains("already written for"), "{}", plan.rejected[0].reason);
+    }
+
+    #[test]
+    fn an_existing_output_is_kept_skipped_or_replaced_as_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        photos(dir.path(), &["in/a.jpg", "in/b.jpg", "out/a.png"]);
+        let kept = plan_in(dir.path(), &["in", "--out-dir", "out"]).unwrap();
+        assert_eq!(outputs(&kept, dir.path()), ["out/b.png"]);
+        assert!(kept.rejected[0].reason.contains("already exists"), "{}", kept.rejected[0].reason);
+        let skipped = plan_in(dir.path(), &["in", "--out-dir", "out", "--skip-existing"]).unwrap();
+        assert_eq!((outputs(&skipped, dir.path()), skipped.skipped.len()), (vec!["out/b.png".to_string()], 1));
+        let replaced = plan_in(dir.path(), &["in", "--out-dir", "out", "--overwrite"]).unwrap();
+        assert_eq!(outputs(&replaced, dir.path()), ["out/a.png", "out/b.png"]);
+        assert!(replaced.rejected.is_empty() && replaced.skipped.is_empty());
+    }
+
+    #[test]
+    fn a_folder_that_cannot_be_made_refuses_its_jobs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        photos(dir.path(), &["in/a.jpg", "in/sub/b.jpg", "blocked"]);
+        // No folder can be made where a file stands.
+        let plan = plan_in(dir.path(), &["in", "-r", "--out-dir", "blocked"]).unwrap();
+        assert_eq!(plan.jobs.len(), 2);
+        let plan = plan.make_output_dirs();
+        assert!(plan.jobs.is_empty());
+        assert_eq!(plan.rejected.len(), 2);
+        assert!(plan.rejected[0].reason.starts_with("cannot create"), "{}", plan.rejected[0].reason);
+        let plan = plan_in(dir.path(), &["in", "--out-dir", "out"]).unwrap().make_output_dirs();
+        assert_eq!(outputs(&plan, dir.path()), ["out/a.png"]);
+    }
 }

@@ -382,17 +382,18 @@ fn print_stdout(text: &str) -> Result<()> {
     output::write_stdout(text.as_bytes()).context(StdoutFailed)
 }
 
-/// What `segattn run ARGS` would write, planned as a run plans it (output
-/// directories made, nothing else touched), without loading a model: each
-/// job's photo (`None` for standard input) and output files. For the fuzz
-/// target that checks the planner's rules against real directories.
+/// What `segattn run ARGS` would write, planned as a run plans it and with
+/// the output folders made as it starts (nothing else touched), without
+/// loading a model: each job's photo (`None` for standard input) and output
+/// files. For the fuzz target that checks the planner's rules against real
+/// directories.
 #[cfg(fuzzing)]
 pub fn plan_run(args: &[std::ffi::OsString]) -> Result<Vec<(Option<PathBuf>, Vec<PathBuf>)>> {
     let argv = ["segattn".into(), "run".into()].into_iter().chain(args.iter().cloned());
     let Command::Run(args) = Cli::try_parse_from(argv)?.command else {
         bail!("not a run");
     };
-    let plan = run::plan(&args)?;
+    let plan = run::plan(&args)?.make_output_dirs();
     let source = |job: &jobs::Job| match &job.source {
         crate::image_io::Source::File(path) => Some(path.clone()),
         crate::image_io::Source::Stdin => None,
