@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Storage, Tensor};
 use segattn_kernels as kernels;
 
-pub use kernels::{PackedWeight, Precision};
+pub use kernels::{Norm, PackedWeight, Precision};
 
 /// Applies SEGATTN_KERNELS (`avx2`, or `portable` for the gemm crate's
 /// path) before any kernel runs, so that CI can test every path on one
@@ -53,32 +53,21 @@ pub fn matmul(x: &Tensor, weight: &PackedWeight) -> Result<Vec<f32>> {
 
 /// GELU(x + bias) over the rows of `values`, in place: the exact (erf) form,
 /// or the tanh approximation.
-pub fn bias_gelu(values: &mut [f32], bias: &Tensor, exact: bool) -> Result<()> {
+pub fn bias_gelu(values: &mut [f32], bias: &[f32], exact: bool) {
     limit_kernels();
-    kernels::bias_gelu(values, &bias.to_vec1::<f32>()?, exact);
-    Ok(())
+    kernels::bias_gelu(values, bias, exact);
 }
 
 /// Adds `bias` to every row of `values`, in place.
-pub fn add_bias(values: &mut [f32], bias: &Tensor) -> Result<()> {
+pub fn add_bias(values: &mut [f32], bias: &[f32]) {
     limit_kernels();
-    kernels::add_bias(values, &bias.to_vec1::<f32>()?);
-    Ok(())
-}
-
-/// A LayerNorm's parameters, as the layer holds them.
-pub struct Norm<'a> {
-    pub weight: &'a Tensor,
-    pub bias: &'a Tensor,
-    pub eps: f32,
+    kernels::add_bias(values, bias);
 }
 
 /// LayerNorm over the last dimension.
-pub fn layer_norm(x: &Tensor, norm: &Norm) -> Result<Tensor> {
+pub fn layer_norm(x: &Tensor, norm: Norm) -> Result<Tensor> {
     limit_kernels();
-    let (weight, bias) = (norm.weight.to_vec1::<f32>()?, norm.bias.to_vec1::<f32>()?);
-    let params = kernels::Norm { weight: &weight, bias: &bias, eps: norm.eps };
-    let normed = cpu_slice(x, |x| Ok(kernels::layer_norm(x, params)?))?;
+    let normed = cpu_slice(x, |x| Ok(kernels::layer_norm(x, norm)?))?;
     Ok(Tensor::from_vec(normed, x.shape(), x.device())?)
 }
 
@@ -88,15 +77,12 @@ pub fn layer_norm(x: &Tensor, norm: &Norm) -> Result<Tensor> {
 pub fn residual_layer_norm(
     x: &Tensor,
     mut update: Vec<f32>,
-    bias: &Tensor,
-    gamma: Option<&Tensor>,
-    norm: &Norm,
+    bias: &[f32],
+    gamma: Option<&[f32]>,
+    norm: Norm,
 ) -> Result<(Tensor, Tensor)> {
     limit_kernels();
-    let (weight, shift) = (norm.weight.to_vec1::<f32>()?, norm.bias.to_vec1::<f32>()?);
-    let params = kernels::Norm { weight: &weight, bias: &shift, eps: norm.eps };
-    let (bias, gamma) = (bias.to_vec1::<f32>()?, gamma.map(|g| g.to_vec1::<f32>()).transpose()?);
-    let normed = cpu_slice(x, |x| Ok(kernels::residual_layer_norm(x, &mut update, &bias, gamma.as_deref(), params)?))?;
+    let normed = cpu_slice(x, |x| Ok(kernels::residual_layer_norm(x, &mut update, bias, gamma, norm)?))?;
     Ok((Tensor::from_vec(update, x.shape(), x.device())?, Tensor::from_vec(normed, x.shape(), x.device())?))
 }
 
@@ -147,7 +133,7 @@ mod tests {
         let b = Tensor::new(&bias, &candle_core::Device::Cpu).unwrap();
         for exact in [true, false] {
             let mut ours = xs.clone();
-            bias_gelu(&mut ours, &b, exact).unwrap();
+            bias_gelu(&mut ours, &bias, exact);
             let shifted = x.broadcast_add(&b).unwrap();
             let reference = if exact { shifted.gelu_erf() } else { shifted.gelu() }.unwrap();
             let reference: Vec<f32> = reference.flatten_all().unwrap().to_vec1().unwrap();

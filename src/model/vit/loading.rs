@@ -46,6 +46,11 @@ impl Weights<'_> {
         self.store.tensor(name, shape)
     }
 
+    /// `name`, a vector of `len` values, checked as [`Weights::tensor`].
+    pub(super) fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        Ok(self.tensor(name, &[len])?.to_vec1()?)
+    }
+
     fn mark_read(&self, name: &str) {
         self.read.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string());
     }
@@ -58,9 +63,10 @@ impl Weights<'_> {
     /// checked on the way, or taken as an earlier run laid it out.
     pub(super) fn linear(&self, names: &[String], shape: &[usize]) -> Result<Linear> {
         let (outputs, inputs) = (shape[0], shape[1..].iter().product::<usize>());
-        let bias =
-            names.iter().map(|name| self.tensor(&format!("{name}.bias"), &[outputs])).collect::<Result<Vec<_>>>()?;
-        let bias = Tensor::cat(&bias, 0)?;
+        let mut bias = Vec::with_capacity(names.len() * outputs);
+        for name in names {
+            bias.extend(self.vector(&format!("{name}.bias"), outputs)?);
+        }
         let weight_names: Vec<String> = names.iter().map(|name| format!("{name}.weight")).collect();
         let stored = weight_names.iter().map(|name| self.store.rows(name, shape)).collect::<Result<Vec<_>>>()?;
         weight_names.iter().for_each(|name| self.mark_read(name));
@@ -179,7 +185,7 @@ impl Vit {
             .map(|name| Ok((name.to_string(), store.tensor(name, &store.shape(name).unwrap_or_default())?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
         Ok(Self {
-            fingerprint: fingerprint(&[&layers.cls_token, &layers.patch_embed.projection.bias])?,
+            fingerprint: fingerprint(&layers.cls_token, &layers.patch_embed.projection.bias)?,
             num_parameters: store.names().filter_map(|n| store.shape(n)).map(|s| s.iter().product::<usize>()).sum(),
             default_short_side: metadata_value(&store, SHORT_SIDE_METADATA_KEY, "a size", |&n: &usize| n > 0)?,
             metadata: store.all_metadata().clone(),
@@ -193,9 +199,10 @@ impl Vit {
     }
 }
 
-/// FNV-1a over the tensors' f32 values, little-endian.
-fn fingerprint(tensors: &[&Tensor]) -> Result<String> {
-    let values = tensors.iter().map(|t| t.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<Vec<_>>>()?;
-    let hash = fnv1a_64(values.iter().flatten().flat_map(|v| v.to_le_bytes()));
+/// FNV-1a over the class token's and the patch projection's bias's f32
+/// values, little-endian.
+fn fingerprint(cls_token: &Tensor, patch_bias: &[f32]) -> Result<String> {
+    let cls_token = cls_token.flatten_all()?.to_vec1::<f32>()?;
+    let hash = fnv1a_64(cls_token.iter().chain(patch_bias).flat_map(|v| v.to_le_bytes()));
     Ok(format!("{hash:016x}"))
 }

@@ -27,7 +27,7 @@ use crate::preprocess::PatchGrid;
 /// packed by the GEMM on every call.
 struct Linear {
     weight: fused::PackedWeight,
-    bias: Tensor,
+    bias: Vec<f32>,
 }
 
 impl Linear {
@@ -38,7 +38,7 @@ impl Linear {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut product = self.forward_without_bias(x)?;
-        fused::add_bias(&mut product, &self.bias)?;
+        fused::add_bias(&mut product, &self.bias);
         self.output(product, x)
     }
 
@@ -55,8 +55,8 @@ impl Linear {
 }
 
 struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
     eps: f32,
 }
 
@@ -64,8 +64,8 @@ impl LayerNorm {
     fn new(weights: &Weights, name: &str) -> Result<Self> {
         let size = weights.config.hidden_size;
         Ok(Self {
-            weight: weights.tensor(&format!("{name}.weight"), &[size])?,
-            bias: weights.tensor(&format!("{name}.bias"), &[size])?,
+            weight: weights.vector(&format!("{name}.weight"), size)?,
+            bias: weights.vector(&format!("{name}.bias"), size)?,
             eps: weights.config.layer_norm_eps as f32,
         })
     }
@@ -75,7 +75,7 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        fused::layer_norm(&x.contiguous()?, &self.fused())
+        fused::layer_norm(&x.contiguous()?, self.fused())
     }
 }
 
@@ -347,7 +347,7 @@ impl Mlp {
     /// Without fc2's bias, which the residual pass adds.
     fn forward_without_bias(&self, x: &Tensor) -> Result<Vec<f32>> {
         let mut hidden = self.fc1.forward_without_bias(x)?;
-        fused::bias_gelu(&mut hidden, &self.fc1.bias, self.activation == Activation::Gelu)?;
+        fused::bias_gelu(&mut hidden, &self.fc1.bias, self.activation == Activation::Gelu);
         self.fc2.forward_without_bias(&self.fc1.output(hidden, x)?)
     }
 }
@@ -368,8 +368,8 @@ impl Stream {
 
     /// `x + γ·(update + bias)` (γ: the layer scale, if any), normalized by
     /// `norm` for the next reader.
-    fn add(self, update: Vec<f32>, bias: &Tensor, gamma: Option<&Tensor>, norm: &LayerNorm) -> Result<Self> {
-        let (x, normed) = fused::residual_layer_norm(&self.x, update, bias, gamma, &norm.fused())?;
+    fn add(self, update: Vec<f32>, bias: &[f32], gamma: Option<&[f32]>, norm: &LayerNorm) -> Result<Self> {
+        let (x, normed) = fused::residual_layer_norm(&self.x, update, bias, gamma, norm.fused())?;
         Ok(Self { x, normed })
     }
 }
@@ -377,10 +377,10 @@ impl Stream {
 struct Block {
     norm1: LayerNorm,
     attention: Attention,
-    layer_scale1: Option<Tensor>,
+    layer_scale1: Option<Vec<f32>>,
     norm2: LayerNorm,
     mlp: Mlp,
-    layer_scale2: Option<Tensor>,
+    layer_scale2: Option<Vec<f32>>,
 }
 
 impl Block {
@@ -388,8 +388,8 @@ impl Block {
         let (layout, config) = (weights.layout, weights.config);
         let (d, hidden) = (config.hidden_size, config.mlp_hidden_size);
         let name = |role: &str| layout.block(layer, role);
-        let layer_scale = |role: &str| -> Result<Option<Tensor>> {
-            config.layer_scale.then(|| weights.tensor(&name(role), &[d])).transpose()
+        let layer_scale = |role: &str| -> Result<Option<Vec<f32>>> {
+            config.layer_scale.then(|| weights.vector(&name(role), d)).transpose()
         };
         Ok(Self {
             norm1: LayerNorm::new(weights, &name(layout.norm1))?,
@@ -409,9 +409,10 @@ impl Block {
     /// the block, normalized by `next_norm`.
     fn forward(&self, stream: Stream, next_norm: &LayerNorm, capture: BlockCapture) -> Result<(Stream, Kept)> {
         let attended = self.attention.forward(&stream.normed, capture)?;
-        let stream = stream.add(attended.tokens, &self.attention.out.bias, self.layer_scale1.as_ref(), &self.norm2)?;
+        let stream =
+            stream.add(attended.tokens, &self.attention.out.bias, self.layer_scale1.as_deref(), &self.norm2)?;
         let update = self.mlp.forward_without_bias(&stream.normed)?;
-        let stream = stream.add(update, &self.mlp.fc2.bias, self.layer_scale2.as_ref(), next_norm)?;
+        let stream = stream.add(update, &self.mlp.fc2.bias, self.layer_scale2.as_deref(), next_norm)?;
         Ok((stream, attended.kept))
     }
 }
