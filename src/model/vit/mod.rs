@@ -1,9 +1,10 @@
 //! The ViT encoder: patch embedding, class/register tokens, interpolated
 //! position embeddings, pre-norm blocks, final LayerNorm.
 //!
-//! One struct per layer, each built from a [`TensorStore`] and run with
-//! `forward`. Attention probabilities and q/k/v are only kept for the layers
-//! a [`Capture`] asks for.
+//! The architecture: one struct per layer, each built by `new` from the
+//! checkpoint's tensors by name (`loading::Weights`, as candle's layers
+//! take a `VarBuilder`) and run with `forward`. Attention probabilities and
+//! q/k/v are only kept for the layers a [`Capture`] asks for.
 
 mod loading;
 
