@@ -4,6 +4,7 @@
 //! to that folder removes: only regular files, only names segattn makes,
 //! only once older than any write takes.
 
+use std::fs::DirEntry;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -16,18 +17,27 @@ pub fn remove_stale(dir: &Path, ours: impl Fn(&str) -> bool) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let now = SystemTime::now();
     for entry in entries.flatten() {
-        if !ours(&entry.file_name().to_string_lossy()) {
-            continue;
-        }
-        // The entry itself, not what a link names: a link is never ours.
-        let Ok(meta) = entry.metadata() else { continue };
+        remove_if_stale(&entry, &ours);
+    }
+}
+
+/// For a caller that lists the folder anyway: removes `entry` if it is a
+/// regular file whose name `ours` accepts, last written over
+/// [`STALE_AFTER`] ago. Returns whether `ours` accepts its name.
+pub fn remove_if_stale(entry: &DirEntry, ours: impl Fn(&str) -> bool) -> bool {
+    if !ours(&entry.file_name().to_string_lossy()) {
+        return false;
+    }
+    // The entry itself, not what a link names: a link is never ours.
+    if let Ok(meta) = entry.metadata() {
+        let now = SystemTime::now();
         let old = meta.modified().is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > STALE_AFTER));
         if old && meta.file_type().is_file() {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+    true
 }
 
 #[cfg(test)]

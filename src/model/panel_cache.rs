@@ -198,11 +198,13 @@ impl PanelCache {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
-        // tempfile's names, for a write a signal cut short.
-        crate::temp_files::remove_stale(&self.dir, |name| name.starts_with(".tmp"));
         let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
             .filter_map(|entry| {
                 let entry = entry.ok()?;
+                // tempfile's names, for a write a signal cut short.
+                if crate::temp_files::remove_if_stale(&entry, |name| name.starts_with(".tmp")) {
+                    return None;
+                }
                 let meta = entry.metadata().ok()?;
                 let path = entry.path();
                 let ours = meta.is_file() && path.extension().is_some_and(|e| e == "panels");
