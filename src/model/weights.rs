@@ -308,6 +308,11 @@ impl TensorStore {
         self.names.iter().filter_map(|n| n.strip_prefix(self.prefix))
     }
 
+    /// Fails unless `name` is there, has `shape` and holds floats.
+    pub fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
+        self.checked(name, shape).map(drop)
+    }
+
     /// `name` with this checkpoint's prefix, checked to have `shape` and to
     /// hold floats.
     fn checked(&self, name: &str, shape: &[usize]) -> Result<String> {

@@ -68,12 +68,15 @@ impl Weights<'_> {
             bias.extend(self.vector(&format!("{name}.bias"), outputs)?);
         }
         let weight_names: Vec<String> = names.iter().map(|name| format!("{name}.weight")).collect();
-        let stored = weight_names.iter().map(|name| self.store.rows(name, shape)).collect::<Result<Vec<_>>>()?;
-        weight_names.iter().for_each(|name| self.mark_read(name));
+        for name in &weight_names {
+            self.store.check(name, shape)?;
+            self.mark_read(name);
+        }
         let key = weight_names.join("+");
         if let Some(weight) = self.laid_out.get(&key).filter(|w| w.shape() == (names.len() * outputs, inputs)) {
             return Ok(Linear { weight: weight.clone(), bias });
         }
+        let stored = weight_names.iter().map(|name| self.store.rows(name, shape)).collect::<Result<Vec<_>>>()?;
         let not_finite = AtomicUsize::new(usize::MAX);
         let weight = fused::pack_rows(self.precision, names.len() * outputs, inputs, |output, first, into| {
             let (part, row) = (output / outputs, output % outputs);
