@@ -1,5 +1,6 @@
-//! Median times of the kernels at ViT-S sizes (hidden 384, 6 heads of 64):
-//! 197 tokens (224x224 at 16-pixel patches) and 1201 (480x640).
+//! Median times of the kernels at ViT-S sizes (hidden 384, 6 heads of 64),
+//! and the rate of the products: 197 tokens (224x224 at 16-pixel patches),
+//! 1201 (480x640) and 4801 (480x640 at 8-pixel patches).
 //!   cargo bench -p segattn-kernels [-- widest|avx2|portable|bf16]
 
 use std::time::Instant;
@@ -40,25 +41,35 @@ fn main() {
     let qkv_weight = weight(3 * hidden, hidden);
     let fc1 = weight(4 * hidden, hidden);
     let (weight, bias) = (values(hidden), values(hidden));
-    for tokens in [197, 1201] {
+    // 224x224 at 16-pixel patches, 480x640 at 16, and 480x640 at 8.
+    for tokens in [197, 1201, 4801] {
         let x = values(tokens * hidden);
         let qkv = kernels::matmul(&x, &qkv_weight).unwrap();
-        let runs = if tokens < 1000 { 50 } else { 10 };
+        let runs = match tokens {
+            ..1000 => 50,
+            ..2000 => 10,
+            _ => 3,
+        };
+        // Multiply-adds count two floating-point operations; the passes
+        // between products are memory-bound and get none.
+        let products = |outputs: usize| 2.0 * (tokens * hidden * outputs) as f64;
         let rows = [
-            ("qkv projection", time(runs, || drop(kernels::matmul(&x, &qkv_weight).unwrap()))),
-            ("fc1", time(runs, || drop(kernels::matmul(&x, &fc1).unwrap()))),
+            ("qkv projection", products(3 * hidden), time(runs, || drop(kernels::matmul(&x, &qkv_weight).unwrap()))),
+            ("fc1", products(4 * hidden), time(runs, || drop(kernels::matmul(&x, &fc1).unwrap()))),
             (
-                "attention",
+                "attention (QK, softmax, PV)",
+                2.0 * products(tokens),
                 time(runs, || drop(kernels::attention(&qkv, (1, tokens), 6, 0.125, true, precision).unwrap())),
             ),
-            ("residual + LayerNorm", {
+            ("residual + LayerNorm", 0.0, {
                 let mut update = x.clone();
                 let norm = Norm { weight: &weight, bias: &bias, eps: 1e-6 };
                 time(runs, || drop(kernels::residual_layer_norm(&x, &mut update, &bias, None, norm).unwrap()))
             }),
         ];
-        for (name, ms) in rows {
-            println!("{tokens:>5} tokens  {name:<22} {ms:8.3} ms");
+        for (name, flops, ms) in rows {
+            let rate = if flops > 0.0 { format!("{:7.1} GFLOP/s", flops / ms / 1e6) } else { String::new() };
+            println!("{tokens:>5} tokens  {name:<28} {ms:9.3} ms  {rate}");
         }
     }
 }
