@@ -46,8 +46,8 @@ fn main() {
         let x = values(tokens * hidden);
         let qkv = kernels::matmul(&x, &qkv_weight).unwrap();
         let runs = match tokens {
-            ..1000 => 50,
-            ..2000 => 10,
+            0..1000 => 50,
+            1000..2000 => 10,
             _ => 3,
         };
         // Multiply-adds count two floating-point operations; the passes
