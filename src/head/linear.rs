@@ -20,7 +20,7 @@ use crate::preprocess::PatchGrid;
 
 /// Where a checkpoint keeps a linear head: in its own file, or beside the
 /// encoder's tensors in the model's.
-pub(super) const PREFIX: &str = "head.";
+const PREFIX: &str = "head.";
 pub const WEIGHT: &str = "head.weight";
 pub const BIAS: &str = "head.bias";
 /// Safetensors metadata key holding [`Vit::fingerprint`] of the training backbone.
@@ -73,8 +73,7 @@ impl LinearHead {
 
     /// The head that came inside the model's own checkpoint, if it has one.
     pub fn bundled(model: &Vit) -> Result<Option<Self>> {
-        let tensors = model.extra_tensors(PREFIX);
-        let (Some(weight), Some(bias)) = (tensors.get("weight"), tensors.get("bias")) else { return Ok(None) };
+        let Some((weight, bias)) = bundled_tensors(model) else { return Ok(None) };
         let head = Self::new(weight, bias, model).map_err(|e| anyhow!("{}: {e}", model.files().weights.display()))?;
         Ok(Some(head))
     }
@@ -101,6 +100,13 @@ impl LinearHead {
         }
         Ok(Self { weight: weight.reshape((cells, hidden_size))?.t()?.contiguous()?, bias: bias.flatten_all()?, split })
     }
+}
+
+/// `head.weight` and `head.bias` in the model's own checkpoint, when it
+/// carries both.
+pub(super) fn bundled_tensors(model: &Vit) -> Option<(&Tensor, &Tensor)> {
+    let tensors = model.extra_tensors(PREFIX);
+    Some((*tensors.get("weight")?, *tensors.get("bias")?))
 }
 
 /// A per-patch head (`head.weight` `[1, hidden]`, `head.bias` `[1]`) as a

@@ -33,8 +33,7 @@ pub fn has_bundled_decoder(model: &Vit) -> bool {
 
 /// Whether `model`'s checkpoint carries a trained linear head.
 pub fn has_bundled_linear(model: &Vit) -> bool {
-    let tensors = model.extra_tensors(linear::PREFIX);
-    tensors.contains_key("weight") && tensors.contains_key("bias")
+    linear::bundled_tensors(model).is_some()
 }
 
 /// Checks the settings `model`'s checkpoint carries for the heads, so that
