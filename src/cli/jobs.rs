@@ -189,6 +189,8 @@ struct Found {
 /// An input with its outputs named, before they are checked.
 struct Candidate {
     job: Job,
+    /// The photo's [`comparable`] path, where it is a file that has one.
+    source_key: Option<PathBuf>,
     /// Each output's [`comparable`] path, where it has one.
     output_keys: Vec<(PathBuf, PathBuf)>,
     shard_key: Vec<u8>,
@@ -196,9 +198,15 @@ struct Candidate {
 }
 
 impl Candidate {
-    fn new(job: Job, found: Found) -> Self {
+    /// `found`, its outputs `out` and `extra` named.
+    fn new(found: Found, out: Sink, extra: Vec<(Extra, PathBuf)>, existing: Existing) -> Self {
+        let job = Job { source: found.source, out, extra, kept: Vec::new(), existing };
+        let source_key = match &job.source {
+            Source::File(path) => comparable(path),
+            Source::Stdin => None,
+        };
         let output_keys = job.output_files().filter_map(|o| Some((o.to_path_buf(), comparable(o)?))).collect();
-        Self { job, output_keys, shard_key: found.shard_key, listed: found.listed }
+        Self { job, source_key, output_keys, shard_key: found.shard_key, listed: found.listed }
     }
 }
 
@@ -226,13 +234,7 @@ pub fn plan(args: &BatchArgs, extras: &[ExtraOutput]) -> Result<Plan> {
     };
     let candidates = name_outputs(found, args, extras, existing)?;
     let candidates = without_earlier_outputs(candidates);
-    let inputs: HashSet<PathBuf> = candidates
-        .iter()
-        .filter_map(|c| match &c.job.source {
-            Source::File(p) => comparable(p),
-            Source::Stdin => None,
-        })
-        .collect();
+    let inputs: HashSet<PathBuf> = candidates.iter().filter_map(|c| c.source_key.clone()).collect();
     let all_shards = args.shard.map(|_| candidates.len());
     let candidates = candidates.into_iter().filter(|c| args.shard.is_none_or(|s| s.holds(&c.shard_key)));
     let (unclaimed, refused) = claim_outputs(candidates, &inputs)?;
@@ -318,7 +320,6 @@ fn name_outputs(
     extras: &[ExtraOutput],
     existing: Existing,
 ) -> Result<Vec<Candidate>> {
-    let job = |source, out, extra| Job { source, out, extra, kept: Vec::new(), existing };
     Ok(match (&args.out, &args.out_dir) {
         (Some(out), None) => {
             let single_file = args.inputs.len() == 1 && !args.inputs[0].is_dir();
@@ -326,7 +327,7 @@ fn name_outputs(
                 bail!("--out names one file, for one input; use --out-dir DIR for several inputs or a directory");
             }
             let extra = || extras.iter().map(|e| (e.kind, e.path.to_path_buf())).collect();
-            found.into_iter().map(|f| Candidate::new(job(f.source.clone(), Sink::from_arg(out), extra()), f)).collect()
+            found.into_iter().map(|f| Candidate::new(f, Sink::from_arg(out), extra(), existing)).collect()
         }
         (None, Some(dir)) => {
             if found.iter().any(|f| f.source == Source::Stdin) {
@@ -342,7 +343,8 @@ fn name_outputs(
                 .into_iter()
                 .map(|f| {
                     let extra = extras.iter().map(|e| (e.kind, name(e.path, &f.stem))).collect();
-                    Candidate::new(job(f.source.clone(), Sink::File(name(dir, &f.stem)), extra), f)
+                    let out = Sink::File(name(dir, &f.stem));
+                    Candidate::new(f, out, extra, existing)
                 })
                 .collect()
         }
@@ -365,7 +367,7 @@ fn without_earlier_outputs(candidates: Vec<Candidate>) -> Vec<Candidate> {
                 return true;
             };
             let earlier_output = c.listed
-                && comparable(path).and_then(|key| written_by.get(&key)).is_some_and(|writer| writer != i)
+                && c.source_key.as_ref().and_then(|key| written_by.get(key)).is_some_and(|writer| writer != i)
                 && image_io::is_segattn_output(path);
             !earlier_output
         })
