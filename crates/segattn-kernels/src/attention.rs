@@ -11,6 +11,7 @@ use crate::ShapeError;
 use crate::buffers::Unwritten;
 use crate::dispatch::Kernels;
 use crate::layout::{Precision, QueryBlock};
+use crate::stages::{Laps, Stage, StageTimes};
 
 /// Most query rows per block. On the GEMM path each block re-packs every key
 /// and value, so bigger blocks pack less per product, while 256 rows of
@@ -49,13 +50,35 @@ pub fn attention(
     keep_cls_row: bool,
     precision: Precision,
 ) -> Result<Attended, ShapeError> {
-    let rows = batch * tokens;
+    let kernels = kernels_for(qkv, batch * tokens, num_heads, precision)?;
+    Ok(attention_with(kernels, qkv, (batch, tokens), num_heads, scale, keep_cls_row, false).0)
+}
+
+/// [`attention`], with the time each [`Stage`] took, summed over threads:
+/// the same kernels, lapping a stopwatch as they go.
+pub fn timed_attention(
+    qkv: &[f32],
+    (batch, tokens): (usize, usize),
+    num_heads: usize,
+    scale: f32,
+    precision: Precision,
+) -> Result<(Attended, StageTimes), ShapeError> {
+    let kernels = kernels_for(qkv, batch * tokens, num_heads, precision)?;
+    Ok(attention_with(kernels, qkv, (batch, tokens), num_heads, scale, false, true))
+}
+
+/// The kernels for `qkv` as rows of `num_heads` heads' q, k and v.
+fn kernels_for(
+    qkv: &[f32],
+    rows: usize,
+    num_heads: usize,
+    precision: Precision,
+) -> Result<&'static Kernels, ShapeError> {
     if rows == 0 || num_heads == 0 || !qkv.len().is_multiple_of(rows * 3 * num_heads) {
         return Err(ShapeError::new(format!("attention: {} values for {rows} rows of {num_heads} heads", qkv.len())));
     }
     let head_dim = qkv.len() / rows / 3 / num_heads;
-    let kernels = Kernels::best_attention(head_dim, precision);
-    Ok(attention_with(kernels, qkv, (batch, tokens), num_heads, scale, keep_cls_row))
+    Ok(Kernels::best_attention(head_dim, precision))
 }
 
 pub(crate) fn attention_with(
@@ -65,41 +88,48 @@ pub(crate) fn attention_with(
     num_heads: usize,
     scale: f32,
     keep_cls_row: bool,
-) -> Attended {
+    timed: bool,
+) -> (Attended, StageTimes) {
     let three_d = data.len() / (batch * tokens);
     let d = three_d / 3;
     let head_dim = d / num_heads;
     let mut cls_rows = vec![0f32; if keep_cls_row { batch * num_heads * tokens } else { 0 }];
+    let mut times = StageTimes::default();
     let mixed = {
         let mut out = Unwritten::new(batch * tokens * d);
         for (b, out) in out.slots().chunks_mut(tokens * d).enumerate() {
             let data = &data[b * tokens * three_d..(b + 1) * tokens * three_d];
+            let start = std::time::Instant::now();
             let heads = kernels.pack_heads(data, tokens, num_heads, head_dim);
+            if timed {
+                // The packing shares its heads out over the pool: its wall
+                // time on every thread, as the blocks' times are summed.
+                times.charge(Stage::Pack, start.elapsed() * rayon::current_num_threads() as u32);
+            }
             let rows = block_rows(tokens);
-            let first_rows: Vec<Vec<f32>> = out
+            let blocks: Vec<(Vec<f32>, StageTimes)> = out
                 .par_chunks_mut(rows * d)
                 .enumerate()
                 .map(|(block, out)| {
                     let keep_first_row = block == 0 && keep_cls_row;
-                    kernels.attend_block(QueryBlock {
-                        qkv: data,
-                        heads: &heads,
-                        out,
-                        first: block * rows,
-                        scale,
-                        keep_first_row,
-                    })
+                    let mut laps = Laps::new(timed);
+                    let query_block =
+                        QueryBlock { qkv: data, heads: &heads, out, first: block * rows, scale, keep_first_row };
+                    (kernels.attend_block(query_block, &mut laps), laps.times())
                 })
                 .collect();
+            for (_, block_times) in &blocks {
+                times.add(*block_times);
+            }
             if keep_cls_row {
                 let per_batch = num_heads * tokens;
-                cls_rows[b * per_batch..(b + 1) * per_batch].copy_from_slice(&first_rows[0]);
+                cls_rows[b * per_batch..(b + 1) * per_batch].copy_from_slice(&blocks[0].0);
             }
         }
         // SAFETY: every block wrote all of its rows, every head its columns.
         unsafe { out.assume_written() }
     };
-    Attended { mixed, cls_rows: keep_cls_row.then_some(cls_rows) }
+    (Attended { mixed, cls_rows: keep_cls_row.then_some(cls_rows) }, times)
 }
 
 #[cfg(test)]
@@ -157,8 +187,8 @@ mod tests {
                         Precision::F32 => (|v| v, 1e-5),
                     };
                     let (expected_mixed, expected_cls) = naive_attention(&data, tokens, num_heads, 0.125, round);
-                    let Attended { mixed, cls_rows } =
-                        attention_with(kernels, &data, (1, tokens), num_heads, 0.125, true);
+                    let (Attended { mixed, cls_rows }, _) =
+                        attention_with(kernels, &data, (1, tokens), num_heads, 0.125, true, false);
                     let cls = cls_rows.unwrap();
                     for (ours, expected) in [(mixed, &expected_mixed), (cls, &expected_cls)] {
                         assert_eq!(ours.len(), expected.len());

@@ -14,6 +14,7 @@ use crate::layout::{HeadMajor, Precision, QueryBlock};
 use crate::portable;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::{self, Avx2, Avx512, Bf16Isa, Bf16Pairs, Isa, Vector, Width};
+use crate::stages::Laps;
 #[cfg(target_arch = "x86_64")]
 use crate::{tile_attention, tile_matmul};
 
@@ -21,9 +22,9 @@ use crate::{tile_attention, tile_matmul};
 type Product = unsafe fn(&[f32], usize, &[f32], usize, &mut [MaybeUninit<f32>]);
 /// Kᵀ and V of each head, from qkv rows: (qkv, tokens, heads, head_dim).
 type PackHeads = fn(&[f32], usize, usize, usize) -> HeadMajor;
-/// One block of query rows through the attention; row 0's probabilities
-/// when the block asks for them.
-type AttendBlock = unsafe fn(QueryBlock) -> Vec<f32>;
+/// One block of query rows through the attention, each stage's time lapped
+/// on the stopwatch; row 0's probabilities when the block asks for them.
+type AttendBlock = unsafe fn(QueryBlock, &mut Laps) -> Vec<f32>;
 
 /// The kernels of one instruction set.
 pub(crate) struct Kernels {
@@ -38,6 +39,10 @@ pub(crate) struct Kernels {
     head_dim: Option<usize>,
     pack_heads: PackHeads,
     attend_block: AttendBlock,
+    /// Steps of [`simd::FMA_CHAINS`] independent FMAs, the product's own,
+    /// to time the CPU's peak; `None` for the gemm crate's, whose
+    /// instructions are its own.
+    fma_steps: Option<unsafe fn(usize)>,
 }
 
 static GEMM: Kernels = Kernels {
@@ -49,6 +54,7 @@ static GEMM: Kernels = Kernels {
     head_dim: None,
     pack_heads: |qkv, tokens, heads, head_dim| HeadMajor::new(qkv, tokens, heads, head_dim, (tokens, head_dim)),
     attend_block: portable::attend_block,
+    fma_steps: None,
 };
 
 /// Kᵀ and V in panels one V wide, as the f32 tiles read them.
@@ -70,6 +76,7 @@ macro_rules! tiles {
             head_dim: Some(tile_attention::HEAD_DIM),
             pack_heads: vector_panels::<$vector>,
             attend_block: tile_attention::attend_block::<$vector, { <$vector>::TILE_PANELS }>,
+            fma_steps: Some(simd::fma_steps::<$vector>),
         }
     };
 }
@@ -88,6 +95,7 @@ static BF16: Kernels = Kernels {
     head_dim: Some(tile_attention::HEAD_DIM),
     pack_heads: HeadMajor::pairs::<{ Bf16Pairs::LANES }>,
     attend_block: tile_attention::attend_block::<tile_attention::Bf16Math, { Bf16Pairs::TILE_PANELS }>,
+    fma_steps: Some(simd::fma_steps::<Bf16Pairs>),
 };
 
 impl Kernels {
@@ -190,11 +198,37 @@ impl Kernels {
 
     /// One block of query rows; `block.heads` must come from this table's
     /// [`Kernels::pack_heads`].
-    pub(crate) fn attend_block(&self, block: QueryBlock) -> Vec<f32> {
+    pub(crate) fn attend_block(&self, block: QueryBlock, laps: &mut Laps) -> Vec<f32> {
         assert_eq!(block.heads.layout, self.attention_name, "heads packed for another kernel");
         // SAFETY: the instruction set as in `product`; the heads were packed
         // by this table (checked above), for a head size it takes.
-        unsafe { (self.attend_block)(block) }
+        unsafe { (self.attend_block)(block, laps) }
+    }
+}
+
+impl Kernels {
+    /// Floating-point operations a second that one thread's FMAs reach
+    /// here, in the instructions of this table's product (a multiply-add
+    /// counts two per value multiplied); `None` for the gemm crate's.
+    pub(crate) fn fma_rate(&self) -> Option<f64> {
+        let (fma_steps, lanes) = (self.fma_steps?, self.panel_lanes?);
+        let flops_per_step = (2 * simd::FMA_CHAINS * lanes * self.inputs_per_slot()) as f64;
+        // The best of a few runs of some 10 ms, so that the clock has ramped up.
+        let steps = 4_000_000;
+        let best = (0..5)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                // SAFETY: as in `product`.
+                unsafe { fma_steps(steps) };
+                start.elapsed()
+            })
+            .min()?;
+        Some(flops_per_step * steps as f64 / best.as_secs_f64())
+    }
+
+    /// f32 values one vector FMA of the product multiplies.
+    pub(crate) fn multiplied_lanes(&self) -> Option<usize> {
+        Some(self.panel_lanes? * self.inputs_per_slot())
     }
 }
 

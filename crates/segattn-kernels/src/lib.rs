@@ -50,14 +50,17 @@ macro_rules! widest_vectors {
 
 mod attention;
 mod buffers;
+mod caches;
 mod dispatch;
 mod exp;
 mod layout;
 mod matmul;
+mod peak;
 mod portable;
 mod rows;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+mod stages;
 #[cfg(target_arch = "x86_64")]
 mod tile_attention;
 #[cfg(target_arch = "x86_64")]
@@ -65,10 +68,13 @@ mod tile_matmul;
 
 use std::sync::OnceLock;
 
-pub use attention::{Attended, attention};
+pub use attention::{Attended, attention, timed_attention};
+pub use caches::{Caches, caches};
 pub use layout::Precision;
 pub use matmul::{PackedWeight, matmul};
+pub use peak::{Peak, measure_peak};
 pub use rows::{Norm, add_bias, bias_gelu, layer_norm, residual_layer_norm};
+pub use stages::{Stage, StageTimes};
 
 /// A shape the kernels cannot work on, in words.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use crate::buffers::{SharedOut, Strided, overwrite_product};
 use crate::layout::{HeadMajor, QueryBlock};
 use crate::rows::softmax_numerators;
+use crate::stages::{Laps, Stage};
 
 /// `out = x · B` for B (inputs, outputs) row-major. Each task, two per
 /// thread, is a single-threaded GEMM over a slice of the output columns. The
@@ -37,7 +38,7 @@ pub(crate) fn product(x: &[f32], inputs: usize, b: &[f32], outputs: usize, out: 
 }
 
 /// The block with two GEMMs per head around a softmax pass.
-pub(crate) fn attend_block(block: QueryBlock) -> Vec<f32> {
+pub(crate) fn attend_block(block: QueryBlock, laps: &mut Laps) -> Vec<f32> {
     let QueryBlock { qkv, heads, out, first, scale, keep_first_row } = block;
     let HeadMajor { tokens, num_heads, head_dim, .. } = *heads;
     let d = num_heads * head_dim;
@@ -66,10 +67,12 @@ pub(crate) fn attend_block(block: QueryBlock) -> Vec<f32> {
             );
             scores.set_len(rows * tokens);
         }
+        laps.lap(Stage::Scores);
         softmax_numerators(&mut scores, tokens, &mut inv_sums);
         if keep_first_row {
             first_row.extend(scores[..tokens].iter().map(|p| p * inv_sums[0]));
         }
+        laps.lap(Stage::Softmax);
         // SAFETY: as above, for the (rows x hd) output, which the product writes whole.
         unsafe {
             // mixed (rows x hd) = P (rows x tokens) · V (tokens x hd)
@@ -89,6 +92,7 @@ pub(crate) fn attend_block(block: QueryBlock) -> Vec<f32> {
                 o.write(m * inv_sum);
             });
         }
+        laps.lap(Stage::Mix);
     }
     first_row
 }

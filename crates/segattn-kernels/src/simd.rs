@@ -214,6 +214,34 @@ impl FloatLanes for Avx2 {
     }
 }
 
+/// Independent chains of [`fma_steps`]: enough to cover an FMA's latency
+/// (4 or 5 cycles) on two FMA units, within AVX2's 16 registers.
+pub(crate) const FMA_CHAINS: usize = 10;
+
+/// `steps` steps of [`FMA_CHAINS`] independent [`Vector::mul_add`]s, which
+/// run at the CPU's FMA rate: to be timed.
+///
+/// # Safety
+/// The CPU has V's instruction set.
+pub(crate) unsafe fn fma_steps<V: Vector>(steps: usize) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        V::enter(
+            #[inline(always)]
+            || {
+                let (x, b) = std::hint::black_box((V::splat(1e-3), V::splat(0.999)));
+                let mut acc = [V::zero(); FMA_CHAINS];
+                for _ in 0..steps {
+                    for acc in &mut acc {
+                        *acc = x.mul_add(b, *acc);
+                    }
+                }
+                std::hint::black_box(acc);
+            },
+        )
+    }
+}
+
 /// AVX512-BF16, which this CPU has and [`crate::set_limit`] allows (it
 /// needs [`crate::Limit::Widest`]). Only [`bf16`] makes one, after
 /// detection, so holding it is what lets the bfloat16 kernels run.

@@ -14,6 +14,7 @@
 
 use crate::layout::{HeadMajor, QueryBlock};
 use crate::simd::{self, Avx512, Bf16Pairs, FloatLanes, Vector};
+use crate::stages::{Laps, Stage};
 use crate::tile_matmul::{TILE_ROWS, tile_product};
 
 /// What a tile multiplies in: f32 vectors, or bfloat16 pairs summed in f32.
@@ -103,12 +104,12 @@ pub(crate) const HEAD_DIM: usize = 64;
 /// The CPU must have M's instruction set; `heads` packed from `qkv` in
 /// M's panels (lanes wide, M::PER_SLOT rows per slot), with heads of
 /// [`HEAD_DIM`] dimensions, and `first + out.len() / hidden <= heads.tokens`.
-pub(crate) unsafe fn attend_block<M: TileMath, const P: usize>(block: QueryBlock) -> Vec<f32> {
+pub(crate) unsafe fn attend_block<M: TileMath, const P: usize>(block: QueryBlock, laps: &mut Laps) -> Vec<f32> {
     // SAFETY: the caller's contract.
     unsafe {
         M::Operand::enter(
             #[inline(always)]
-            || attend_tiles::<M, P>(block),
+            || attend_tiles::<M, P>(block, laps),
         )
     }
 }
@@ -119,7 +120,7 @@ pub(crate) unsafe fn attend_block<M: TileMath, const P: usize>(block: QueryBlock
 /// As [`attend_block`]: it reads and writes through pointers into `block`
 /// that only that contract keeps in bounds.
 #[inline(always)]
-unsafe fn attend_tiles<M: TileMath, const P: usize>(block: QueryBlock) -> Vec<f32> {
+unsafe fn attend_tiles<M: TileMath, const P: usize>(block: QueryBlock, laps: &mut Laps) -> Vec<f32> {
     let QueryBlock { qkv, heads, out, first, scale, keep_first_row } = block;
     let HeadMajor { tokens, num_heads, .. } = *heads;
     let lanes = M::Operand::LANES;
@@ -142,12 +143,12 @@ unsafe fn attend_tiles<M: TileMath, const P: usize>(block: QueryBlock) -> Vec<f3
             // values `tokens` rows, as packed.
             let inv_sums = unsafe {
                 match rows - start {
-                    1 => tile.run::<M, 1, P>(&mut scores, &mut buffers),
-                    2 => tile.run::<M, 2, P>(&mut scores, &mut buffers),
-                    3 => tile.run::<M, 3, P>(&mut scores, &mut buffers),
-                    4 => tile.run::<M, 4, P>(&mut scores, &mut buffers),
-                    5 => tile.run::<M, 5, P>(&mut scores, &mut buffers),
-                    _ => tile.run::<M, TILE_ROWS, P>(&mut scores, &mut buffers),
+                    1 => tile.run::<M, 1, P>(&mut scores, &mut buffers, laps),
+                    2 => tile.run::<M, 2, P>(&mut scores, &mut buffers, laps),
+                    3 => tile.run::<M, 3, P>(&mut scores, &mut buffers, laps),
+                    4 => tile.run::<M, 4, P>(&mut scores, &mut buffers, laps),
+                    5 => tile.run::<M, 5, P>(&mut scores, &mut buffers, laps),
+                    _ => tile.run::<M, TILE_ROWS, P>(&mut scores, &mut buffers, laps),
                 }
             };
             if keep_first_row && start == 0 {
@@ -191,6 +192,7 @@ impl Tile {
         &self,
         scores: &mut [f32],
         buffers: &mut Buffers,
+        laps: &mut Laps,
     ) -> f32 {
         let padded = self.panels * M::Operand::LANES;
         let mut panel = 0;
@@ -205,11 +207,13 @@ impl Tile {
                 self.scores::<M, R, 1>(queries, panel, scores.as_mut_ptr(), padded);
             }
         }
+        laps.lap(Stage::Scores);
         let mut inv_sums = [0f32; R];
         for (row, inv_sum) in scores.chunks_mut(padded).zip(&mut inv_sums) {
             // SAFETY: as above.
             *inv_sum = unsafe { M::Sum::softmax_numerators(&mut row[..self.tokens]) };
         }
+        laps.lap(Stage::Softmax);
         // SAFETY: as above; HEAD_DIM is a multiple of P panels on every
         // instruction set.
         unsafe {
@@ -218,6 +222,7 @@ impl Tile {
                 self.mix::<M, R, P>(numerators, panel, &inv_sums);
             }
         }
+        laps.lap(Stage::Mix);
         inv_sums[0]
     }
 

@@ -1,0 +1,146 @@
+//! Where an encoder layer's time goes on this CPU, stage by stage, at ViT-S
+//! sizes (hidden 384, 6 heads of 64): 197 tokens (224x224 at 16-pixel
+//! patches), 1201 (480x640) and 4801 (480x640 at 8-pixel patches). Each
+//! product's rate is given against the CPU's peak, measured here: the clock
+//! from a chain of dependent adds, the FMA rate from independent FMAs of the
+//! products' instruction set.
+//!
+//!   cargo bench --bench stages [-- widest|avx2|portable|bf16]
+
+use std::time::Instant;
+
+use segattn_kernels::{self as kernels, Limit, Norm, PackedWeight, Precision, Stage};
+
+const HIDDEN: usize = 384;
+const HEADS: usize = 6;
+
+fn values(n: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i as f32) * 0.618).sin()).collect()
+}
+
+/// Median milliseconds of `runs` calls after one warm-up.
+fn time(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[runs / 2]
+}
+
+fn cpu_name() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let name = cpuinfo.lines().find_map(|line| line.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim()));
+    name.unwrap_or("unknown CPU").to_string()
+}
+
+fn main() {
+    let choice = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let (limit, precision) = match choice.as_deref() {
+        Some("avx2") => (Limit::Avx2, Precision::F32),
+        Some("portable") => (Limit::Portable, Precision::F32),
+        Some("bf16") => (Limit::Widest, Precision::Bf16),
+        _ => (Limit::Widest, Precision::F32),
+    };
+    kernels::set_limit(limit);
+    let threads = rayon::current_num_threads();
+    let (matmul_kernel, attention_kernel) = kernels::kernel_names(precision, HIDDEN / HEADS);
+    println!("{}, {threads} threads; {limit:?}, {precision:?}", cpu_name());
+    println!("linear layers on {matmul_kernel}; attention on {attention_kernel}");
+    let caches = kernels::caches();
+    println!(
+        "caches: L1d {} KiB, L2 {} KiB, L3 {} KiB, shared ({})",
+        caches.l1d >> 10,
+        caches.l2 >> 10,
+        caches.l3 >> 10,
+        caches.source
+    );
+    let peak = kernels::measure_peak(precision);
+    // The pool's threads each on a core of their own: the peak of `threads` cores.
+    let peak_gflops = peak.map(|peak| peak.flops_per_second * threads as f64 / 1e9);
+    match peak {
+        Some(peak) => println!(
+            "peak: clock {:.2} GHz (a chain of dependent adds) x {:.2} vector FMAs a cycle (independent FMAs) x {} \
+             lanes x 2 = {:.1} FLOP a cycle a core; {:.0} GFLOP/s on {threads} cores",
+            peak.clock_hz / 1e9,
+            peak.fmas_per_cycle(),
+            peak.lanes,
+            peak.flops_per_cycle(),
+            peak_gflops.unwrap_or_default(),
+        ),
+        None => println!("peak: not measured (the gemm crate's kernels run here)"),
+    }
+    let weight = |outputs, inputs| PackedWeight::new(precision, &values(outputs * inputs), outputs, inputs).unwrap();
+    let (qkv_weight, proj, fc1, fc2) =
+        (weight(3 * HIDDEN, HIDDEN), weight(HIDDEN, HIDDEN), weight(4 * HIDDEN, HIDDEN), weight(HIDDEN, 4 * HIDDEN));
+    let (norm_weight, bias, fc1_bias) = (values(HIDDEN), values(HIDDEN), values(4 * HIDDEN));
+    let norm = Norm { weight: &norm_weight, bias: &bias, eps: 1e-6 };
+    println!(
+        "\n{:>6}  {:<28}{:>10}{:>8}{:>10}{:>8}",
+        "tokens", "stage of one layer", "ms", "share", "GFLOP/s", "% peak"
+    );
+    for tokens in [197, 1201, 4801] {
+        let runs = match tokens {
+            0..1000 => 50,
+            1000..2000 => 10,
+            _ => 3,
+        };
+        let x = values(tokens * HIDDEN);
+        let mlp_hidden = values(tokens * 4 * HIDDEN);
+        let qkv = kernels::matmul(&x, &qkv_weight).unwrap();
+        // A multiply-add counts two operations; the passes between the
+        // products are memory-bound and are given none.
+        let product_flops = |outputs: usize, inputs: usize| 2.0 * (tokens * inputs * outputs) as f64;
+        let attention_product_flops = product_flops(tokens, HIDDEN);
+        let attention_ms =
+            time(runs, || drop(kernels::attention(&qkv, (1, tokens), HEADS, 0.125, true, precision).unwrap()));
+        // The stages' shares of the attention's thread time, from a run that
+        // laps a stopwatch, give its wall time out to them.
+        let (_, stage_times) = kernels::timed_attention(&qkv, (1, tokens), HEADS, 0.125, precision).unwrap();
+        let share = |stage: Stage| stage_times.get(stage).as_secs_f64() / stage_times.total().as_secs_f64();
+        let mut rows: Vec<(&str, f64, f64)> = vec![
+            (
+                "qkv projection",
+                product_flops(3 * HIDDEN, HIDDEN),
+                time(runs, || drop(kernels::matmul(&x, &qkv_weight))),
+            ),
+            ("attention", 2.0 * attention_product_flops, attention_ms),
+        ];
+        for (stage, name, flops) in [
+            (Stage::Pack, "  pack K, V", 0.0),
+            (Stage::Scores, "  Q Kᵀ", attention_product_flops),
+            (Stage::Softmax, "  softmax", 0.0),
+            (Stage::Mix, "  P V", attention_product_flops),
+        ] {
+            rows.push((name, flops, attention_ms * share(stage)));
+        }
+        rows.extend([
+            ("output projection", product_flops(HIDDEN, HIDDEN), time(runs, || drop(kernels::matmul(&x, &proj)))),
+            ("fc1", product_flops(4 * HIDDEN, HIDDEN), time(runs, || drop(kernels::matmul(&x, &fc1)))),
+            ("bias + GELU", 0.0, {
+                let mut mlp_hidden = mlp_hidden.clone();
+                time(runs, || kernels::bias_gelu(&mut mlp_hidden, &fc1_bias, true))
+            }),
+            ("fc2", product_flops(HIDDEN, 4 * HIDDEN), time(runs, || drop(kernels::matmul(&mlp_hidden, &fc2)))),
+            ("residual + LayerNorm, twice", 0.0, {
+                let mut update = x.clone();
+                2.0 * time(runs, || drop(kernels::residual_layer_norm(&x, &mut update, &bias, None, norm).unwrap()))
+            }),
+        ]);
+        let layer_ms: f64 = rows.iter().filter(|(name, ..)| !name.starts_with(' ')).map(|(_, _, ms)| ms).sum();
+        for (name, flops, ms) in rows {
+            let (mut rate, mut of_peak) = (String::new(), String::new());
+            if flops > 0.0 {
+                let gflops = flops / ms / 1e6;
+                rate = format!("{gflops:.1}");
+                of_peak = peak_gflops.map(|peak| format!("{:.0}", 100.0 * gflops / peak)).unwrap_or_default();
+            }
+            println!("{tokens:>6}  {name:<28}{ms:>10.3}{:>7.1}%{rate:>10}{of_peak:>8}", 100.0 * ms / layer_ms);
+        }
+        println!("{tokens:>6}  {:<28}{layer_ms:>10.3}", "layer");
+    }
+}
