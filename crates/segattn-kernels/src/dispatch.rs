@@ -10,6 +10,7 @@
 
 use std::mem::MaybeUninit;
 
+use crate::caches::caches;
 use crate::layout::{HeadMajor, Precision, QueryBlock};
 use crate::portable;
 #[cfg(target_arch = "x86_64")]
@@ -18,8 +19,9 @@ use crate::stages::Laps;
 #[cfg(target_arch = "x86_64")]
 use crate::{tile_attention, tile_matmul};
 
-/// `out` (rows x outputs) = x (rows x inputs) · W, W in the table's panels.
-type Product = unsafe fn(&[f32], usize, &[f32], usize, &mut [MaybeUninit<f32>]);
+/// `out` (rows x outputs) = x (rows x inputs) · W, W in the table's panels,
+/// blocked so that runs of the last argument's rows of x stay in cache.
+type Product = unsafe fn(&[f32], usize, &[f32], usize, &mut [MaybeUninit<f32>], usize);
 /// Kᵀ and V of each head, from qkv rows: (qkv, tokens, heads, head_dim).
 type PackHeads = fn(&[f32], usize, usize, usize) -> HeadMajor;
 /// One block of query rows through the attention, each stage's time lapped
@@ -185,9 +187,13 @@ impl Kernels {
             "{}: operands of another shape",
             self.matmul_name
         );
+        // Half of L2 for x's rows (as the product reads them: pairs, in
+        // bfloat16), the rest for W's panels and the output.
+        let row_bytes = inputs.div_ceil(self.inputs_per_slot()) * size_of::<f32>();
+        let x_rows_in_cache = (caches().l2 / 2 / row_bytes).max(1);
         // SAFETY: this table was handed out only for an instruction set the
         // CPU has (see the module's doc), and the shapes are checked above.
-        unsafe { (self.product)(x, inputs, panels, outputs, out) }
+        unsafe { (self.product)(x, inputs, panels, outputs, out, x_rows_in_cache) }
     }
 
     /// Kᵀ and V of each head of `qkv`, as [`Kernels::attend_block`] reads them.

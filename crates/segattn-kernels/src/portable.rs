@@ -15,7 +15,8 @@ use crate::stages::{Laps, Stage};
 /// thread, is a single-threaded GEMM over a slice of the output columns. The
 /// gemm crate's own threading packs B on the calling thread while the workers
 /// wait, then synchronizes them per panel, which costs most on small inputs.
-pub(crate) fn product(x: &[f32], inputs: usize, b: &[f32], outputs: usize, out: &mut [MaybeUninit<f32>]) {
+/// The gemm crate blocks x for the caches itself.
+pub(crate) fn product(x: &[f32], inputs: usize, b: &[f32], outputs: usize, out: &mut [MaybeUninit<f32>], _: usize) {
     let rows = x.len() / inputs;
     let columns = outputs.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(16);
     let dst = SharedOut(out.as_mut_ptr().cast());

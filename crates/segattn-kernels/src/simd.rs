@@ -94,9 +94,104 @@ pub(crate) trait Vector: Copy {
 /// As [`Vector`].
 pub(crate) trait FloatLanes: Vector {
     unsafe fn mul(self, b: Self) -> Self;
-    /// Softmax of `row` short of its last step: leaves e^(s - max) in the
-    /// row and returns 1/Σ.
-    unsafe fn softmax_numerators(row: &mut [f32]) -> f32;
+    unsafe fn add(self, b: Self) -> Self;
+    unsafe fn sub(self, b: Self) -> Self;
+    unsafe fn max(self, b: Self) -> Self;
+    /// e^x per lane for x <= 0, to 3e-7 relative down to x = -87; 0 or
+    /// less than `f32::MIN_POSITIVE` below, -∞ included. x = n·ln 2 + f
+    /// with |f| <= ln 2 / 2 (ln 2 in two parts, so that f keeps its
+    /// precision), e^f by its Taylor series to degree 6 (error < 2e-7
+    /// there) in FMAs, times 2^n.
+    unsafe fn exp(self) -> Self;
+    /// The first `lanes` values from `from`, reading no further; `fill`
+    /// in the rest.
+    unsafe fn load_first(from: *const f32, lanes: usize, fill: f32) -> Self;
+    unsafe fn reduce_add(self) -> f32;
+    unsafe fn reduce_max(self) -> f32;
+}
+
+/// ln 2 in two parts, the first with few enough bits that n · LN2_HI is
+/// exact for the n that [`FloatLanes::exp`] meets.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// e^f's Taylor coefficients from degree 6 down to 0, for Horner's rule.
+const EXP_TAYLOR: [f32; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
+/// Below this e^x is 0 or a subnormal, and 2^n has no normal float.
+const EXP_FLOOR: f32 = -88.0;
+
+/// The steps of [`FloatLanes::exp`] before 2^n: n, and e^f.
+///
+/// # Safety
+/// V's instruction set.
+#[inline(always)]
+unsafe fn exp_reduced<V: FloatLanes>(x: V, round: impl Fn(V) -> V) -> (V, V) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let x = x.max(V::splat(EXP_FLOOR));
+        let n = round(x.mul(V::splat(std::f32::consts::LOG2_E)));
+        // f = x - n·ln 2, as two FMAs: n.mul_add(-ln 2, x).
+        let f = n.mul_add(V::splat(-LN2_HI), x);
+        let f = n.mul_add(V::splat(-LN2_LO), f);
+        let mut p = V::splat(EXP_TAYLOR[0]);
+        for c in &EXP_TAYLOR[1..] {
+            p = p.mul_add(f, V::splat(*c));
+        }
+        (n, p)
+    }
+}
+
+/// Softmax of `row` short of its last step: leaves e^(s - max) in the row
+/// and returns 1/Σ. Dividing the (rows x head_dim) output by Σ after P·V is
+/// head_dim/tokens of the work of dividing every probability. Four vectors
+/// a step keep four maxima and sums apart; a last partial vector is read
+/// and written lane by lane, its other lanes -∞, whose e^x adds nothing.
+///
+/// # Safety
+/// V's instruction set.
+#[inline(always)]
+pub(crate) unsafe fn softmax_numerators<V: FloatLanes>(row: &mut [f32]) -> f32 {
+    let (len, at) = (row.len(), row.as_mut_ptr());
+    let full = len - len % V::LANES;
+    let step = 4 * V::LANES;
+    // SAFETY: V's instruction set by the caller's contract; every full
+    // vector is below `full`, and the last partial one reads and writes
+    // only its `len - full` lanes.
+    unsafe {
+        let tail = || V::load_first(at.add(full), len - full, f32::NEG_INFINITY);
+        let mut max = [V::splat(f32::NEG_INFINITY); 4];
+        let mut i = 0;
+        while i + step <= full {
+            for (j, max) in max.iter_mut().enumerate() {
+                *max = max.max(V::load(at.add(i + j * V::LANES)));
+            }
+            i += step;
+        }
+        for i in (i..full).step_by(V::LANES) {
+            max[0] = max[0].max(V::load(at.add(i)));
+        }
+        max[1] = max[1].max(tail());
+        let max = V::splat(max[0].max(max[1]).max(max[2].max(max[3])).reduce_max());
+
+        let mut sum = [V::zero(); 4];
+        let mut i = 0;
+        while i + step <= full {
+            for (j, sum) in sum.iter_mut().enumerate() {
+                let e = V::load(at.add(i + j * V::LANES)).sub(max).exp();
+                e.store(at.add(i + j * V::LANES));
+                *sum = sum.add(e);
+            }
+            i += step;
+        }
+        for i in (i..full).step_by(V::LANES) {
+            let e = V::load(at.add(i)).sub(max).exp();
+            e.store(at.add(i));
+            sum[0] = sum[0].add(e);
+        }
+        let e = tail().sub(max).exp();
+        e.store_first(at.add(full), len - full);
+        sum[1] = sum[1].add(e);
+        1.0 / sum[0].add(sum[1]).add(sum[2].add(sum[3])).reduce_add()
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -146,8 +241,38 @@ impl FloatLanes for Avx512 {
         unsafe { Self(_mm512_mul_ps(self.0, b.0)) }
     }
     #[inline(always)]
-    unsafe fn softmax_numerators(row: &mut [f32]) -> f32 {
-        unsafe { avx512_softmax_numerators(row) }
+    unsafe fn add(self, b: Self) -> Self {
+        unsafe { Self(_mm512_add_ps(self.0, b.0)) }
+    }
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        unsafe { Self(_mm512_sub_ps(self.0, b.0)) }
+    }
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        unsafe { Self(_mm512_max_ps(self.0, b.0)) }
+    }
+    /// 2^n by `vscalefps`, which flushes what is below the normal floats to 0.
+    #[inline(always)]
+    unsafe fn exp(self) -> Self {
+        unsafe {
+            let round = |v: Self| Self(_mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v.0));
+            let (n, p) = exp_reduced(self, round);
+            Self(_mm512_scalef_ps(p.0, n.0))
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_first(from: *const f32, lanes: usize, fill: f32) -> Self {
+        let mask: __mmask16 = if lanes >= 16 { !0 } else { (1 << lanes) - 1 };
+        unsafe { Self(_mm512_mask_loadu_ps(_mm512_set1_ps(fill), mask, from)) }
+    }
+    #[inline(always)]
+    unsafe fn reduce_add(self) -> f32 {
+        unsafe { _mm512_reduce_add_ps(self.0) }
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(self) -> f32 {
+        unsafe { _mm512_reduce_max_ps(self.0) }
     }
 }
 
@@ -186,12 +311,7 @@ impl Vector for Avx2 {
             // SAFETY: the caller's contract.
             return unsafe { self.store(to) };
         }
-        unsafe {
-            let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            // Lanes below `lanes` get all ones, the sign bit maskstore reads.
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), lane);
-            _mm256_maskstore_ps(to, mask, self.0)
-        }
+        unsafe { _mm256_maskstore_ps(to, avx2_first_lanes(lanes), self.0) }
     }
     #[inline(always)]
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
@@ -205,13 +325,59 @@ impl FloatLanes for Avx2 {
     unsafe fn mul(self, b: Self) -> Self {
         unsafe { Self(_mm256_mul_ps(self.0, b.0)) }
     }
-    /// The portable softmax, which the compiler vectorizes for AVX2 here.
     #[inline(always)]
-    unsafe fn softmax_numerators(row: &mut [f32]) -> f32 {
-        let mut inv_sum = [0f32];
-        crate::exp::softmax_numerators_portable(row, row.len(), &mut inv_sum);
-        inv_sum[0]
+    unsafe fn add(self, b: Self) -> Self {
+        unsafe { Self(_mm256_add_ps(self.0, b.0)) }
     }
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        unsafe { Self(_mm256_sub_ps(self.0, b.0)) }
+    }
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        unsafe { Self(_mm256_max_ps(self.0, b.0)) }
+    }
+    /// 2^n built in the exponent bits; n = -127, where x is below about
+    /// -87.7, makes them all zero: 0.
+    #[inline(always)]
+    unsafe fn exp(self) -> Self {
+        unsafe {
+            let round = |v: Self| Self(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v.0));
+            let (n, p) = exp_reduced(self, round);
+            let biased = _mm256_add_epi32(_mm256_cvtps_epi32(n.0), _mm256_set1_epi32(127));
+            Self(_mm256_mul_ps(p.0, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased))))
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_first(from: *const f32, lanes: usize, fill: f32) -> Self {
+        unsafe {
+            let mask = avx2_first_lanes(lanes);
+            let loaded = _mm256_maskload_ps(from, mask);
+            Self(_mm256_blendv_ps(_mm256_set1_ps(fill), loaded, _mm256_castsi256_ps(mask)))
+        }
+    }
+    #[inline(always)]
+    unsafe fn reduce_add(self) -> f32 {
+        let mut lanes = [0f32; 8];
+        unsafe { self.store(lanes.as_mut_ptr()) };
+        lanes.iter().sum()
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(self) -> f32 {
+        let mut lanes = [0f32; 8];
+        unsafe { self.store(lanes.as_mut_ptr()) };
+        lanes.into_iter().fold(f32::NEG_INFINITY, f32::max)
+    }
+}
+
+/// All ones (the sign bit that masked loads and stores read) in the lanes
+/// below `lanes`.
+///
+/// # Safety
+/// AVX2.
+#[inline(always)]
+unsafe fn avx2_first_lanes(lanes: usize) -> __m256i {
+    unsafe { _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes.min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)) }
 }
 
 /// Independent chains of [`fma_steps`]: enough to cover an FMA's latency
@@ -349,101 +515,64 @@ pub(crate) unsafe fn bf16_pairs(values: &[f32], into: &mut [std::mem::MaybeUnini
     }
 }
 
-/// AVX-512 softmax numerators, as `crate::exp::softmax_numerators_portable` computes them.
-/// The exponential is FMAs and `vscalefps`, 11 instructions a vector against
-/// 22 for the portable one, which has no FMA to rely on; four vectors a step
-/// keep four sums apart.
-#[target_feature(enable = "avx512f")]
-fn avx512_softmax_numerators(row: &mut [f32]) -> f32 {
-    const STEP: usize = 4 * 16;
-    let len = row.len();
-    let full = len - len % 16;
-    let tail: __mmask16 = (1 << (len % 16)) - 1;
-    let at = row.as_mut_ptr();
-    // SAFETY: every full-vector access is below `full`; the tail's masked
-    // loads and stores touch only its len % 16 lanes.
-    unsafe {
-        let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
-        let mut i = 0;
-        while i + STEP <= full {
-            for (j, max) in max.iter_mut().enumerate() {
-                *max = _mm512_max_ps(*max, _mm512_loadu_ps(at.add(i + 16 * j)));
-            }
-            i += STEP;
-        }
-        for i in (i..full).step_by(16) {
-            max[0] = _mm512_max_ps(max[0], _mm512_loadu_ps(at.add(i)));
-        }
-        max[1] = _mm512_mask_max_ps(max[1], tail, max[1], _mm512_maskz_loadu_ps(tail, at.add(full)));
-        let max = _mm512_max_ps(_mm512_max_ps(max[0], max[1]), _mm512_max_ps(max[2], max[3]));
-        let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
-
-        let mut sum = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i + STEP <= full {
-            for (j, sum) in sum.iter_mut().enumerate() {
-                let e = avx512_exp(_mm512_sub_ps(_mm512_loadu_ps(at.add(i + 16 * j)), max));
-                _mm512_storeu_ps(at.add(i + 16 * j), e);
-                *sum = _mm512_add_ps(*sum, e);
-            }
-            i += STEP;
-        }
-        for i in (i..full).step_by(16) {
-            let e = avx512_exp(_mm512_sub_ps(_mm512_loadu_ps(at.add(i)), max));
-            _mm512_storeu_ps(at.add(i), e);
-            sum[0] = _mm512_add_ps(sum[0], e);
-        }
-        let e = avx512_exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, at.add(full)), max));
-        _mm512_mask_storeu_ps(at.add(full), tail, e);
-        sum[1] = _mm512_mask_add_ps(sum[1], tail, sum[1], e);
-        let sum = _mm512_add_ps(_mm512_add_ps(sum[0], sum[1]), _mm512_add_ps(sum[2], sum[3]));
-        1.0 / _mm512_reduce_add_ps(sum)
-    }
-}
-
-/// e^x per lane, to ~2 ulp for x in [-87, 0]: x = n·ln 2 + f with |f| <=
-/// ln 2 / 2 (ln 2 in two parts, so f keeps its precision), e^f by its Taylor
-/// series to degree 6 (error < 2e-7 there), then 2^n applied by `vscalefps`,
-/// which also flushes far-negative x to 0.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn avx512_exp(x: __m512) -> __m512 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-        x,
-        _mm512_set1_ps(std::f32::consts::LOG2_E),
-    ));
-    let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-    let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), f);
-    let mut p = _mm512_set1_ps(1.0 / 720.0);
-    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-    }
-    _mm512_scalef_ps(p, n)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn avx512_exp_is_close_to_exp() {
-        // Without AVX-512 nothing calls this exp.
-        if !is_x86_feature_detected!("avx512f") {
-            return;
+    /// Runs `check` for each vector type this CPU has.
+    fn on_every_float_vector(check: impl Fn(&dyn Fn(&[f32]) -> Vec<f32>, &dyn Fn(&mut [f32]) -> f32, &str)) {
+        fn exps<V: FloatLanes>(x: &[f32]) -> Vec<f32> {
+            x.chunks(V::LANES)
+                .flat_map(|x| {
+                    let mut lanes = vec![0f32; V::LANES];
+                    // SAFETY: the caller checked the instruction set; the
+                    // chunk's lanes are read, and all of `lanes` written.
+                    unsafe { V::enter(|| V::load_first(x.as_ptr(), x.len(), 0.0).exp().store(lanes.as_mut_ptr())) };
+                    lanes.truncate(x.len());
+                    lanes
+                })
+                .collect()
         }
-        let xs: Vec<f32> = (0..1760).map(|i| -(i as f32) * 0.05).chain([-100.0, -1000.0]).collect();
-        for x in xs.chunks(16) {
-            let mut lanes = [0f32; 16];
-            lanes[..x.len()].copy_from_slice(x);
-            let mut fast = [0f32; 16];
-            // SAFETY: AVX-512F is present, checked above.
-            unsafe { _mm512_storeu_ps(fast.as_mut_ptr(), avx512_exp(_mm512_loadu_ps(lanes.as_ptr()))) };
-            for (&x, &fast) in x.iter().zip(&fast) {
-                let exact = (x as f64).exp() as f32;
-                assert!((fast - exact).abs() <= 3e-7 * exact + f32::MIN_POSITIVE, "{x}: {fast} vs {exact}");
+        fn softmax<V: FloatLanes>(row: &mut [f32]) -> f32 {
+            // SAFETY: the caller checked the instruction set.
+            unsafe { V::enter(|| softmax_numerators::<V>(row)) }
+        }
+        for isa in usable() {
+            match isa.width() {
+                Width::Avx2 => check(&exps::<Avx2>, &softmax::<Avx2>, "AVX2"),
+                Width::Avx512 => check(&exps::<Avx512>, &softmax::<Avx512>, "AVX-512"),
             }
+        }
+    }
+
+    #[test]
+    fn exp_is_close_to_exp() {
+        let xs: Vec<f32> = (0..1760).map(|i| -(i as f32) * 0.05).chain([-100.0, -1000.0, f32::NEG_INFINITY]).collect();
+        on_every_float_vector(|exps, _, isa| {
+            for (&x, fast) in xs.iter().zip(exps(&xs)) {
+                let exact = (x as f64).exp() as f32;
+                assert!((fast - exact).abs() <= 3e-7 * exact + f32::MIN_POSITIVE, "{isa}: {x}: {fast} vs {exact}");
+            }
+        });
+    }
+
+    #[test]
+    fn softmax_numerators_over_their_sum_are_the_softmax() {
+        // No full vector, a partial last one of every length, and rows past
+        // the four-vector step.
+        for len in (1..40).chain([64, 65, 127, 197, 1201]) {
+            let scores: Vec<f32> = (0..len).map(|i| ((i * 7919) % 97) as f32 * 0.3 - 10.0).collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f64 = scores.iter().map(|&s| f64::from(s - max).exp()).sum();
+            on_every_float_vector(|_, softmax, isa| {
+                let mut row = scores.clone();
+                let inv_sum = softmax(&mut row);
+                for (&numerator, &s) in row.iter().zip(&scores) {
+                    let expected = f64::from(s - max).exp() / sum;
+                    let ours = f64::from(numerator * inv_sum);
+                    assert!((ours - expected).abs() < 1e-6, "{isa}, {len}: {ours} vs {expected}");
+                }
+            });
         }
     }
 

@@ -211,7 +211,7 @@ impl Tile {
         let mut inv_sums = [0f32; R];
         for (row, inv_sum) in scores.chunks_mut(padded).zip(&mut inv_sums) {
             // SAFETY: as above.
-            *inv_sum = unsafe { M::Sum::softmax_numerators(&mut row[..self.tokens]) };
+            *inv_sum = unsafe { simd::softmax_numerators::<M::Sum>(&mut row[..self.tokens]) };
         }
         laps.lap(Stage::Softmax);
         // SAFETY: as above; HEAD_DIM is a multiple of P panels on every

@@ -27,15 +27,19 @@ pub(crate) unsafe fn product<V: Vector, const P: usize>(
     panels: &[f32],
     outputs: usize,
     out: &mut [MaybeUninit<f32>],
+    x_rows_in_cache: usize,
 ) {
     let rows = out.len() / outputs;
     assert!(x.len() == rows * inputs && panels.len() == outputs.div_ceil(V::LANES) * inputs * V::LANES);
     let group = P * V::LANES;
     let groups = outputs.div_ceil(group);
-    // Enough tasks to share out evenly, each a group of columns over a run
-    // of rows, so that the group's panels stay in L2 from tile to tile.
+    // Each task is a group of columns over a run of rows, so that the
+    // group's panels stay in cache from tile to tile. A thread's tasks are
+    // one range of them, a run of rows' groups one after another, so the
+    // run's rows stay in cache from group to group when they fit:
+    // `x_rows_in_cache` rows, or fewer to make enough tasks to share out.
     let splits = (4 * rayon::current_num_threads()).div_ceil(groups);
-    let chunk = rows.div_ceil(splits).next_multiple_of(TILE_ROWS);
+    let chunk = rows.div_ceil(splits).min(x_rows_in_cache).next_multiple_of(TILE_ROWS);
     let dst = SharedOut(out.as_mut_ptr().cast());
     (0..groups * rows.div_ceil(chunk)).into_par_iter().for_each(|task| {
         let (index, first_row) = (task % groups, task / groups * chunk);
@@ -70,11 +74,19 @@ pub(crate) unsafe fn bf16_product(
     panels: &[f32],
     outputs: usize,
     out: &mut [MaybeUninit<f32>],
+    x_rows_in_cache: usize,
 ) {
     // SAFETY: the caller's contract; `bf16_rows` lays out x in pairs.
     unsafe {
         let pairs = bf16_rows(x, inputs);
-        product::<Bf16Pairs, { Bf16Pairs::TILE_PANELS }>(&pairs, inputs.div_ceil(2), panels, outputs, out)
+        product::<Bf16Pairs, { Bf16Pairs::TILE_PANELS }>(
+            &pairs,
+            inputs.div_ceil(2),
+            panels,
+            outputs,
+            out,
+            x_rows_in_cache,
+        )
     }
 }
 
