@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use crate::ShapeError;
 use crate::buffers::Unwritten;
+use crate::caches::{Caches, caches};
 use crate::dispatch::Kernels;
 use crate::layout::{Precision, QueryBlock};
 use crate::stages::{Laps, Stage, StageTimes};
@@ -51,7 +52,7 @@ pub fn attention(
     precision: Precision,
 ) -> Result<Attended, ShapeError> {
     let kernels = kernels_for(qkv, batch * tokens, num_heads, precision)?;
-    Ok(attention_with(kernels, qkv, (batch, tokens), num_heads, scale, keep_cls_row, false).0)
+    Ok(attention_with(kernels, &caches(), qkv, (batch, tokens), num_heads, scale, keep_cls_row, false).0)
 }
 
 /// [`attention`], with the time each [`Stage`] took, summed over threads:
@@ -64,7 +65,7 @@ pub fn timed_attention(
     precision: Precision,
 ) -> Result<(Attended, StageTimes), ShapeError> {
     let kernels = kernels_for(qkv, batch * tokens, num_heads, precision)?;
-    Ok(attention_with(kernels, qkv, (batch, tokens), num_heads, scale, false, true))
+    Ok(attention_with(kernels, &caches(), qkv, (batch, tokens), num_heads, scale, false, true))
 }
 
 /// The kernels for `qkv` as rows of `num_heads` heads' q, k and v.
@@ -81,8 +82,11 @@ fn kernels_for(
     Ok(Kernels::best_attention(head_dim, precision))
 }
 
+/// The work of [`attention`], on `kernels`, blocked for `caches`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_with(
     kernels: &Kernels,
+    caches: &Caches,
     data: &[f32],
     (batch, tokens): (usize, usize),
     num_heads: usize,
@@ -115,7 +119,7 @@ pub(crate) fn attention_with(
                     let mut laps = Laps::new(timed);
                     let query_block =
                         QueryBlock { qkv: data, heads: &heads, out, first: block * rows, scale, keep_first_row };
-                    (kernels.attend_block(query_block, &mut laps), laps.times())
+                    (kernels.attend_block(query_block, caches, &mut laps), laps.times())
                 })
                 .collect();
             for (_, block_times) in &blocks {
@@ -179,7 +183,9 @@ mod tests {
         for tokens in [1, 2, 5, 6, 7, 16, 17, 37, 97] {
             for num_heads in [1, 3] {
                 let data = crate::noise(tokens * 3 * num_heads * 64, (tokens * 10 + num_heads) as u64);
-                for kernels in Kernels::all_here() {
+                for (kernels, caches) in
+                    Kernels::all_here().into_iter().flat_map(|k| crate::caches::for_tests().map(|c| (k, c)))
+                {
                     // In bfloat16, an exp a few ulp off may round a numerator
                     // the other way: 2^-8 of one term, rarely more than 1e-4 here.
                     let (round, tolerance): (fn(f32) -> f32, f32) = match kernels.precision {
@@ -188,14 +194,14 @@ mod tests {
                     };
                     let (expected_mixed, expected_cls) = naive_attention(&data, tokens, num_heads, 0.125, round);
                     let (Attended { mixed, cls_rows }, _) =
-                        attention_with(kernels, &data, (1, tokens), num_heads, 0.125, true, false);
+                        attention_with(kernels, &caches, &data, (1, tokens), num_heads, 0.125, true, false);
                     let cls = cls_rows.unwrap();
                     for (ours, expected) in [(mixed, &expected_mixed), (cls, &expected_cls)] {
                         assert_eq!(ours.len(), expected.len());
                         for (a, e) in ours.iter().zip(expected) {
                             assert!(
                                 (a - e).abs() < tolerance,
-                                "{kernels:?}, {tokens} tokens, {num_heads} heads: {a} vs {e}"
+                                "{kernels:?}, {caches:?}, {tokens} tokens, {num_heads} heads: {a} vs {e}"
                             );
                         }
                     }

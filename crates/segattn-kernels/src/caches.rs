@@ -90,6 +90,15 @@ fn from_sysfs() -> Option<Caches> {
     sizes(found, "sysfs")
 }
 
+/// This CPU's caches, and caches small enough that the kernels' blocks,
+/// sized from them, split the tests' small operands: a product's rows into
+/// runs, an attention's query rows into groups and V into chunks.
+#[cfg(test)]
+pub(crate) fn for_tests() -> [Caches; 3] {
+    let small = |l1d: usize, l2: usize| Caches { l1d, l2, l3: l2, source: "test" };
+    [caches(), small(4 << 10, 16 << 10), small(1 << 10, 4 << 10)]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

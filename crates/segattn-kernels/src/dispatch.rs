@@ -10,7 +10,7 @@
 
 use std::mem::MaybeUninit;
 
-use crate::caches::caches;
+use crate::caches::Caches;
 use crate::layout::{HeadMajor, Precision, QueryBlock};
 use crate::portable;
 #[cfg(target_arch = "x86_64")]
@@ -26,7 +26,8 @@ type Product = unsafe fn(&[f32], usize, &[f32], usize, &mut [MaybeUninit<f32>], 
 type PackHeads = fn(&[f32], usize, usize, usize) -> HeadMajor;
 /// One block of query rows through the attention, each stage's time lapped
 /// on the stopwatch; row 0's probabilities when the block asks for them.
-type AttendBlock = unsafe fn(QueryBlock, &mut Laps) -> Vec<f32>;
+/// Its blocks are sized from the caches.
+type AttendBlock = unsafe fn(QueryBlock, &Caches, &mut Laps) -> Vec<f32>;
 
 /// The kernels of one instruction set.
 pub(crate) struct Kernels {
@@ -172,7 +173,8 @@ impl Kernels {
     }
 
     /// `out` = x · W, for `panels` laid out for this table
-    /// ([`Kernels::panel_width`], [`Kernels::inputs_per_slot`]).
+    /// ([`Kernels::panel_width`], [`Kernels::inputs_per_slot`]), blocked for
+    /// `caches`.
     pub(crate) fn product(
         &self,
         x: &[f32],
@@ -180,6 +182,7 @@ impl Kernels {
         panels: &[f32],
         outputs: usize,
         out: &mut [MaybeUninit<f32>],
+        caches: &Caches,
     ) {
         let slots = outputs.div_ceil(self.panel_width(outputs)) * self.panel_width(outputs);
         assert!(
@@ -190,7 +193,7 @@ impl Kernels {
         // Half of L2 for x's rows (as the product reads them: pairs, in
         // bfloat16), the rest for W's panels and the output.
         let row_bytes = inputs.div_ceil(self.inputs_per_slot()) * size_of::<f32>();
-        let x_rows_in_cache = (caches().l2 / 2 / row_bytes).max(1);
+        let x_rows_in_cache = (caches.l2 / 2 / row_bytes).max(1);
         // SAFETY: this table was handed out only for an instruction set the
         // CPU has (see the module's doc), and the shapes are checked above.
         unsafe { (self.product)(x, inputs, panels, outputs, out, x_rows_in_cache) }
@@ -204,11 +207,11 @@ impl Kernels {
 
     /// One block of query rows; `block.heads` must come from this table's
     /// [`Kernels::pack_heads`].
-    pub(crate) fn attend_block(&self, block: QueryBlock, laps: &mut Laps) -> Vec<f32> {
+    pub(crate) fn attend_block(&self, block: QueryBlock, caches: &Caches, laps: &mut Laps) -> Vec<f32> {
         assert_eq!(block.heads.layout, self.attention_name, "heads packed for another kernel");
         // SAFETY: the instruction set as in `product`; the heads were packed
         // by this table (checked above), for a head size it takes.
-        unsafe { (self.attend_block)(block, laps) }
+        unsafe { (self.attend_block)(block, caches, laps) }
     }
 }
 

@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use crate::ShapeError;
 use crate::buffers::Unwritten;
+use crate::caches::{Caches, caches};
 use crate::dispatch::Kernels;
 use crate::layout::{Precision, bf16_pair};
 
@@ -170,6 +171,11 @@ impl PackedWeight {
 /// `x · Wᵀ` for `x`, rows of `inputs` values. The product goes into a fresh
 /// buffer that the kernel writes once, never zeroed first.
 pub fn matmul(x: &[f32], weight: &PackedWeight) -> Result<Vec<f32>, ShapeError> {
+    matmul_blocked(x, weight, &caches())
+}
+
+/// [`matmul`], blocked for `caches`.
+fn matmul_blocked(x: &[f32], weight: &PackedWeight, caches: &Caches) -> Result<Vec<f32>, ShapeError> {
     let PackedWeight { inputs, outputs, .. } = *weight;
     {
         if inputs == 0 || !x.len().is_multiple_of(inputs) {
@@ -177,7 +183,7 @@ pub fn matmul(x: &[f32], weight: &PackedWeight) -> Result<Vec<f32>, ShapeError> 
         }
         let rows = x.len() / inputs;
         let mut product = Unwritten::new(rows * outputs);
-        weight.kernels.product(x, inputs, weight.panels(), outputs, product.slots());
+        weight.kernels.product(x, inputs, weight.panels(), outputs, product.slots(), caches);
         // SAFETY: every kernel writes every value of the product when inputs > 0.
         Ok(unsafe { product.assume_written() })
     }
@@ -245,13 +251,15 @@ mod tests {
                             into.copy_from_slice(&weight[output * inputs + first..][..into.len()]);
                         };
                         let packed = PackedWeight::for_kernels(read, outputs, inputs, kernels);
-                        let ours = matmul(&x, &packed).unwrap();
-                        assert_eq!(ours.len(), expected.len());
-                        for (a, e) in ours.iter().zip(&expected) {
-                            assert!(
-                                (f64::from(*a) - e).abs() < 1e-4,
-                                "{kernels:?}, {rows}x{inputs} by {outputs}: {a} vs {e}"
-                            );
+                        for caches in crate::caches::for_tests() {
+                            let ours = matmul_blocked(&x, &packed, &caches).unwrap();
+                            assert_eq!(ours.len(), expected.len());
+                            for (a, e) in ours.iter().zip(&expected) {
+                                assert!(
+                                    (f64::from(*a) - e).abs() < 1e-4,
+                                    "{kernels:?}, {caches:?}, {rows}x{inputs} by {outputs}: {a} vs {e}"
+                                );
+                            }
                         }
                     }
                 }

@@ -7,6 +7,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use crate::buffers::{SharedOut, Strided, overwrite_product};
+use crate::caches::Caches;
 use crate::layout::{HeadMajor, QueryBlock};
 use crate::rows::softmax_numerators;
 use crate::stages::{Laps, Stage};
@@ -39,7 +40,7 @@ pub(crate) fn product(x: &[f32], inputs: usize, b: &[f32], outputs: usize, out: 
 }
 
 /// The block with two GEMMs per head around a softmax pass.
-pub(crate) fn attend_block(block: QueryBlock, laps: &mut Laps) -> Vec<f32> {
+pub(crate) fn attend_block(block: QueryBlock, _: &Caches, laps: &mut Laps) -> Vec<f32> {
     let QueryBlock { qkv, heads, out, first, scale, keep_first_row } = block;
     let HeadMajor { tokens, num_heads, head_dim, .. } = *heads;
     let d = num_heads * head_dim;

@@ -12,6 +12,7 @@
 //! in pairs of dimensions and of tokens, each tile's queries and softmax
 //! numerators converted as it reaches them; scores, softmax and sums stay f32.
 
+use crate::caches::Caches;
 use crate::layout::{HeadMajor, QueryBlock};
 use crate::simd::{self, Avx512, Bf16Pairs, FloatLanes, Vector};
 use crate::stages::{Laps, Stage};
@@ -98,18 +99,80 @@ impl TileMath for Bf16Math {
 /// Dimensions per head that the tiles are written for.
 pub(crate) const HEAD_DIM: usize = 64;
 
-/// The block in tiles of six query rows.
+/// Runs `$body` for each tile of up to [`TILE_ROWS`] of `$rows` rows, with
+/// `$first` its first row and `$r` its number of rows, a constant.
+macro_rules! each_tile {
+    ($rows:expr, |$first:ident, $r:ident| $body:expr) => {
+        for $first in (0..$rows).step_by(TILE_ROWS) {
+            match $rows - $first {
+                1 => {
+                    const $r: usize = 1;
+                    $body
+                }
+                2 => {
+                    const $r: usize = 2;
+                    $body
+                }
+                3 => {
+                    const $r: usize = 3;
+                    $body
+                }
+                4 => {
+                    const $r: usize = 4;
+                    $body
+                }
+                5 => {
+                    const $r: usize = 5;
+                    $body
+                }
+                _ => {
+                    const $r: usize = TILE_ROWS;
+                    $body
+                }
+            }
+        }
+    };
+}
+
+/// How a block is walked, sized from the caches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Walk {
+    /// Query rows whose scores are computed together: each step of key
+    /// panels is read from L1 by all of the group's tiles, and the group's
+    /// scores stay in half of L2.
+    group_rows: usize,
+    /// Rows of V's panels (tokens, or pairs of them) per chunk of P·V: a
+    /// chunk of a step of P panels fits a quarter of L2, for every tile of
+    /// the group to read it there. Smaller chunks, for L1, cost more in
+    /// sums stored and loaded between chunks than they save.
+    value_slots: usize,
+}
+
+impl Walk {
+    fn new<M: TileMath, const P: usize>(caches: &Caches, padded: usize, rows: usize) -> Self {
+        let fitting = caches.l2 / 2 / (padded * size_of::<f32>());
+        let group_rows = (fitting.min(rows.next_multiple_of(TILE_ROWS)) / TILE_ROWS).max(1) * TILE_ROWS;
+        let value_slots = (caches.l2 / 4 / (P * M::Operand::LANES * size_of::<f32>())).max(1);
+        Self { group_rows, value_slots }
+    }
+}
+
+/// The block, a group of query rows at a time ([`Walk`]), in tiles of six.
 ///
 /// # Safety
 /// The CPU must have M's instruction set; `heads` packed from `qkv` in
 /// M's panels (lanes wide, M::PER_SLOT rows per slot), with heads of
 /// [`HEAD_DIM`] dimensions, and `first + out.len() / hidden <= heads.tokens`.
-pub(crate) unsafe fn attend_block<M: TileMath, const P: usize>(block: QueryBlock, laps: &mut Laps) -> Vec<f32> {
+pub(crate) unsafe fn attend_block<M: TileMath, const P: usize>(
+    block: QueryBlock,
+    caches: &Caches,
+    laps: &mut Laps,
+) -> Vec<f32> {
     // SAFETY: the caller's contract.
     unsafe {
         M::Operand::enter(
             #[inline(always)]
-            || attend_tiles::<M, P>(block, laps),
+            || attend_groups::<M, P>(block, caches, laps),
         )
     }
 }
@@ -120,123 +183,122 @@ pub(crate) unsafe fn attend_block<M: TileMath, const P: usize>(block: QueryBlock
 /// As [`attend_block`]: it reads and writes through pointers into `block`
 /// that only that contract keeps in bounds.
 #[inline(always)]
-unsafe fn attend_tiles<M: TileMath, const P: usize>(block: QueryBlock, laps: &mut Laps) -> Vec<f32> {
+unsafe fn attend_groups<M: TileMath, const P: usize>(block: QueryBlock, caches: &Caches, laps: &mut Laps) -> Vec<f32> {
     let QueryBlock { qkv, heads, out, first, scale, keep_first_row } = block;
     let HeadMajor { tokens, num_heads, .. } = *heads;
-    let lanes = M::Operand::LANES;
     let d = num_heads * HEAD_DIM;
     let rows = out.len() / d;
-    let panels = tokens.div_ceil(lanes);
-    let padded = panels * lanes;
-    let mut scores = vec![0f32; TILE_ROWS * padded];
+    let panels = tokens.div_ceil(M::Operand::LANES);
+    let padded = panels * M::Operand::LANES;
+    let Walk { group_rows, value_slots } = Walk::new::<M, P>(caches, padded, rows);
+    let mut scores = vec![0f32; group_rows * padded];
+    let mut inv_sums = vec![0f32; group_rows];
     let mut buffers = Buffers::default();
     let mut first_row = Vec::with_capacity(if keep_first_row { num_heads * tokens } else { 0 });
     for head in 0..num_heads {
         let keys = heads.keys_t[head * padded * HEAD_DIM / M::PER_SLOT..].as_ptr();
         let values = heads.values[head * tokens.div_ceil(M::PER_SLOT) * HEAD_DIM..].as_ptr();
-        for start in (0..rows).step_by(TILE_ROWS) {
-            let q = qkv[(first + start) * 3 * d + head * HEAD_DIM..].as_ptr();
-            let out = out[start * d + head * HEAD_DIM..].as_mut_ptr().cast::<f32>();
-            let tile = Tile { q, q_stride: 3 * d, keys, panels, values, tokens, out, out_stride: d, scale };
-            // SAFETY: the tile's rows are block rows, inside `qkv` and `out`
-            // by the caller's contract; keys hold `panels` panels per head and
-            // values `tokens` rows, as packed.
-            let inv_sums = unsafe {
-                match rows - start {
-                    1 => tile.run::<M, 1, P>(&mut scores, &mut buffers, laps),
-                    2 => tile.run::<M, 2, P>(&mut scores, &mut buffers, laps),
-                    3 => tile.run::<M, 3, P>(&mut scores, &mut buffers, laps),
-                    4 => tile.run::<M, 4, P>(&mut scores, &mut buffers, laps),
-                    5 => tile.run::<M, 5, P>(&mut scores, &mut buffers, laps),
-                    _ => tile.run::<M, TILE_ROWS, P>(&mut scores, &mut buffers, laps),
-                }
+        for start in (0..rows).step_by(group_rows) {
+            let group = Group {
+                rows: group_rows.min(rows - start),
+                q: qkv[(first + start) * 3 * d + head * HEAD_DIM..].as_ptr(),
+                q_stride: 3 * d,
+                keys,
+                panels,
+                values,
+                value_slots,
+                tokens,
+                out: out[start * d + head * HEAD_DIM..].as_mut_ptr().cast::<f32>(),
+                out_stride: d,
+                scale,
             };
-            if keep_first_row && start == 0 {
-                first_row.extend(scores[..tokens].iter().map(|p| p * inv_sums));
+            // SAFETY: the group's rows are block rows, inside `qkv` and `out`
+            // by the caller's contract; keys hold `panels` panels per head
+            // and values `tokens` rows, as packed; `scores` holds the
+            // group's rows of `padded`.
+            unsafe { group.scores::<M, P>(&mut scores, &mut buffers) };
+            laps.lap(Stage::Scores);
+            for (row, inv_sum) in scores.chunks_mut(padded).zip(&mut inv_sums).take(group.rows) {
+                // SAFETY: M's instruction set, by the caller's contract.
+                *inv_sum = unsafe { simd::softmax_numerators::<M::Sum>(&mut row[..tokens]) };
             }
+            if keep_first_row && start == 0 {
+                first_row.extend(scores[..tokens].iter().map(|p| p * inv_sums[0]));
+            }
+            laps.lap(Stage::Softmax);
+            // SAFETY: as for the scores.
+            unsafe { group.mix::<M, P>(&scores, &inv_sums, &mut buffers) };
+            laps.lap(Stage::Mix);
         }
     }
     first_row
 }
 
-/// Where a tile's queries and softmax numerators are converted to, when its
-/// products read them converted.
+/// Where a group's queries and softmax numerators are converted to, when
+/// its products read them converted.
 #[derive(Default)]
 struct Buffers {
     queries: Vec<f32>,
     numerators: Vec<f32>,
 }
 
-/// Up to [`TILE_ROWS`] query rows of one head.
-struct Tile {
+/// Query rows of one head whose scores are computed together.
+struct Group {
+    rows: usize,
     q: *const f32,
     q_stride: usize,
     keys: *const f32,
     panels: usize,
     values: *const f32,
+    value_slots: usize,
     tokens: usize,
     out: *mut f32,
     out_stride: usize,
     scale: f32,
 }
 
-impl Tile {
-    /// Writes the tile's R output rows; leaves R rows of softmax numerators
-    /// in `scores` and returns the first row's 1/Σ.
+impl Group {
+    /// scores[r][t] = scale · q[r] · k[t] for the group's rows, P key panels
+    /// at a time (then one), each read by all of the group's tiles.
     ///
     /// # Safety
-    /// M's instruction set; R rows of `q` and `out` at their strides,
-    /// `panels` key panels and the value panels readable.
+    /// M's instruction set; the group's rows of `q`, the key panels, and
+    /// `scores` for the group's rows of the padded tokens.
     #[inline(always)]
-    unsafe fn run<M: TileMath, const R: usize, const P: usize>(
-        &self,
-        scores: &mut [f32],
-        buffers: &mut Buffers,
-        laps: &mut Laps,
-    ) -> f32 {
+    unsafe fn scores<M: TileMath, const P: usize>(&self, scores: &mut [f32], buffers: &mut Buffers) {
         let padded = self.panels * M::Operand::LANES;
-        let mut panel = 0;
-        // SAFETY: the caller's contract; scores holds TILE_ROWS >= R rows of `padded`.
+        // SAFETY: the caller's contract.
         unsafe {
-            let queries = M::operands(self.q, self.q_stride, R, HEAD_DIM, &mut buffers.queries);
-            while panel + P <= self.panels {
-                self.scores::<M, R, P>(queries, panel, scores.as_mut_ptr(), padded);
-                panel += P;
-            }
-            for panel in panel..self.panels {
-                self.scores::<M, R, 1>(queries, panel, scores.as_mut_ptr(), padded);
-            }
-        }
-        laps.lap(Stage::Scores);
-        let mut inv_sums = [0f32; R];
-        for (row, inv_sum) in scores.chunks_mut(padded).zip(&mut inv_sums) {
-            // SAFETY: as above.
-            *inv_sum = unsafe { simd::softmax_numerators::<M::Sum>(&mut row[..self.tokens]) };
-        }
-        laps.lap(Stage::Softmax);
-        // SAFETY: as above; HEAD_DIM is a multiple of P panels on every
-        // instruction set.
-        unsafe {
-            let numerators = M::operands(scores.as_ptr(), padded, R, self.tokens, &mut buffers.numerators);
-            for panel in (0..HEAD_DIM / M::Operand::LANES).step_by(P) {
-                self.mix::<M, R, P>(numerators, panel, &inv_sums);
+            let queries = M::operands(self.q, self.q_stride, self.rows, HEAD_DIM, &mut buffers.queries);
+            let mut panel = 0;
+            while panel < self.panels {
+                let step = if panel + P <= self.panels { P } else { 1 };
+                each_tile!(self.rows, |first, R| {
+                    let scores = scores[first * padded..].as_mut_ptr();
+                    if step == P {
+                        self.tile_scores::<M, R, P>(queries, first, panel, scores, padded)
+                    } else {
+                        self.tile_scores::<M, R, 1>(queries, first, panel, scores, padded)
+                    }
+                });
+                panel += step;
             }
         }
-        laps.lap(Stage::Mix);
-        inv_sums[0]
     }
 
-    /// scores[r][keys of panels panel..panel+P] = scale · q[r] · k, for
-    /// `queries` (where, and how far apart) as M's products read them.
+    /// scores[r][keys of panels panel..panel+Q] for R query rows from
+    /// `first`, of `queries` (where, and how far apart) as M's products
+    /// read them.
     ///
     /// # Safety
-    /// M's instruction set; R rows of queries readable; panels
-    /// `panel..panel + P` of the keys readable; `scores` writable for R rows
+    /// M's instruction set; R rows of queries from `first` readable; panels
+    /// `panel..panel + Q` of the keys readable; `scores` writable for R rows
     /// of `padded`, which covers those panels.
     #[inline(always)]
-    unsafe fn scores<M: TileMath, const R: usize, const P: usize>(
+    unsafe fn tile_scores<M: TileMath, const R: usize, const Q: usize>(
         &self,
         (queries, stride): (*const f32, usize),
+        first: usize,
         panel: usize,
         scores: *mut f32,
         padded: usize,
@@ -245,7 +307,9 @@ impl Tile {
         // SAFETY: (all pointer reads and writes) the caller's contract.
         unsafe {
             let keys = self.keys.add(panel * depth * lanes);
-            let acc = tile_product::<M::Operand, R, P>(queries, stride, keys, depth);
+            let zero = [[M::Operand::zero(); Q]; R];
+            let acc =
+                tile_product::<M::Operand, R, Q>(zero, (queries.add(first * stride), stride), (keys, depth), depth);
             let scale = M::Sum::splat(self.scale);
             for (r, acc) in acc.iter().enumerate() {
                 for (p, &acc) in acc.iter().enumerate() {
@@ -255,32 +319,91 @@ impl Tile {
         }
     }
 
-    /// out[r][dimensions of panels panel..panel+P] = (Σ_t numerators[r][t] ·
-    /// v[t]) / Σ_r, for `numerators` (where, and how far apart) as M's
-    /// products read them.
+    /// out[r] = Σ_t numerators[r][t] · v[t] / Σ_r for the group's rows, in
+    /// chunks of V's rows ([`Walk::value_slots`]), each step of P panels of
+    /// a chunk read by all of the group's tiles. The sums so far wait in
+    /// `out` between chunks.
     ///
     /// # Safety
-    /// M's instruction set; R rows of numerators readable, each covering the
-    /// tokens; panels `panel..panel + P` of the values readable; R rows of
-    /// `out` writable at `out_stride` over those panels.
+    /// M's instruction set; the group's rows of `scores` (of the padded
+    /// tokens) and of `out`; the value panels.
     #[inline(always)]
-    unsafe fn mix<M: TileMath, const R: usize, const P: usize>(
-        &self,
-        (numerators, stride): (*const f32, usize),
-        panel: usize,
-        inv_sums: &[f32; R],
-    ) {
-        let (lanes, depth) = (M::Operand::LANES, self.tokens.div_ceil(M::PER_SLOT));
-        // SAFETY: (all pointer reads and writes) the caller's contract.
+    unsafe fn mix<M: TileMath, const P: usize>(&self, scores: &[f32], inv_sums: &[f32], buffers: &mut Buffers) {
+        let padded = self.panels * M::Operand::LANES;
+        let slots = self.tokens.div_ceil(M::PER_SLOT);
+        // SAFETY: the caller's contract; HEAD_DIM is a multiple of P panels
+        // on every instruction set.
         unsafe {
-            let values = self.values.add(panel * depth * lanes);
-            let acc = tile_product::<M::Operand, R, P>(numerators, stride, values, depth);
-            for (r, (acc, &inv_sum)) in acc.iter().zip(inv_sums).enumerate() {
-                let inv_sum = M::Sum::splat(inv_sum);
-                for (p, &acc) in acc.iter().enumerate() {
-                    M::sums(acc).mul(inv_sum).store(self.out.add(r * self.out_stride + (panel + p) * lanes));
+            let numerators = M::operands(scores.as_ptr(), padded, self.rows, self.tokens, &mut buffers.numerators);
+            for chunk in (0..slots).step_by(self.value_slots) {
+                let chunk = (chunk, self.value_slots.min(slots - chunk));
+                for panel in (0..HEAD_DIM / M::Operand::LANES).step_by(P) {
+                    each_tile!(self.rows, |first, R| {
+                        self.tile_mix::<M, R, P>(numerators, first, panel, chunk, &inv_sums[first..first + R])
+                    });
                 }
             }
         }
+    }
+
+    /// out[R rows from `first`][dimensions of panels panel..panel+P] +=
+    /// numerators · v over the chunk (`start`, `len`) of V's rows; the last
+    /// chunk divides by the rows' sums.
+    ///
+    /// # Safety
+    /// M's instruction set; R rows of numerators readable over the chunk;
+    /// panels `panel..panel + P` of the values readable over it; R rows of
+    /// `out` from `first` writable over those panels, and written by the
+    /// chunks before this one.
+    #[inline(always)]
+    unsafe fn tile_mix<M: TileMath, const R: usize, const P: usize>(
+        &self,
+        (numerators, stride): (*const f32, usize),
+        first: usize,
+        panel: usize,
+        (start, len): (usize, usize),
+        inv_sums: &[f32],
+    ) {
+        let lanes = M::Operand::LANES;
+        let slots = self.tokens.div_ceil(M::PER_SLOT);
+        // SAFETY: (all pointer reads and writes) the caller's contract.
+        unsafe {
+            let out = self.out.add(first * self.out_stride + panel * lanes);
+            let mut acc = [[M::Operand::zero(); P]; R];
+            if start > 0 {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    for (p, acc) in acc.iter_mut().enumerate() {
+                        *acc = M::Operand::load(out.add(r * self.out_stride + p * lanes));
+                    }
+                }
+            }
+            let values = self.values.add((panel * slots + start) * lanes);
+            let numerators = numerators.add(first * stride + start);
+            let acc = tile_product::<M::Operand, R, P>(acc, (numerators, stride), (values, slots), len);
+            let last = start + len == slots;
+            for (r, (acc, &inv_sum)) in acc.iter().zip(inv_sums).enumerate() {
+                for (p, &acc) in acc.iter().enumerate() {
+                    let sums = M::sums(acc);
+                    let sums = if last { sums.mul(M::Sum::splat(inv_sum)) } else { sums };
+                    sums.store(out.add(r * self.out_stride + p * lanes));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd::Avx2;
+
+    #[test]
+    fn the_tests_small_caches_split_blocks_into_groups_and_chunks() {
+        // 97 tokens are 104 in AVX2's panels; 37 query rows.
+        let [_, medium, small] = crate::caches::for_tests();
+        assert_eq!(Walk::new::<Avx2, 2>(&medium, 104, 37), Walk { group_rows: 18, value_slots: 64 });
+        assert_eq!(Walk::new::<Avx2, 2>(&small, 104, 37), Walk { group_rows: 6, value_slots: 16 });
+        // A block smaller than what fits is one group.
+        assert_eq!(Walk::new::<Avx2, 2>(&small, 8, 5).group_rows, 6);
     }
 }

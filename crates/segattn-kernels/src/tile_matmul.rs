@@ -166,8 +166,9 @@ impl Block {
         // SAFETY: (all pointer reads and writes) the caller's contract.
         unsafe {
             let x = self.x.add(first * self.inputs);
-            let acc =
-                tile_product::<V, R, P>(x, self.inputs, self.panels.add(panel * self.inputs * V::LANES), self.inputs);
+            let panels = self.panels.add(panel * self.inputs * V::LANES);
+            let zero = [[V::zero(); P]; R];
+            let acc = tile_product::<V, R, P>(zero, (x, self.inputs), (panels, self.inputs), self.inputs);
             for p in 0..P {
                 let column = (panel + p) * V::LANES;
                 for (r, acc) in acc.iter().enumerate() {
@@ -179,27 +180,27 @@ impl Block {
 }
 
 /// The microkernel of every tiled product, the attention's two included:
-/// Σ_k x[r][k] · B[k][panel p's V::LANES columns] for R rows of x,
-/// `x_stride` apart, and P panels of a `depth`-row B in
-/// [`super::panel_slot`]'s layout. R x P accumulators stay in registers.
+/// `acc` + Σ_k x[r][k] · B[k][panel p's V::LANES columns] for R rows of x,
+/// `x_stride` apart, and P panels of `depth` rows of B in
+/// [`super::panel_slot`]'s layout, `panel_rows` rows apart (a run of rows
+/// of taller panels). R x P accumulators stay in registers.
 ///
 /// # Safety
 /// V's instruction set; R rows of `depth` values of x and P panels of B
 /// readable.
 #[inline(always)]
 pub(crate) unsafe fn tile_product<V: Vector, const R: usize, const P: usize>(
-    x: *const f32,
-    x_stride: usize,
-    panels: *const f32,
+    mut acc: [[V; P]; R],
+    (x, x_stride): (*const f32, usize),
+    (panels, panel_rows): (*const f32, usize),
     depth: usize,
 ) -> [[V; P]; R] {
     // SAFETY: (all pointer reads) the caller's contract.
     unsafe {
-        let mut acc = [[V::zero(); P]; R];
         for k in 0..depth {
             let mut b = [V::zero(); P];
             for (p, b) in b.iter_mut().enumerate() {
-                *b = V::load(panels.add((p * depth + k) * V::LANES));
+                *b = V::load(panels.add((p * panel_rows + k) * V::LANES));
             }
             for (r, acc) in acc.iter_mut().enumerate() {
                 let xb = V::splat(*x.add(r * x_stride + k));
