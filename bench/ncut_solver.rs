@@ -2,9 +2,11 @@
 //! uses) against a full dense eigendecomposition, on key-like features for
 //! patch grids of growing size. Run: `cargo bench --bench ncut_solver`.
 
-use std::time::Instant;
+#[path = "timing.rs"]
+mod timing;
 
 use segattn::head::{Affinity, fiedler_vector, fiedler_vector_dense};
+use timing::median_ms;
 
 /// Features of a blob object on a background, with deterministic noise.
 fn features(side: usize) -> Vec<Vec<f32>> {
@@ -22,18 +24,6 @@ fn features(side: usize) -> Vec<Vec<f32>> {
             (0..64).map(|k| if (k % 2 == 0) == object { 1.0 } else { 0.0 } + noise()).collect()
         })
         .collect()
-}
-
-fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
-    let mut times: Vec<f64> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64() * 1000.0
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[runs / 2]
 }
 
 fn main() {

@@ -7,9 +7,11 @@
 //!
 //!   cargo bench --bench stages [-- widest|avx2|portable|bf16]
 
-use std::time::Instant;
+#[path = "timing.rs"]
+mod timing;
 
 use segattn_kernels::{self as kernels, Limit, Norm, PackedWeight, Precision, Stage};
+use timing::median_ms;
 
 const HIDDEN: usize = 384;
 const HEADS: usize = 6;
@@ -21,15 +23,7 @@ fn values(n: usize) -> Vec<f32> {
 /// Median milliseconds of `runs` calls after one warm-up.
 fn time(runs: usize, mut f: impl FnMut()) -> f64 {
     f();
-    let mut times: Vec<f64> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64() * 1000.0
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[runs / 2]
+    median_ms(runs, f)
 }
 
 fn cpu_name() -> String {
