@@ -103,9 +103,9 @@ pub(crate) fn attention_with(
         let mut out = Unwritten::new(batch * tokens * d);
         for (b, out) in out.slots().chunks_mut(tokens * d).enumerate() {
             let data = &data[b * tokens * three_d..(b + 1) * tokens * three_d];
-            let start = std::time::Instant::now();
+            let start = timed.then(std::time::Instant::now);
             let heads = kernels.pack_heads(data, tokens, num_heads, head_dim);
-            if timed {
+            if let Some(start) = start {
                 // The packing shares its heads out over the pool: its wall
                 // time on every thread, as the blocks' times are summed.
                 times.charge(Stage::Pack, start.elapsed() * rayon::current_num_threads() as u32);

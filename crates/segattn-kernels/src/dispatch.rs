@@ -42,10 +42,10 @@ pub(crate) struct Kernels {
     head_dim: Option<usize>,
     pack_heads: PackHeads,
     attend_block: AttendBlock,
-    /// Steps of [`simd::FMA_CHAINS`] independent FMAs, the product's own,
-    /// to time the CPU's peak; `None` for the gemm crate's, whose
+    /// Steps of independent FMAs, the product's own, to time the CPU's
+    /// peak; returns the FMAs a step. `None` for the gemm crate's, whose
     /// instructions are its own.
-    fma_steps: Option<unsafe fn(usize)>,
+    fma_steps: Option<unsafe fn(usize) -> usize>,
 }
 
 static GEMM: Kernels = Kernels {
@@ -220,19 +220,18 @@ impl Kernels {
     /// here, in the instructions of this table's product (a multiply-add
     /// counts two per value multiplied); `None` for the gemm crate's.
     pub(crate) fn fma_rate(&self) -> Option<f64> {
-        let (fma_steps, lanes) = (self.fma_steps?, self.panel_lanes?);
-        let flops_per_step = (2 * simd::FMA_CHAINS * lanes * self.inputs_per_slot()) as f64;
+        let (fma_steps, lanes) = (self.fma_steps?, self.multiplied_lanes()?);
         // The best of a few runs of some 10 ms, so that the clock has ramped up.
         let steps = 4_000_000;
-        let best = (0..5)
+        let (best, fmas_per_step) = (0..5)
             .map(|_| {
                 let start = std::time::Instant::now();
                 // SAFETY: as in `product`.
-                unsafe { fma_steps(steps) };
-                start.elapsed()
+                let fmas_per_step = unsafe { fma_steps(steps) };
+                (start.elapsed(), fmas_per_step)
             })
             .min()?;
-        Some(flops_per_step * steps as f64 / best.as_secs_f64())
+        Some((2 * lanes * fmas_per_step * steps) as f64 / best.as_secs_f64())
     }
 
     /// f32 values one vector FMA of the product multiplies.

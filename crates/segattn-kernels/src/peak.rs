@@ -3,8 +3,6 @@
 //! its base clock, not the boosted one the kernels run at, and nothing
 //! reports how many FMA units a core has.
 
-use std::time::{Duration, Instant};
-
 use crate::dispatch::Kernels;
 use crate::layout::Precision;
 
@@ -48,8 +46,8 @@ pub fn measure_peak(precision: Precision) -> Option<Peak> {
 fn clock_hz() -> Option<f64> {
     const ITERATIONS: u64 = 5_000_000;
     const ADDS: u64 = 8;
-    let time = |iterations: u64| -> Duration {
-        let start = Instant::now();
+    let time = |iterations: u64| -> std::time::Duration {
+        let start = std::time::Instant::now();
         // SAFETY: registers only: eight adds to one register, each waiting
         // for the last, and a count down to zero.
         unsafe {

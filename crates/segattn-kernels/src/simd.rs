@@ -382,14 +382,14 @@ unsafe fn avx2_first_lanes(lanes: usize) -> __m256i {
 
 /// Independent chains of [`fma_steps`]: enough to cover an FMA's latency
 /// (4 or 5 cycles) on two FMA units, within AVX2's 16 registers.
-pub(crate) const FMA_CHAINS: usize = 10;
+const FMA_CHAINS: usize = 10;
 
 /// `steps` steps of [`FMA_CHAINS`] independent [`Vector::mul_add`]s, which
-/// run at the CPU's FMA rate: to be timed.
+/// run at the CPU's FMA rate: to be timed. Returns the FMAs a step.
 ///
 /// # Safety
 /// The CPU has V's instruction set.
-pub(crate) unsafe fn fma_steps<V: Vector>(steps: usize) {
+pub(crate) unsafe fn fma_steps<V: Vector>(steps: usize) -> usize {
     // SAFETY: the caller's contract.
     unsafe {
         V::enter(
@@ -405,7 +405,8 @@ pub(crate) unsafe fn fma_steps<V: Vector>(steps: usize) {
                 std::hint::black_box(acc);
             },
         )
-    }
+    };
+    FMA_CHAINS
 }
 
 /// AVX512-BF16, which this CPU has and [`crate::set_limit`] allows (it
