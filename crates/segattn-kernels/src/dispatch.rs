@@ -221,9 +221,10 @@ impl Kernels {
     /// counts two per value multiplied); `None` for the gemm crate's.
     pub(crate) fn fma_rate(&self) -> Option<f64> {
         let (fma_steps, lanes) = (self.fma_steps?, self.multiplied_lanes()?);
-        // The best of a few runs of some 10 ms, so that the clock has ramped up.
-        let steps = 4_000_000;
-        let (best, fmas_per_step) = (0..5)
+        // The best of 20 runs of some 3 ms: the clock has ramped up by the
+        // last, and on a busy machine some run without being preempted.
+        let steps = 1_000_000;
+        let (best, fmas_per_step) = (0..20)
             .map(|_| {
                 let start = std::time::Instant::now();
                 // SAFETY: as in `product`.

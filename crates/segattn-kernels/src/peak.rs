@@ -40,11 +40,11 @@ pub fn measure_peak(precision: Precision) -> Option<Peak> {
     Some(Peak { clock_hz: clock_hz()?, flops_per_second, lanes: kernels.multiplied_lanes()? })
 }
 
-/// Adds a second, by the time of chains of dependent adds: the best of a
-/// few runs of some 10 ms, so that the clock has ramped up.
+/// Adds a second, by the time of chains of dependent adds: the best of 20
+/// runs of some 3 ms, as for the FMA rate.
 #[cfg(target_arch = "x86_64")]
 fn clock_hz() -> Option<f64> {
-    const ITERATIONS: u64 = 5_000_000;
+    const ITERATIONS: u64 = 1_250_000;
     const ADDS: u64 = 8;
     let time = |iterations: u64| -> std::time::Duration {
         let start = std::time::Instant::now();
@@ -64,7 +64,7 @@ fn clock_hz() -> Option<f64> {
         }
         start.elapsed()
     };
-    let best = (0..5).map(|_| time(ITERATIONS)).min()?;
+    let best = (0..20).map(|_| time(ITERATIONS)).min()?;
     Some((ITERATIONS * ADDS) as f64 / best.as_secs_f64())
 }
 
