@@ -97,11 +97,11 @@ pub(crate) trait FloatLanes: Vector {
     unsafe fn add(self, b: Self) -> Self;
     unsafe fn sub(self, b: Self) -> Self;
     unsafe fn max(self, b: Self) -> Self;
-    /// e^x per lane for x <= 0, to 3e-7 relative down to x = -87; 0 or
-    /// less than `f32::MIN_POSITIVE` below, -∞ included. x = n·ln 2 + f
-    /// with |f| <= ln 2 / 2 (ln 2 in two parts, so that f keeps its
-    /// precision), e^f by its Taylor series to degree 6 (error < 2e-7
-    /// there) in FMAs, times 2^n.
+    /// e^x per lane for x <= 0, to 3e-7 relative down to x = -87, and 0
+    /// below (-∞ and NaN included): never a subnormal, see [`EXP_FLOOR`].
+    /// x = n·ln 2 + f with |f| <= ln 2 / 2 (ln 2 in two parts, so that f
+    /// keeps its precision), e^f by its Taylor series to degree 6 (error
+    /// < 2e-7 there) in FMAs, times 2^n.
     unsafe fn exp(self) -> Self;
     /// The first `lanes` values from `from`, reading no further; `fill`
     /// in the rest.
@@ -116,8 +116,13 @@ const LN2_HI: f32 = 0.693_145_75;
 const LN2_LO: f32 = 1.428_606_8e-6;
 /// e^f's Taylor coefficients from degree 6 down to 0, for Horner's rule.
 const EXP_TAYLOR: [f32; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
-/// Below this e^x is 0 or a subnormal, and 2^n has no normal float.
-const EXP_FLOOR: f32 = -88.0;
+/// Below this [`FloatLanes::exp`] gives 0. From here up e^x and 2^n are
+/// normal floats (e^-87 is 1.4 times the least); a subnormal result would
+/// make every product that reads it take a microcode assist on Intel CPUs,
+/// a hundred cycles or more each (so would every score more than 87 below
+/// its row's largest), while next to a softmax's largest term, 1, it
+/// weighs nothing.
+const EXP_FLOOR: f32 = -87.0;
 
 /// The steps of [`FloatLanes::exp`] before 2^n: n, and e^f.
 ///
@@ -252,13 +257,14 @@ impl FloatLanes for Avx512 {
     unsafe fn max(self, b: Self) -> Self {
         unsafe { Self(_mm512_max_ps(self.0, b.0)) }
     }
-    /// 2^n by `vscalefps`, which flushes what is below the normal floats to 0.
+    /// 2^n by `vscalefps`, masked to 0 below the floor.
     #[inline(always)]
     unsafe fn exp(self) -> Self {
         unsafe {
             let round = |v: Self| Self(_mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v.0));
             let (n, p) = exp_reduced(self, round);
-            Self(_mm512_scalef_ps(p.0, n.0))
+            let normal = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(self.0, _mm512_set1_ps(EXP_FLOOR));
+            Self(_mm512_maskz_scalef_ps(normal, p.0, n.0))
         }
     }
     #[inline(always)]
@@ -337,15 +343,15 @@ impl FloatLanes for Avx2 {
     unsafe fn max(self, b: Self) -> Self {
         unsafe { Self(_mm256_max_ps(self.0, b.0)) }
     }
-    /// 2^n built in the exponent bits; n = -127, where x is below about
-    /// -87.7, makes them all zero: 0.
+    /// 2^n built in the exponent bits, and 0 below the floor.
     #[inline(always)]
     unsafe fn exp(self) -> Self {
         unsafe {
             let round = |v: Self| Self(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v.0));
             let (n, p) = exp_reduced(self, round);
             let biased = _mm256_add_epi32(_mm256_cvtps_epi32(n.0), _mm256_set1_epi32(127));
-            Self(_mm256_mul_ps(p.0, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased))))
+            let e = _mm256_mul_ps(p.0, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased)));
+            Self(_mm256_and_ps(e, _mm256_cmp_ps::<_CMP_GE_OQ>(self.0, _mm256_set1_ps(EXP_FLOOR))))
         }
     }
     #[inline(always)]
@@ -548,11 +554,18 @@ mod tests {
 
     #[test]
     fn exp_is_close_to_exp() {
-        let xs: Vec<f32> = (0..1760).map(|i| -(i as f32) * 0.05).chain([-100.0, -1000.0, f32::NEG_INFINITY]).collect();
+        // Every 0.05 down to -88, and every 0.001 about the floor.
+        let xs = (0..1760).map(|i| -(i as f32) * 0.05).chain((0..3000).map(|i| -86.0 - i as f32 * 0.001));
+        let xs: Vec<f32> = xs.chain([-100.0, -1000.0, f32::NEG_INFINITY, f32::NAN]).collect();
         on_every_float_vector(|exps, _, isa| {
             for (&x, fast) in xs.iter().zip(exps(&xs)) {
-                let exact = (x as f64).exp() as f32;
-                assert!((fast - exact).abs() <= 3e-7 * exact + f32::MIN_POSITIVE, "{isa}: {x}: {fast} vs {exact}");
+                if x >= EXP_FLOOR {
+                    let exact = (x as f64).exp() as f32;
+                    assert!((fast - exact).abs() <= 3e-7 * exact, "{isa}: {x}: {fast} vs {exact}");
+                    assert!(fast.is_normal(), "{isa}: {x}: {fast} is not a normal float");
+                } else {
+                    assert_eq!(fast.to_bits(), 0, "{isa}: {x}: {fast}, not 0");
+                }
             }
         });
     }
