@@ -156,6 +156,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--isa", choices=["widest", "avx2"], default="widest",
+                        help="avx2: both sides held to AVX2 + FMA, as on a CPU without AVX-512 (segattn by "
+                             "SEGATTN_KERNELS, torch by ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, "
+                             "ONEDNN_MAX_CPU_ISA)")
     sub = parser.add_subparsers(dest="command")
     enc = sub.add_parser("torch-encoder")
     fol = sub.add_parser("torch-folder")
@@ -174,6 +178,10 @@ def main():
     if args.command == "torch-folder":
         return torch_folder(args)
 
+    if args.isa == "avx2":
+        # Inherited by every process below; each side reads only its own.
+        os.environ.update({"SEGATTN_KERNELS": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+                           "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
     os.makedirs(WORK, exist_ok=True)
     make_models()
     photos = make_photos()
@@ -191,6 +199,9 @@ def main():
           f"{info['attention_kernel']}" + (f"; with --precision bf16, linear layers on {bf16_info['linear_kernel']}, "
                                             f"attention on {bf16_info['attention_kernel']}"
                                             if has_bf16 else "; no AVX512-BF16 here, so no bf16 column"))
+    if args.isa == "avx2":
+        print("--isa avx2: both sides held to AVX2 + FMA (SEGATTN_KERNELS=avx2; torch by ATEN_CPU_CAPABILITY, "
+              "MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA)")
     # Laid-out weights are kept here, not in the user's cache; the first
     # load of each model lays them out and writes them, later loads map them.
     cache = os.path.join(WORK, "panel-cache")
