@@ -10,7 +10,7 @@ Prints, as ratios segattn / torch (below 1 means segattn is faster or smaller):
   - a folder of 16 photos end to end (decode, resize, encode, attention-mass
     mask, PNG): the segattn CLI against an equivalent torch + Pillow script;
   - peak memory (max RSS) of every process, and segattn's model load time;
-  - on CPUs with AVX512-BF16, segattn's encoder with --precision bf16 too.
+  - where --precision bf16 runs (AVX512-BF16 that outruns f32), segattn's encoder with it too.
 Models are random-weight, real-size, saved once by transformers as
 safetensors so that both sides load the same file.
 """
@@ -198,7 +198,7 @@ def main():
     print(f"CPU: {cpu_model()}; segattn's linear layers on {info['linear_kernel']}, attention on "
           f"{info['attention_kernel']}" + (f"; with --precision bf16, linear layers on {bf16_info['linear_kernel']}, "
                                             f"attention on {bf16_info['attention_kernel']}"
-                                            if has_bf16 else "; no AVX512-BF16 here, so no bf16 column"))
+                                            if has_bf16 else "; --precision bf16 runs in f32 here, so no bf16 column"))
     if args.isa == "avx2":
         print("--isa avx2: both sides held to AVX2 + FMA (SEGATTN_KERNELS=avx2; torch by ATEN_CPU_CAPABILITY, "
               "MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA)")

@@ -45,6 +45,9 @@ fn main() {
     let (matmul_kernel, attention_kernel) = kernels::kernel_names(precision, HIDDEN / HEADS);
     println!("{}, {threads} threads; {limit:?}, {precision:?}", cpu_name());
     println!("linear layers on {matmul_kernel}; attention on {attention_kernel}");
+    if let Some(why) = precision.unavailable_because() {
+        println!("{precision:?} does not run here ({why}): the table is f32's");
+    }
     let caches = kernels::caches();
     println!(
         "caches: L1d {} KiB, L2 {} KiB, L3 {} KiB, shared ({})",

@@ -33,7 +33,7 @@ use crate::head::{self, AttentionMass, DecoderHead, HeadMap, LinearHead, Normali
 use crate::hub::Hub;
 use crate::image_io::{DEFAULT_MAX_PIXELS, Decoding};
 use crate::maps::PixelMap;
-use crate::model::{PanelCache, Precision, Vit, builtin};
+use crate::model::{PanelCache, Precision, Vit, builtin, precision_unavailable_because};
 use crate::preprocess;
 
 /// Exit codes: every input done; some inputs failed; usage or model error.
@@ -98,8 +98,9 @@ struct ModelArgs {
     #[arg(long)]
     offline: bool,
     /// What the encoder's products multiply in: bf16 (bfloat16, summed in
-    /// f32) takes about 0.6x the time on CPUs with AVX512-BF16, and
-    /// elsewhere falls back to f32 with a warning.
+    /// f32) takes about 0.6x the time on CPUs whose AVX512-BF16 outruns
+    /// their f32 FMAs (AMD Zen 4), and elsewhere falls back to f32 with a
+    /// warning.
     #[arg(long, env = "SEGATTN_PRECISION", value_enum, default_value_t = PrecisionName::F32)]
     precision: PrecisionName,
 }
@@ -120,7 +121,8 @@ impl ModelArgs {
         // A broken setting for any head is a broken checkpoint, whichever head runs.
         head::check_bundled_settings(&model)?;
         if model.precision() != precision {
-            note!("segattn: warning: --precision bf16 needs a CPU with AVX512-BF16; this one runs in f32");
+            let why = precision_unavailable_because(precision).unwrap_or("its kernels multiply in f32");
+            note!("segattn: warning: --precision bf16 runs in f32 here: {why}");
         }
         Ok(model)
     }

@@ -31,6 +31,13 @@ pub fn is_available(precision: Precision) -> bool {
     precision.is_available()
 }
 
+/// Why this machine (under SEGATTN_KERNELS) multiplies in f32 instead of
+/// `precision`, in words; `None` where it multiplies in `precision`.
+pub fn unavailable_because(precision: Precision) -> Option<&'static str> {
+    limit_kernels();
+    precision.unavailable_because()
+}
+
 /// W, `outputs` x `inputs`, laid out for the kernel that will read it in
 /// `precision` (f32 where that is not available), from
 /// `read(output, first, into)`, which fills `into` with W[output][first..].

@@ -12,7 +12,9 @@ pub mod weights;
 
 pub use config::VitConfig;
 pub use conv::ChannelsLastConv;
-pub use fused::{Precision, is_available as precision_is_available};
+pub use fused::{
+    Precision, is_available as precision_is_available, unavailable_because as precision_unavailable_because,
+};
 pub use interpolate::PosInterpolation;
 pub use panel_cache::PanelCache;
 pub use vit::{Capture, EncoderOutput, Keep, Qkv, Vit};

@@ -123,10 +123,10 @@ impl Kernels {
     }
 
     /// The fastest table here for products in `precision`; f32's where
-    /// bfloat16 is not available.
+    /// bfloat16 is not available ([`Bf16Support`]).
     pub(crate) fn best(precision: Precision) -> &'static Self {
         #[cfg(target_arch = "x86_64")]
-        if let (Precision::Bf16, Some(isa)) = (precision, simd::bf16()) {
+        if let (Precision::Bf16, Bf16Support::Faster(isa)) = (precision, Self::bf16_support()) {
             return Self::bf16_tiles(isa);
         }
         #[cfg(target_arch = "x86_64")]
@@ -134,6 +134,34 @@ impl Kernels {
             return Self::tiles(isa);
         }
         Self::portable()
+    }
+
+    /// Whether bfloat16 tiles run here, and pay: decided once per process.
+    /// A `vdpbf16ps` multiplies twice the values of an f32 FMA, but the
+    /// CPUs that have it do not all issue it as often: Zen 4 as often as
+    /// its FMAs, a Sapphire Rapids Xeon a quarter as often. Where it would
+    /// not multiply clearly faster (by a quarter, to pay for converting x
+    /// and the softmax's numerators to pairs), the f32 tiles are both
+    /// faster and exact, so bfloat16 is not available there.
+    pub(crate) fn bf16_support() -> Bf16Support {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static SUPPORT: std::sync::OnceLock<Bf16Support> = std::sync::OnceLock::new();
+            *SUPPORT.get_or_init(|| match simd::bf16() {
+                None => Bf16Support::NoInstructions,
+                Some(isa) => {
+                    // Short runs, alternated, so that both meet the same clock:
+                    // a ratio far from one either way, well under a millisecond.
+                    let rate = |table: &Self| table.fma_rate_of(20_000, 1);
+                    let (bf16, f32) = (0..5)
+                        .filter_map(|_| Some((rate(Self::bf16_tiles(isa))?, rate(&AVX512)?)))
+                        .fold((0f64, 0f64), |(b, f), (bf16, f32)| (b.max(bf16), f.max(f32)));
+                    if bf16 >= 1.25 * f32 { Bf16Support::Faster(isa) } else { Bf16Support::Slower }
+                }
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Bf16Support::NoInstructions
     }
 
     /// The fastest table here whose attention takes heads of `head_dim`.
@@ -220,11 +248,15 @@ impl Kernels {
     /// here, in the instructions of this table's product (a multiply-add
     /// counts two per value multiplied); `None` for the gemm crate's.
     pub(crate) fn fma_rate(&self) -> Option<f64> {
-        let (fma_steps, lanes) = (self.fma_steps?, self.multiplied_lanes()?);
         // The best of 20 runs of some 3 ms: the clock has ramped up by the
         // last, and on a busy machine some run without being preempted.
-        let steps = 1_000_000;
-        let (best, fmas_per_step) = (0..20)
+        self.fma_rate_of(1_000_000, 20)
+    }
+
+    /// [`Kernels::fma_rate`], the best of `runs` runs of `steps` steps.
+    fn fma_rate_of(&self, steps: usize, runs: usize) -> Option<f64> {
+        let (fma_steps, lanes) = (self.fma_steps?, self.multiplied_lanes()?);
+        let (best, fmas_per_step) = (0..runs)
             .map(|_| {
                 let start = std::time::Instant::now();
                 // SAFETY: as in `product`.
@@ -247,10 +279,61 @@ impl std::fmt::Debug for Kernels {
     }
 }
 
+/// Whether bfloat16 products run here, and why not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Bf16Support {
+    /// No AVX512-BF16, or [`crate::set_limit`] leaves it out.
+    NoInstructions,
+    /// Its dot products multiply no faster than f32's FMAs.
+    Slower,
+    #[cfg(target_arch = "x86_64")]
+    Faster(Bf16Isa),
+}
+
 impl Precision {
     /// Whether this CPU (under [`crate::set_limit`]) runs it: whether the
     /// best kernels for it multiply in it.
     pub fn is_available(self) -> bool {
         Kernels::best(self).precision == self
+    }
+
+    /// Why this CPU runs f32 products instead, in words; `None` where it
+    /// runs this precision.
+    pub fn unavailable_because(self) -> Option<&'static str> {
+        match (self, Kernels::bf16_support()) {
+            (Precision::F32, _) => None,
+            #[cfg(target_arch = "x86_64")]
+            (Precision::Bf16, Bf16Support::Faster(_)) => None,
+            (Precision::Bf16, Bf16Support::NoInstructions) => {
+                Some("no AVX512-BF16 here (the CPU lacks it, or the kernels are limited to narrower instruction sets)")
+            }
+            (Precision::Bf16, Bf16Support::Slower) => {
+                Some("this CPU's bfloat16 dot products (vdpbf16ps) multiply no faster than its f32 FMAs")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The short measurement that decides bfloat16 agrees with the long one
+    /// the peak is read from, and the two ways of asking agree with it.
+    #[test]
+    fn bfloat16_runs_where_it_measures_faster() {
+        let support = Kernels::bf16_support();
+        assert_eq!(Precision::Bf16.is_available(), Precision::Bf16.unavailable_because().is_none());
+        assert_eq!(
+            Precision::Bf16.is_available(),
+            !matches!(support, Bf16Support::NoInstructions | Bf16Support::Slower)
+        );
+        assert!(Precision::F32.is_available() && Precision::F32.unavailable_because().is_none());
+        #[cfg(target_arch = "x86_64")]
+        if let Some(isa) = simd::bf16() {
+            let (bf16, f32) = (Kernels::bf16_tiles(isa).fma_rate().unwrap(), AVX512.fma_rate().unwrap());
+            println!("bfloat16 pairs multiply {:.2}x the values a second of f32 FMAs here", bf16 / f32);
+            assert_eq!(matches!(support, Bf16Support::Faster(_)), bf16 >= 1.25 * f32, "{bf16} against {f32}");
+        }
     }
 }
