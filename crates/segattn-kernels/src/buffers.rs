@@ -32,6 +32,76 @@ impl Unwritten {
     }
 }
 
+/// Floats from a cache line's start (64 bytes, an AVX-512 vector), for the
+/// panels the tiles load a vector at a time: a load that straddles two
+/// lines costs a second L1 access on Intel's cores, and glibc hands out
+/// large blocks 16 bytes past a line, so a plain Vec's panels would all
+/// straddle.
+pub(crate) struct LineAligned {
+    values: Vec<f32>,
+    start: usize,
+}
+
+impl LineAligned {
+    /// `len` slots from a line's start, to be written whole.
+    pub(crate) fn unwritten(len: usize) -> UnwrittenLines {
+        const LINE: usize = 64;
+        let mut buffer = Unwritten::new(len + LINE / size_of::<f32>() - 1);
+        let at = buffer.buffer.as_ptr() as usize;
+        let start = (at.next_multiple_of(LINE) - at) / size_of::<f32>();
+        buffer.len = start + len;
+        UnwrittenLines { buffer, start }
+    }
+
+    /// `len` zeros from a line's start.
+    pub(crate) fn zeroed(len: usize) -> Self {
+        let mut zeros = Self::unwritten(len);
+        zeros.slots().fill(MaybeUninit::new(0.0));
+        // SAFETY: every slot was written.
+        unsafe { zeros.assume_written() }
+    }
+}
+
+impl std::ops::Deref for LineAligned {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.values[self.start..]
+    }
+}
+
+impl std::ops::DerefMut for LineAligned {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.values[self.start..]
+    }
+}
+
+impl AsRef<[f32]> for LineAligned {
+    fn as_ref(&self) -> &[f32] {
+        self
+    }
+}
+
+/// [`LineAligned::unwritten`]'s slots, before they are written.
+pub(crate) struct UnwrittenLines {
+    buffer: Unwritten,
+    start: usize,
+}
+
+impl UnwrittenLines {
+    pub(crate) fn slots(&mut self) -> &mut [MaybeUninit<f32>] {
+        &mut self.buffer.slots()[self.start..]
+    }
+
+    /// # Safety
+    /// Every one of the slots has been written.
+    pub(crate) unsafe fn assume_written(mut self) -> LineAligned {
+        self.buffer.slots()[..self.start].fill(MaybeUninit::new(0.0));
+        // SAFETY: the caller's contract, and the slots before the line's
+        // start, written just now.
+        LineAligned { values: unsafe { self.buffer.assume_written() }, start: self.start }
+    }
+}
+
 /// A row-major matrix operand as the GEMM reads it: a pointer and the
 /// distance, in values, between rows.
 #[derive(Clone, Copy)]
@@ -100,5 +170,30 @@ unsafe impl Sync for SharedOut {}
 impl SharedOut {
     pub(crate) fn at(self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_aligned_values_start_on_a_line() {
+        // Sizes on both sides of glibc's switch to mapped blocks (128 KiB),
+        // where blocks start 16 bytes past a page.
+        for len in [0, 1, 15, 16, 17, 1000, 40_000, 1 << 20] {
+            let mut written = LineAligned::unwritten(len);
+            for (i, slot) in written.slots().iter_mut().enumerate() {
+                slot.write(i as f32);
+            }
+            // SAFETY: every slot was written just above.
+            let written = unsafe { written.assume_written() };
+            let zeros = LineAligned::zeroed(len);
+            for values in [&written, &zeros] {
+                assert_eq!(values.len(), len);
+                assert_eq!(values.as_ptr() as usize % 64, 0, "{len} values");
+            }
+            assert!(written.iter().enumerate().all(|(i, &v)| v == i as f32) && zeros.iter().all(|&v| v == 0.0));
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::buffers::Unwritten;
+use crate::buffers::LineAligned;
 
 /// What the linear layers and the attention multiply in. Sums are f32
 /// either way.
@@ -54,8 +54,8 @@ pub(crate) fn bf16_rounded(value: f32) -> f32 {
 /// GEMM reads. Read in place, the keys form a column-major operand that the
 /// GEMM re-gathers element by element for every block.
 pub(crate) struct HeadMajor {
-    pub(crate) keys_t: Vec<f32>,
-    pub(crate) values: Vec<f32>,
+    pub(crate) keys_t: LineAligned,
+    pub(crate) values: LineAligned,
     pub(crate) tokens: usize,
     pub(crate) num_heads: usize,
     pub(crate) head_dim: usize,
@@ -75,8 +75,8 @@ impl HeadMajor {
     ) -> Self {
         let d = num_heads * head_dim;
         let padded = tokens.next_multiple_of(key_panel);
-        let mut keys_t = Unwritten::new(num_heads * padded * head_dim);
-        let mut values = Unwritten::new(num_heads * tokens * head_dim);
+        let mut keys_t = LineAligned::unwritten(num_heads * padded * head_dim);
+        let mut values = LineAligned::unwritten(num_heads * tokens * head_dim);
         let per_head_chunks =
             keys_t.slots().par_chunks_mut(padded * head_dim).zip(values.slots().par_chunks_mut(tokens * head_dim));
         per_head_chunks.enumerate().for_each(|(head, (keys_t, values))| {
@@ -112,8 +112,8 @@ impl HeadMajor {
     pub(crate) fn pairs<const LANES: usize>(qkv: &[f32], tokens: usize, num_heads: usize, head_dim: usize) -> Self {
         let d = num_heads * head_dim;
         let (padded, token_pairs, dim_pairs) = (tokens.next_multiple_of(LANES), tokens.div_ceil(2), head_dim / 2);
-        let mut keys_t = Unwritten::new(num_heads * padded * dim_pairs);
-        let mut values = Unwritten::new(num_heads * token_pairs * head_dim);
+        let mut keys_t = LineAligned::unwritten(num_heads * padded * dim_pairs);
+        let mut values = LineAligned::unwritten(num_heads * token_pairs * head_dim);
         let per_head_chunks = keys_t
             .slots()
             .par_chunks_mut(padded * dim_pairs)
@@ -170,5 +170,17 @@ mod tests {
         assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
         assert_eq!(bf16_bits(1.0 + 1.0 / 256.0 + 1e-6), 0x3f81);
         assert_eq!(bf16_bits(-2.0), 0xc000);
+    }
+
+    #[test]
+    fn every_table_packs_keys_and_values_from_a_line() {
+        let (tokens, heads) = (37, 2);
+        let qkv = crate::noise(tokens * 3 * heads * 64, 5);
+        for kernels in crate::dispatch::Kernels::all_here() {
+            let packed = kernels.pack_heads(&qkv, tokens, heads, 64);
+            for values in [&packed.keys_t, &packed.values] {
+                assert_eq!(values.as_ptr() as usize % 64, 0, "{kernels:?}");
+            }
+        }
     }
 }

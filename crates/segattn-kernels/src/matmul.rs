@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::ShapeError;
-use crate::buffers::Unwritten;
+use crate::buffers::{LineAligned, Unwritten};
 use crate::caches::{Caches, caches};
 use crate::dispatch::Kernels;
 use crate::layout::{Precision, bf16_pair};
@@ -75,7 +75,7 @@ impl PackedWeight {
         let width = kernels.panel_width(outputs);
         let per_slot = kernels.inputs_per_slot();
         let depth = inputs.div_ceil(per_slot);
-        let mut panels = Unwritten::new(outputs.div_ceil(width) * depth * width);
+        let mut panels = LineAligned::unwritten(outputs.div_ceil(width) * depth * width);
         panels.slots().par_chunks_mut(depth * width).enumerate().for_each(|(panel, out)| {
             let lanes = width.min(outputs - panel * width);
             out.par_chunks_mut(PIECE * width).enumerate().for_each(|(piece, out)| {
@@ -251,6 +251,7 @@ mod tests {
                             into.copy_from_slice(&weight[output * inputs + first..][..into.len()]);
                         };
                         let packed = PackedWeight::for_kernels(read, outputs, inputs, kernels);
+                        assert_eq!(packed.panels().as_ptr() as usize % 64, 0, "{kernels:?}: panels off a line");
                         for caches in crate::caches::for_tests() {
                             let ours = matmul_blocked(&x, &packed, &caches).unwrap();
                             assert_eq!(ours.len(), expected.len());

@@ -12,6 +12,7 @@
 //! in pairs of dimensions and of tokens, each tile's queries and softmax
 //! numerators converted as it reaches them; scores, softmax and sums stay f32.
 
+use crate::buffers::LineAligned;
 use crate::caches::Caches;
 use crate::layout::{HeadMajor, QueryBlock};
 use crate::simd::{self, Avx512, Bf16Pairs, FloatLanes, Vector};
@@ -191,7 +192,7 @@ unsafe fn attend_groups<M: TileMath, const P: usize>(block: QueryBlock, caches: 
     let panels = tokens.div_ceil(M::Operand::LANES);
     let padded = panels * M::Operand::LANES;
     let Walk { group_rows, value_slots } = Walk::new::<M, P>(caches, padded, rows);
-    let mut scores = vec![0f32; group_rows * padded];
+    let mut scores = LineAligned::zeroed(group_rows * padded);
     let mut inv_sums = vec![0f32; group_rows];
     let mut buffers = Buffers::default();
     let mut first_row = Vec::with_capacity(if keep_first_row { num_heads * tokens } else { 0 });
