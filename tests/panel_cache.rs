@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use segattn::model::{Capture, PanelCache, Precision, Vit};
+use segattn::model::{Capture, PanelCache, Precision, Vit, precision_is_available};
 
 mod common;
 use common::{fixture, s, segattn_with, stderr};
@@ -37,17 +37,20 @@ fn laid_out_weights_come_back_and_give_the_same_output() {
     let dir = tempfile::tempdir().unwrap();
     let model = model_copy(dir.path());
     let cache = PanelCache::new(dir.path().join("cache")).keeping_any_size();
+    // Where bfloat16 does not run, a bf16 load is an f32 load, and finds f32's file.
+    let bf16_here = precision_is_available(Precision::Bf16);
     for precision in [Precision::F32, Precision::Bf16] {
         let expected = tokens(&Vit::load_in(&model, precision).unwrap());
         let first = Vit::load_cached(&model, precision, Some(&cache)).unwrap();
-        assert!(!first.weights_from_cache(), "{precision:?}: nothing was cached yet");
+        let laid_out_before = precision == Precision::Bf16 && !bf16_here;
+        assert_eq!(first.weights_from_cache(), laid_out_before, "{precision:?}: the first load");
         let second = Vit::load_cached(&model, precision, Some(&cache)).unwrap();
         assert!(second.weights_from_cache(), "{precision:?}: the first load left its weights");
         assert_eq!(tokens(&first), expected);
         assert_eq!(tokens(&second), expected, "{precision:?}: the cached weights multiply as the fresh ones");
     }
-    // One file per precision.
-    assert_eq!(panel_files(cache.dir()).len(), 2);
+    // One file per precision that runs.
+    assert_eq!(panel_files(cache.dir()).len(), if bf16_here { 2 } else { 1 });
 }
 
 #[test]
