@@ -307,7 +307,7 @@ impl Precision {
                 #[cfg(target_arch = "x86_64")]
                 Bf16Support::Faster(_) => None,
                 Bf16Support::NoInstructions => Some(
-                    "no AVX512-BF16 here (the CPU lacks it, or the kernels are limited to narrower instruction sets)",
+                    "AVX512-BF16 is missing (from the CPU, or from the instruction sets the kernels are limited to)",
                 ),
                 Bf16Support::Slower => Some(
                     "this CPU's bfloat16 dot products (vdpbf16ps) multiply too few values a second to beat its f32 FMAs",
