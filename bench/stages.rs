@@ -33,6 +33,10 @@ fn cpu_name() -> String {
 }
 
 fn main() {
+    // The allocator as segattn runs it: freed buffers kept for reuse, not
+    // unmapped, so that no stage pays page faults the product does not.
+    // SAFETY: first statement of main; no other thread exists yet.
+    unsafe { segattn::configure_runtime() };
     let choice = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let (limit, precision) = match choice.as_deref() {
         Some("avx2") => (Limit::Avx2, Precision::F32),

@@ -80,7 +80,12 @@ impl HeadMajor {
         let per_head_chunks =
             keys_t.slots().par_chunks_mut(padded * head_dim).zip(values.slots().par_chunks_mut(tokens * head_dim));
         per_head_chunks.enumerate().for_each(|(head, (keys_t, values))| {
-            let key_slots = |t: usize| (0..head_dim).map(move |c| panel_slot(c, t, head_dim, key_panel));
+            // Token t's dimensions, key_panel apart in its panel: the
+            // division in `panel_slot` once per token, not per value.
+            let key_slots = |t: usize| {
+                let first = panel_slot(0, t, head_dim, key_panel);
+                (0..head_dim).map(move |c| first + c * key_panel)
+            };
             for (t, row) in qkv.chunks_exact(3 * d).enumerate() {
                 let key = &row[d + head * head_dim..d + (head + 1) * head_dim];
                 for (slot, &k) in key_slots(t).zip(key) {

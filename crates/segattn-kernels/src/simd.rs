@@ -145,24 +145,21 @@ unsafe fn exp_reduced<V: FloatLanes>(x: V, round: impl Fn(V) -> V) -> (V, V) {
     }
 }
 
-/// Softmax of `row` short of its last step: leaves e^(s - max) in the row
-/// and returns 1/Σ. Dividing the (rows x head_dim) output by Σ after P·V is
-/// head_dim/tokens of the work of dividing every probability. Four vectors
-/// a step keep four maxima and sums apart; a last partial vector is read
-/// and written lane by lane, its other lanes -∞, whose e^x adds nothing.
+/// The largest value of `row`, -∞ if it is empty. Four vectors a step keep
+/// four maxima apart; a last partial vector is read lane by lane, its other
+/// lanes -∞.
 ///
 /// # Safety
 /// V's instruction set.
 #[inline(always)]
-pub(crate) unsafe fn softmax_numerators<V: FloatLanes>(row: &mut [f32]) -> f32 {
-    let (len, at) = (row.len(), row.as_mut_ptr());
+pub(crate) unsafe fn row_max<V: FloatLanes>(row: &[f32]) -> f32 {
+    let (len, at) = (row.len(), row.as_ptr());
     let full = len - len % V::LANES;
     let step = 4 * V::LANES;
     // SAFETY: V's instruction set by the caller's contract; every full
-    // vector is below `full`, and the last partial one reads and writes
-    // only its `len - full` lanes.
+    // vector is below `full`, and the last partial one reads only its
+    // `len - full` lanes.
     unsafe {
-        let tail = || V::load_first(at.add(full), len - full, f32::NEG_INFINITY);
         let mut max = [V::splat(f32::NEG_INFINITY); 4];
         let mut i = 0;
         while i + step <= full {
@@ -174,9 +171,28 @@ pub(crate) unsafe fn softmax_numerators<V: FloatLanes>(row: &mut [f32]) -> f32 {
         for i in (i..full).step_by(V::LANES) {
             max[0] = max[0].max(V::load(at.add(i)));
         }
-        max[1] = max[1].max(tail());
-        let max = V::splat(max[0].max(max[1]).max(max[2].max(max[3])).reduce_max());
+        max[1] = max[1].max(V::load_first(at.add(full), len - full, f32::NEG_INFINITY));
+        max[0].max(max[1]).max(max[2].max(max[3])).reduce_max()
+    }
+}
 
+/// A softmax's numerators e^(s - max) in place of the scores s of `row`,
+/// and returns their sum. Dividing the (rows x head_dim) output by the sum
+/// after P·V is head_dim/tokens of the work of dividing every probability.
+/// Four vectors a step keep four sums apart; a last partial vector is read
+/// and written lane by lane, its other lanes -∞, whose e^x adds nothing.
+///
+/// # Safety
+/// V's instruction set.
+#[inline(always)]
+pub(crate) unsafe fn exp_sum<V: FloatLanes>(row: &mut [f32], max: f32) -> f32 {
+    let (len, at) = (row.len(), row.as_mut_ptr());
+    let full = len - len % V::LANES;
+    let step = 4 * V::LANES;
+    // SAFETY: as in `row_max`, and the last partial vector writes only its
+    // `len - full` lanes.
+    unsafe {
+        let max = V::splat(max);
         let mut sum = [V::zero(); 4];
         let mut i = 0;
         while i + step <= full {
@@ -192,10 +208,10 @@ pub(crate) unsafe fn softmax_numerators<V: FloatLanes>(row: &mut [f32]) -> f32 {
             e.store(at.add(i));
             sum[0] = sum[0].add(e);
         }
-        let e = tail().sub(max).exp();
+        let e = V::load_first(at.add(full), len - full, f32::NEG_INFINITY).sub(max).exp();
         e.store_first(at.add(full), len - full);
         sum[1] = sum[1].add(e);
-        1.0 / sum[0].add(sum[1]).add(sum[2].add(sum[3])).reduce_add()
+        sum[0].add(sum[1]).add(sum[2].add(sum[3])).reduce_add()
     }
 }
 
@@ -488,6 +504,12 @@ impl Bf16Pairs {
     pub(crate) fn sums(self) -> Avx512 {
         self.0
     }
+
+    /// f32 sums as the accumulator of a product that goes on adding to them.
+    #[inline(always)]
+    pub(crate) fn accumulating(sums: Avx512) -> Self {
+        Self(sums)
+    }
 }
 
 /// `values` as bfloat16s, rounded to nearest even as `vcvtneps2bf16`
@@ -542,7 +564,7 @@ mod tests {
         }
         fn softmax<V: FloatLanes>(row: &mut [f32]) -> f32 {
             // SAFETY: the caller checked the instruction set.
-            unsafe { V::enter(|| softmax_numerators::<V>(row)) }
+            unsafe { V::enter(|| 1.0 / exp_sum::<V>(row, row_max::<V>(row))) }
         }
         for isa in usable() {
             match isa.width() {
@@ -571,7 +593,7 @@ mod tests {
     }
 
     #[test]
-    fn softmax_numerators_over_their_sum_are_the_softmax() {
+    fn numerators_from_the_row_max_over_their_sum_are_the_softmax() {
         // No full vector, a partial last one of every length, and rows past
         // the four-vector step.
         for len in (1..40).chain([64, 65, 127, 197, 1201]) {

@@ -14,6 +14,7 @@
 
 use crate::buffers::LineAligned;
 use crate::caches::Caches;
+use crate::exp::fast_exp;
 use crate::layout::{HeadMajor, QueryBlock};
 use crate::simd::{self, Avx512, Bf16Pairs, FloatLanes, Vector};
 use crate::stages::{Laps, Stage};
@@ -45,6 +46,8 @@ pub(crate) trait TileMath {
     ) -> (*const f32, usize);
     /// A product's sums.
     unsafe fn sums(acc: Self::Operand) -> Self::Sum;
+    /// Sums as a product's accumulator, to go on adding to them.
+    unsafe fn accumulator(sums: Self::Sum) -> Self::Operand;
 }
 
 // SAFETY (all methods): as the trait says.
@@ -59,6 +62,10 @@ impl<V: FloatLanes> TileMath for V {
     #[inline(always)]
     unsafe fn sums(acc: V) -> V {
         acc
+    }
+    #[inline(always)]
+    unsafe fn accumulator(sums: V) -> V {
+        sums
     }
 }
 
@@ -94,6 +101,10 @@ impl TileMath for Bf16Math {
     #[inline(always)]
     unsafe fn sums(acc: Bf16Pairs) -> Avx512 {
         acc.sums()
+    }
+    #[inline(always)]
+    unsafe fn accumulator(sums: Avx512) -> Bf16Pairs {
+        Bf16Pairs::accumulating(sums)
     }
 }
 
@@ -135,30 +146,66 @@ macro_rules! each_tile {
     };
 }
 
-/// How a block is walked, sized from the caches.
+/// How a block is walked, sized from the caches: a step of keys (and their
+/// values) at a time, each step read by every group of the block's query
+/// rows, as flash attention walks them. A step's keys and values fill a
+/// quarter of L2, so each comes from memory or L3 once per block rather
+/// than once per group, and a group's scores over a step another quarter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Walk {
-    /// Query rows whose scores are computed together: each step of key
-    /// panels is read from L1 by all of the group's tiles, and the group's
-    /// scores stay in half of L2.
+    /// Keys per step: a multiple of a step of P key panels.
+    step_tokens: usize,
+    /// Query rows whose scores over a step are computed together, each step
+    /// of P key panels read from L1 by all of the group's tiles.
     group_rows: usize,
-    /// Rows of V's panels (tokens, or pairs of them) per chunk of P·V: a
-    /// chunk of a step of P panels fits a quarter of L2, for every tile of
-    /// the group to read it there. Smaller chunks, for L1, cost more in
-    /// sums stored and loaded between chunks than they save.
-    value_slots: usize,
 }
 
 impl Walk {
-    fn new<M: TileMath, const P: usize>(caches: &Caches, padded: usize, rows: usize) -> Self {
-        let fitting = caches.l2 / 2 / (padded * size_of::<f32>());
+    fn new<M: TileMath, const P: usize>(caches: &Caches, tokens: usize, rows: usize) -> Self {
+        let panels_step = P * M::Operand::LANES;
+        let fitting = caches.l2 / 4 / (2 * HEAD_DIM * size_of::<f32>());
+        let step_tokens = (fitting.min(tokens.next_multiple_of(panels_step)) / panels_step).max(1) * panels_step;
+        let fitting = caches.l2 / 4 / (step_tokens * size_of::<f32>());
         let group_rows = (fitting.min(rows.next_multiple_of(TILE_ROWS)) / TILE_ROWS).max(1) * TILE_ROWS;
-        let value_slots = (caches.l2 / 4 / (P * M::Operand::LANES * size_of::<f32>())).max(1);
-        Self { group_rows, value_slots }
+        Self { step_tokens, group_rows }
     }
 }
 
-/// The block, a group of query rows at a time ([`Walk`]), in tiles of six.
+/// A query row's softmax so far, over the steps of keys it has seen: the
+/// largest score, and the sum of e^(s - that largest). When a step raises
+/// the largest, the sums so far (and the row's P·V so far) are scaled by
+/// e^(old - new).
+#[derive(Clone, Copy, Debug)]
+struct RunningSoftmax {
+    max: f32,
+    sum: f32,
+    /// What the step just taken scaled the sums before it by.
+    rescale: f32,
+}
+
+impl RunningSoftmax {
+    const START: Self = Self { max: f32::NEG_INFINITY, sum: 0.0, rescale: 0.0 };
+
+    /// Turns a step's `scores` into numerators e^(s - max) over the largest
+    /// score so far.
+    ///
+    /// # Safety
+    /// V's instruction set.
+    #[inline(always)]
+    unsafe fn step<V: FloatLanes>(&mut self, scores: &mut [f32]) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let max = self.max.max(simd::row_max::<V>(scores));
+            // 0 at the first step (e^-∞), and never a subnormal.
+            self.rescale = fast_exp(self.max - max);
+            self.sum = self.sum * self.rescale + simd::exp_sum::<V>(scores, max);
+            self.max = max;
+        }
+    }
+}
+
+/// The block, a step of keys at a time and in each a group of query rows
+/// at a time ([`Walk`]), in tiles of six.
 ///
 /// # Safety
 /// The CPU must have M's instruction set; `heads` packed from `qkv` in
@@ -173,7 +220,7 @@ pub(crate) unsafe fn attend_block<M: TileMath, const P: usize>(
     unsafe {
         M::Operand::enter(
             #[inline(always)]
-            || attend_groups::<M, P>(block, caches, laps),
+            || attend_steps::<M, P>(block, caches, laps),
         )
     }
 }
@@ -184,52 +231,71 @@ pub(crate) unsafe fn attend_block<M: TileMath, const P: usize>(
 /// As [`attend_block`]: it reads and writes through pointers into `block`
 /// that only that contract keeps in bounds.
 #[inline(always)]
-unsafe fn attend_groups<M: TileMath, const P: usize>(block: QueryBlock, caches: &Caches, laps: &mut Laps) -> Vec<f32> {
+unsafe fn attend_steps<M: TileMath, const P: usize>(block: QueryBlock, caches: &Caches, laps: &mut Laps) -> Vec<f32> {
     let QueryBlock { qkv, heads, out, first, scale, keep_first_row } = block;
     let HeadMajor { tokens, num_heads, .. } = *heads;
+    let (lanes, depth) = (M::Operand::LANES, HEAD_DIM / M::PER_SLOT);
     let d = num_heads * HEAD_DIM;
     let rows = out.len() / d;
-    let panels = tokens.div_ceil(M::Operand::LANES);
-    let padded = panels * M::Operand::LANES;
-    let Walk { group_rows, value_slots } = Walk::new::<M, P>(caches, padded, rows);
-    let mut scores = LineAligned::zeroed(group_rows * padded);
-    let mut inv_sums = vec![0f32; group_rows];
+    let padded = tokens.next_multiple_of(lanes);
+    let slots = tokens.div_ceil(M::PER_SLOT);
+    let Walk { step_tokens, group_rows } = Walk::new::<M, P>(caches, tokens, rows);
+    let mut scores = LineAligned::zeroed(group_rows * step_tokens);
+    let mut softmax = vec![RunningSoftmax::START; rows];
     let mut buffers = Buffers::default();
     let mut first_row = Vec::with_capacity(if keep_first_row { num_heads * tokens } else { 0 });
+    // Row 0's largest score as each step's numerators were taken.
+    let mut first_row_maxima = Vec::new();
     for head in 0..num_heads {
-        let keys = heads.keys_t[head * padded * HEAD_DIM / M::PER_SLOT..].as_ptr();
-        let values = heads.values[head * tokens.div_ceil(M::PER_SLOT) * HEAD_DIM..].as_ptr();
-        for start in (0..rows).step_by(group_rows) {
-            let group = Group {
-                rows: group_rows.min(rows - start),
-                q: qkv[(first + start) * 3 * d + head * HEAD_DIM..].as_ptr(),
-                q_stride: 3 * d,
-                keys,
-                panels,
-                values,
-                value_slots,
-                tokens,
-                out: out[start * d + head * HEAD_DIM..].as_mut_ptr().cast::<f32>(),
-                out_stride: d,
-                scale,
-            };
-            // SAFETY: the group's rows are block rows, inside `qkv` and `out`
-            // by the caller's contract; keys hold `panels` panels per head
-            // and values `tokens` rows, as packed; `scores` holds the
-            // group's rows of `padded`.
-            unsafe { group.scores::<M, P>(&mut scores, &mut buffers) };
-            laps.lap(Stage::Scores);
-            for (row, inv_sum) in scores.chunks_mut(padded).zip(&mut inv_sums).take(group.rows) {
-                // SAFETY: M's instruction set, by the caller's contract.
-                *inv_sum = unsafe { simd::softmax_numerators::<M::Sum>(&mut row[..tokens]) };
+        let keys = heads.keys_t[head * padded * depth..].as_ptr();
+        let values = heads.values[head * slots * HEAD_DIM..].as_ptr();
+        softmax.fill(RunningSoftmax::START);
+        for step_start in (0..tokens).step_by(step_tokens) {
+            let step_len = step_tokens.min(tokens - step_start);
+            for start in (0..rows).step_by(group_rows) {
+                let group = Group {
+                    rows: group_rows.min(rows - start),
+                    q: qkv[(first + start) * 3 * d + head * HEAD_DIM..].as_ptr(),
+                    q_stride: 3 * d,
+                    // SAFETY: the step's panels are inside the head's keys.
+                    keys: unsafe { keys.add(step_start * depth) },
+                    panels: step_len.div_ceil(lanes),
+                    values,
+                    slots,
+                    step: (step_start / M::PER_SLOT, step_len.div_ceil(M::PER_SLOT)),
+                    out: out[start * d + head * HEAD_DIM..].as_mut_ptr().cast::<f32>(),
+                    out_stride: d,
+                    scale,
+                };
+                // SAFETY: the group's rows are block rows, inside `qkv` and
+                // `out` by the caller's contract; the step's keys and values
+                // are inside the head's, as packed; `scores` holds the
+                // group's rows of the step's padded tokens.
+                unsafe { group.scores::<M, P>(&mut scores, step_tokens, &mut buffers) };
+                laps.lap(Stage::Scores);
+                let rows_softmax = &mut softmax[start..start + group.rows];
+                for (row, softmax) in scores.chunks_mut(step_tokens).zip(rows_softmax.iter_mut()) {
+                    // SAFETY: M's instruction set, by the caller's contract.
+                    unsafe { softmax.step::<M::Sum>(&mut row[..step_len]) };
+                }
+                if keep_first_row && start == 0 {
+                    first_row.extend_from_slice(&scores[..step_len]);
+                    first_row_maxima.push(rows_softmax[0].max);
+                }
+                laps.lap(Stage::Softmax);
+                // SAFETY: as for the scores.
+                unsafe { group.mix::<M, P>(&scores, step_tokens, rows_softmax, &mut buffers) };
+                laps.lap(Stage::Mix);
             }
-            if keep_first_row && start == 0 {
-                first_row.extend(scores[..tokens].iter().map(|p| p * inv_sums[0]));
+        }
+        if keep_first_row {
+            // Each step's numerators over the row's final largest score and sum.
+            let RunningSoftmax { max, sum, .. } = softmax[0];
+            let head_row = first_row[head * tokens..].chunks_mut(step_tokens);
+            for (numerators, step_max) in head_row.zip(first_row_maxima.drain(..)) {
+                let factor = fast_exp(step_max - max) / sum;
+                numerators.iter_mut().for_each(|p| *p *= factor);
             }
-            laps.lap(Stage::Softmax);
-            // SAFETY: as for the scores.
-            unsafe { group.mix::<M, P>(&scores, &inv_sums, &mut buffers) };
-            laps.lap(Stage::Mix);
         }
     }
     first_row
@@ -243,31 +309,37 @@ struct Buffers {
     numerators: Vec<f32>,
 }
 
-/// Query rows of one head whose scores are computed together.
+/// Query rows of one head whose scores over one step of keys are computed
+/// together.
 struct Group {
     rows: usize,
     q: *const f32,
     q_stride: usize,
+    /// The step's first key panel.
     keys: *const f32,
+    /// Key panels in the step.
     panels: usize,
+    /// The head's values, `slots` rows of them.
     values: *const f32,
-    value_slots: usize,
-    tokens: usize,
+    slots: usize,
+    /// The step's rows of the values: (first, count).
+    step: (usize, usize),
     out: *mut f32,
     out_stride: usize,
     scale: f32,
 }
 
 impl Group {
-    /// scores[r][t] = scale · q[r] · k[t] for the group's rows, P key panels
-    /// at a time (then one), each read by all of the group's tiles.
+    /// scores[r][t] = scale · q[r] · k[t] for the group's rows and the
+    /// step's keys, rows `stride` apart, P key panels at a time (then one),
+    /// each read by all of the group's tiles.
     ///
     /// # Safety
-    /// M's instruction set; the group's rows of `q`, the key panels, and
-    /// `scores` for the group's rows of the padded tokens.
+    /// M's instruction set; the group's rows of `q`, the step's key panels,
+    /// and `scores` for the group's rows of `stride`, which covers the
+    /// step's panels.
     #[inline(always)]
-    unsafe fn scores<M: TileMath, const P: usize>(&self, scores: &mut [f32], buffers: &mut Buffers) {
-        let padded = self.panels * M::Operand::LANES;
+    unsafe fn scores<M: TileMath, const P: usize>(&self, scores: &mut [f32], stride: usize, buffers: &mut Buffers) {
         // SAFETY: the caller's contract.
         unsafe {
             let queries = M::operands(self.q, self.q_stride, self.rows, HEAD_DIM, &mut buffers.queries);
@@ -275,11 +347,11 @@ impl Group {
             while panel < self.panels {
                 let step = if panel + P <= self.panels { P } else { 1 };
                 each_tile!(self.rows, |first, R| {
-                    let scores = scores[first * padded..].as_mut_ptr();
+                    let scores = scores[first * stride..].as_mut_ptr();
                     if step == P {
-                        self.tile_scores::<M, R, P>(queries, first, panel, scores, padded)
+                        self.tile_scores::<M, R, P>(queries, first, panel, scores, stride)
                     } else {
-                        self.tile_scores::<M, R, 1>(queries, first, panel, scores, padded)
+                        self.tile_scores::<M, R, 1>(queries, first, panel, scores, stride)
                     }
                 });
                 panel += step;
@@ -293,8 +365,8 @@ impl Group {
     ///
     /// # Safety
     /// M's instruction set; R rows of queries from `first` readable; panels
-    /// `panel..panel + Q` of the keys readable; `scores` writable for R rows
-    /// of `padded`, which covers those panels.
+    /// `panel..panel + Q` of the step's keys readable; `scores` writable
+    /// for R rows of `stride`, which covers those panels.
     #[inline(always)]
     unsafe fn tile_scores<M: TileMath, const R: usize, const Q: usize>(
         &self,
@@ -302,7 +374,7 @@ impl Group {
         first: usize,
         panel: usize,
         scores: *mut f32,
-        padded: usize,
+        scores_stride: usize,
     ) {
         let (lanes, depth) = (M::Operand::LANES, HEAD_DIM / M::PER_SLOT);
         // SAFETY: (all pointer reads and writes) the caller's contract.
@@ -314,78 +386,85 @@ impl Group {
             let scale = M::Sum::splat(self.scale);
             for (r, acc) in acc.iter().enumerate() {
                 for (p, &acc) in acc.iter().enumerate() {
-                    M::sums(acc).mul(scale).store(scores.add(r * padded + (panel + p) * lanes));
+                    M::sums(acc).mul(scale).store(scores.add(r * scores_stride + (panel + p) * lanes));
                 }
             }
         }
     }
 
-    /// out[r] = Σ_t numerators[r][t] · v[t] / Σ_r for the group's rows, in
-    /// chunks of V's rows ([`Walk::value_slots`]), each step of P panels of
-    /// a chunk read by all of the group's tiles. The sums so far wait in
-    /// `out` between chunks.
+    /// out[r] = out[r] · rescale + Σ_t numerators[r][t] · v[t] over the
+    /// step's values, for the group's rows (numerators `stride` apart),
+    /// each step of P value panels read by all of the group's tiles. The
+    /// first step of keys starts the sums, the last divides them by the
+    /// rows' softmax sums.
     ///
     /// # Safety
-    /// M's instruction set; the group's rows of `scores` (of the padded
-    /// tokens) and of `out`; the value panels.
+    /// M's instruction set; the group's rows of `scores` over the step; the
+    /// value panels; the group's rows of `out`, written by the steps before
+    /// this one.
     #[inline(always)]
-    unsafe fn mix<M: TileMath, const P: usize>(&self, scores: &[f32], inv_sums: &[f32], buffers: &mut Buffers) {
-        let padded = self.panels * M::Operand::LANES;
-        let slots = self.tokens.div_ceil(M::PER_SLOT);
+    unsafe fn mix<M: TileMath, const P: usize>(
+        &self,
+        scores: &[f32],
+        stride: usize,
+        softmax: &[RunningSoftmax],
+        buffers: &mut Buffers,
+    ) {
+        let len = self.step.1 * M::PER_SLOT;
         // SAFETY: the caller's contract; HEAD_DIM is a multiple of P panels
         // on every instruction set.
         unsafe {
-            let numerators = M::operands(scores.as_ptr(), padded, self.rows, self.tokens, &mut buffers.numerators);
-            for chunk in (0..slots).step_by(self.value_slots) {
-                let chunk = (chunk, self.value_slots.min(slots - chunk));
-                for panel in (0..HEAD_DIM / M::Operand::LANES).step_by(P) {
-                    each_tile!(self.rows, |first, R| {
-                        self.tile_mix::<M, R, P>(numerators, first, panel, chunk, &inv_sums[first..first + R])
-                    });
-                }
+            let numerators = M::operands(scores.as_ptr(), stride, self.rows, len.min(stride), &mut buffers.numerators);
+            for panel in (0..HEAD_DIM / M::Operand::LANES).step_by(P) {
+                each_tile!(self.rows, |first, R| {
+                    self.tile_mix::<M, R, P>(numerators, first, panel, &softmax[first..first + R])
+                });
             }
         }
     }
 
-    /// out[R rows from `first`][dimensions of panels panel..panel+P] +=
-    /// numerators · v over the chunk (`start`, `len`) of V's rows; the last
-    /// chunk divides by the rows' sums.
+    /// out[R rows from `first`][dimensions of panels panel..panel+P], as
+    /// [`Group::mix`] says.
     ///
     /// # Safety
-    /// M's instruction set; R rows of numerators readable over the chunk;
+    /// M's instruction set; R rows of numerators readable over the step;
     /// panels `panel..panel + P` of the values readable over it; R rows of
     /// `out` from `first` writable over those panels, and written by the
-    /// chunks before this one.
+    /// steps before this one.
     #[inline(always)]
     unsafe fn tile_mix<M: TileMath, const R: usize, const P: usize>(
         &self,
         (numerators, stride): (*const f32, usize),
         first: usize,
         panel: usize,
-        (start, len): (usize, usize),
-        inv_sums: &[f32],
+        softmax: &[RunningSoftmax],
     ) {
         let lanes = M::Operand::LANES;
-        let slots = self.tokens.div_ceil(M::PER_SLOT);
+        let (start, len) = self.step;
         // SAFETY: (all pointer reads and writes) the caller's contract.
         unsafe {
             let out = self.out.add(first * self.out_stride + panel * lanes);
             let mut acc = [[M::Operand::zero(); P]; R];
             if start > 0 {
-                for (r, acc) in acc.iter_mut().enumerate() {
+                for (r, (acc, softmax)) in acc.iter_mut().zip(softmax).enumerate() {
                     for (p, acc) in acc.iter_mut().enumerate() {
-                        *acc = M::Operand::load(out.add(r * self.out_stride + p * lanes));
+                        let so_far = M::Sum::load(out.add(r * self.out_stride + p * lanes));
+                        *acc = M::accumulator(so_far.mul(M::Sum::splat(softmax.rescale)));
                     }
                 }
             }
-            let values = self.values.add((panel * slots + start) * lanes);
-            let numerators = numerators.add(first * stride + start);
-            let acc = tile_product::<M::Operand, R, P>(acc, (numerators, stride), (values, slots), len);
-            let last = start + len == slots;
-            for (r, (acc, &inv_sum)) in acc.iter().zip(inv_sums).enumerate() {
+            let values = self.values.add((panel * self.slots + start) * lanes);
+            let acc = tile_product::<M::Operand, R, P>(
+                acc,
+                (numerators.add(first * stride), stride),
+                (values, self.slots),
+                len,
+            );
+            let last = start + len == self.slots;
+            for (r, (acc, softmax)) in acc.iter().zip(softmax).enumerate() {
                 for (p, &acc) in acc.iter().enumerate() {
                     let sums = M::sums(acc);
-                    let sums = if last { sums.mul(M::Sum::splat(inv_sum)) } else { sums };
+                    let sums = if last { sums.mul(M::Sum::splat(1.0 / softmax.sum)) } else { sums };
                     sums.store(out.add(r * self.out_stride + p * lanes));
                 }
             }
@@ -399,12 +478,25 @@ mod tests {
     use crate::simd::Avx2;
 
     #[test]
-    fn the_tests_small_caches_split_blocks_into_groups_and_chunks() {
-        // 97 tokens are 104 in AVX2's panels; 37 query rows.
+    fn the_tests_small_caches_split_keys_into_steps_and_blocks_into_groups() {
+        // 97 keys, 37 query rows; steps of at least one step of AVX2's two panels.
         let [_, medium, small] = crate::caches::for_tests();
-        assert_eq!(Walk::new::<Avx2, 2>(&medium, 104, 37), Walk { group_rows: 18, value_slots: 64 });
-        assert_eq!(Walk::new::<Avx2, 2>(&small, 104, 37), Walk { group_rows: 6, value_slots: 16 });
-        // A block smaller than what fits is one group.
-        assert_eq!(Walk::new::<Avx2, 2>(&small, 8, 5).group_rows, 6);
+        assert_eq!(Walk::new::<Avx2, 2>(&medium, 97, 37), Walk { step_tokens: 16, group_rows: 42 });
+        assert_eq!(Walk::new::<Avx2, 2>(&small, 97, 37), Walk { step_tokens: 16, group_rows: 12 });
+        // Keys and a block smaller than what fits are one step and one group.
+        assert_eq!(Walk::new::<Avx2, 2>(&small, 5, 5), Walk { step_tokens: 16, group_rows: 6 });
+        let caches = crate::caches::caches();
+        assert_eq!(Walk::new::<Avx2, 2>(&caches, 37, 5), Walk { step_tokens: 48, group_rows: 6 });
+    }
+
+    #[test]
+    fn a_step_and_a_groups_scores_over_it_fit_half_of_l2() {
+        let caches = crate::caches::caches();
+        for rows in [6, 256] {
+            let Walk { step_tokens, group_rows } = Walk::new::<Avx2, 2>(&caches, 100_000, rows);
+            let bytes = (2 * HEAD_DIM + group_rows) * step_tokens * size_of::<f32>();
+            assert!(bytes <= caches.l2 / 2, "{caches:?}, {rows} rows: {step_tokens} keys, {group_rows} rows");
+            assert!(step_tokens.is_multiple_of(16) && group_rows.is_multiple_of(TILE_ROWS));
+        }
     }
 }

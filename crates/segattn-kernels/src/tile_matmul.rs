@@ -197,18 +197,45 @@ pub(crate) unsafe fn tile_product<V: Vector, const R: usize, const P: usize>(
 ) -> [[V; P]; R] {
     // SAFETY: (all pointer reads) the caller's contract.
     unsafe {
-        for k in 0..depth {
-            let mut b = [V::zero(); P];
-            for (p, b) in b.iter_mut().enumerate() {
-                *b = V::load(panels.add((p * panel_rows + k) * V::LANES));
+        // Four steps a turn: the rows' addresses, an integer instruction
+        // or so per row, once per turn rather than per step, so the
+        // front end keeps up with the FMAs.
+        let mut k = 0;
+        while k + 4 <= depth {
+            for k in k..k + 4 {
+                tile_step(&mut acc, (x, x_stride), (panels, panel_rows), k);
             }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let xb = V::splat(*x.add(r * x_stride + k));
-                for (acc, &b) in acc.iter_mut().zip(&b) {
-                    *acc = xb.mul_add(b, *acc);
-                }
-            }
+            k += 4;
+        }
+        for k in k..depth {
+            tile_step(&mut acc, (x, x_stride), (panels, panel_rows), k);
         }
         acc
+    }
+}
+
+/// Step k of [`tile_product`].
+///
+/// # Safety
+/// As [`tile_product`], for k below its depth.
+#[inline(always)]
+unsafe fn tile_step<V: Vector, const R: usize, const P: usize>(
+    acc: &mut [[V; P]; R],
+    (x, x_stride): (*const f32, usize),
+    (panels, panel_rows): (*const f32, usize),
+    k: usize,
+) {
+    // SAFETY: (all pointer reads) the caller's contract.
+    unsafe {
+        let mut b = [V::zero(); P];
+        for (p, b) in b.iter_mut().enumerate() {
+            *b = V::load(panels.add((p * panel_rows + k) * V::LANES));
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xb = V::splat(*x.add(r * x_stride + k));
+            for (acc, &b) in acc.iter_mut().zip(&b) {
+                *acc = xb.mul_add(b, *acc);
+            }
+        }
     }
 }
