@@ -3,10 +3,12 @@
 //!
 //! The GEMM path re-packs all of a head's keys and values for every block,
 //! and its scores (block rows x tokens) live in L2. Here Kᵀ and V are packed
-//! once per layer, in the one-vector panels of the matmul tiles, and six
-//! query rows go through scores, softmax and P·V, both products on those
-//! tiles (P panels at a time, as there), while their scores (six rows x
-//! tokens, 29 KB at 1201 tokens) stay in L1.
+//! once per layer, in the one-vector panels of the matmul tiles, and the
+//! block walks them a step of keys at a time, as flash attention does
+//! ([`Walk`]): each group of query rows computes its scores over the step,
+//! turns them into numerators over its rows' largest score so far
+//! ([`RunningSoftmax`]), and adds their P·V to its output, both products
+//! on those tiles (six rows by P panels, as there).
 //!
 //! In bfloat16 ([`Bf16Math`]) the same tiles multiply pairs: Kᵀ and V packed
 //! in pairs of dimensions and of tokens, each tile's queries and softmax
@@ -284,7 +286,7 @@ unsafe fn attend_steps<M: TileMath, const P: usize>(block: QueryBlock, caches: &
                 }
                 laps.lap(Stage::Softmax);
                 // SAFETY: as for the scores.
-                unsafe { group.mix::<M, P>(&scores, step_tokens, rows_softmax, &mut buffers) };
+                unsafe { group.mix::<M, P>((&scores, step_tokens), step_len, rows_softmax, &mut buffers) };
                 laps.lap(Stage::Mix);
             }
         }
@@ -393,7 +395,7 @@ impl Group {
     }
 
     /// out[r] = out[r] · rescale + Σ_t numerators[r][t] · v[t] over the
-    /// step's values, for the group's rows (numerators `stride` apart),
+    /// step's `keys` values, for the group's rows (numerators `stride` apart),
     /// each step of P value panels read by all of the group's tiles. The
     /// first step of keys starts the sums, the last divides them by the
     /// rows' softmax sums.
@@ -405,16 +407,15 @@ impl Group {
     #[inline(always)]
     unsafe fn mix<M: TileMath, const P: usize>(
         &self,
-        scores: &[f32],
-        stride: usize,
+        (scores, stride): (&[f32], usize),
+        keys: usize,
         softmax: &[RunningSoftmax],
         buffers: &mut Buffers,
     ) {
-        let len = self.step.1 * M::PER_SLOT;
         // SAFETY: the caller's contract; HEAD_DIM is a multiple of P panels
         // on every instruction set.
         unsafe {
-            let numerators = M::operands(scores.as_ptr(), stride, self.rows, len.min(stride), &mut buffers.numerators);
+            let numerators = M::operands(scores.as_ptr(), stride, self.rows, keys, &mut buffers.numerators);
             for panel in (0..HEAD_DIM / M::Operand::LANES).step_by(P) {
                 each_tile!(self.rows, |first, R| {
                     self.tile_mix::<M, R, P>(numerators, first, panel, &softmax[first..first + R])
