@@ -264,7 +264,7 @@ unsafe fn attend_steps<M: TileMath, const P: usize>(block: QueryBlock, caches: &
                     panels: step_len.div_ceil(lanes),
                     values,
                     slots,
-                    step: (step_start / M::PER_SLOT, step_len.div_ceil(M::PER_SLOT)),
+                    step: (step_start, step_len),
                     out: out[start * d + head * HEAD_DIM..].as_mut_ptr().cast::<f32>(),
                     out_stride: d,
                     scale,
@@ -286,7 +286,7 @@ unsafe fn attend_steps<M: TileMath, const P: usize>(block: QueryBlock, caches: &
                 }
                 laps.lap(Stage::Softmax);
                 // SAFETY: as for the scores.
-                unsafe { group.mix::<M, P>((&scores, step_tokens), step_len, rows_softmax, &mut buffers) };
+                unsafe { group.mix::<M, P>((&scores, step_tokens), rows_softmax, &mut buffers) };
                 laps.lap(Stage::Mix);
             }
         }
@@ -324,7 +324,7 @@ struct Group {
     /// The head's values, `slots` rows of them.
     values: *const f32,
     slots: usize,
-    /// The step's rows of the values: (first, count).
+    /// The step's keys: (first, count).
     step: (usize, usize),
     out: *mut f32,
     out_stride: usize,
@@ -395,7 +395,7 @@ impl Group {
     }
 
     /// out[r] = out[r] · rescale + Σ_t numerators[r][t] · v[t] over the
-    /// step's `keys` values, for the group's rows (numerators `stride` apart),
+    /// step's values, for the group's rows (numerators `stride` apart),
     /// each step of P value panels read by all of the group's tiles. The
     /// first step of keys starts the sums, the last divides them by the
     /// rows' softmax sums.
@@ -408,14 +408,13 @@ impl Group {
     unsafe fn mix<M: TileMath, const P: usize>(
         &self,
         (scores, stride): (&[f32], usize),
-        keys: usize,
         softmax: &[RunningSoftmax],
         buffers: &mut Buffers,
     ) {
         // SAFETY: the caller's contract; HEAD_DIM is a multiple of P panels
         // on every instruction set.
         unsafe {
-            let numerators = M::operands(scores.as_ptr(), stride, self.rows, keys, &mut buffers.numerators);
+            let numerators = M::operands(scores.as_ptr(), stride, self.rows, self.step.1, &mut buffers.numerators);
             for panel in (0..HEAD_DIM / M::Operand::LANES).step_by(P) {
                 each_tile!(self.rows, |first, R| {
                     self.tile_mix::<M, R, P>(numerators, first, panel, &softmax[first..first + R])
@@ -441,7 +440,8 @@ impl Group {
         softmax: &[RunningSoftmax],
     ) {
         let lanes = M::Operand::LANES;
-        let (start, len) = self.step;
+        // The step's rows of the values: tokens, or pairs of them.
+        let (start, len) = (self.step.0 / M::PER_SLOT, self.step.1.div_ceil(M::PER_SLOT));
         // SAFETY: (all pointer reads and writes) the caller's contract.
         unsafe {
             let out = self.out.add(first * self.out_stride + panel * lanes);
