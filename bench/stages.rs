@@ -1,6 +1,7 @@
 //! Where an encoder layer's time goes on this CPU, stage by stage, at ViT-S
 //! sizes (hidden 384, 6 heads of 64): 197 tokens (224x224 at 16-pixel
-//! patches), 1201 (480x640) and 4801 (480x640 at 8-pixel patches). Each
+//! patches), 785 (224x224 at 8-pixel patches), 1201 (480x640) and 4801
+//! (480x640 at 8-pixel patches). Each
 //! product's rate is given against the CPU's peak, measured here: the clock
 //! from a chain of dependent adds, the FMA rate from independent FMAs of the
 //! products' instruction set.
@@ -84,7 +85,7 @@ fn main() {
         "\n{:>6}  {:<28}{:>10}{:>8}{:>10}{:>8}",
         "tokens", "stage of one layer", "ms", "share", "GFLOP/s", "% peak"
     );
-    for tokens in [197, 1201, 4801] {
+    for tokens in [197, 785, 1201, 4801] {
         let runs = match tokens {
             0..1000 => 50,
             1000..2000 => 10,

@@ -42,7 +42,11 @@ pub mod train;
 /// fresh pages and unmaps them on free, so every activation tensor of a
 /// forward pass costs page faults and zeroing in the kernel. Raising the
 /// threshold and the trim limit keeps freed buffers for reuse, at the price
-/// of holding on to the largest working set the process has needed.
+/// of holding on to the largest working set the process has needed. One
+/// arena for all threads: the encoder runs on a pool's thread, and a thread's
+/// own arena grows in heaps of at most 64 MB, so the large activations of a
+/// long sequence there would be mapped and unmapped afresh, with page faults
+/// and zeroing on every pass, as above.
 ///
 /// # Safety
 /// Sets an environment variable and allocator options: no other thread may be running.
@@ -56,5 +60,6 @@ pub unsafe fn configure_runtime() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }

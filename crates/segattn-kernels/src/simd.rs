@@ -4,6 +4,8 @@
 
 use std::arch::x86_64::*;
 
+use crate::exp::{EXP_FLOOR, EXP_POLY, LN2_HI, LN2_LO, ROUNDER};
+
 /// A vector instruction set that this CPU has and [`crate::set_limit`] allows.
 /// Only [`widest`] and [`usable`] make one, after detection, so holding an
 /// `Isa` is what lets a kernel compiled for it run.
@@ -99,9 +101,8 @@ pub(crate) trait FloatLanes: Vector {
     unsafe fn max(self, b: Self) -> Self;
     /// e^x per lane for x <= 0, to 3e-7 relative down to x = -87, and 0
     /// below (-∞ and NaN included): never a subnormal, see [`EXP_FLOOR`].
-    /// x = n·ln 2 + f with |f| <= ln 2 / 2 (ln 2 in two parts, so that f
-    /// keeps its precision), e^f by its Taylor series to degree 6 (error
-    /// < 2e-7 there) in FMAs, times 2^n.
+    /// x = n·ln 2 + f with |f| <= ln 2 / 2, n rounded by [`ROUNDER`], e^f
+    /// by [`EXP_POLY`] in FMAs, times 2^n.
     unsafe fn exp(self) -> Self;
     /// The first `lanes` values from `from`, reading no further; `fill`
     /// in the rest.
@@ -110,38 +111,27 @@ pub(crate) trait FloatLanes: Vector {
     unsafe fn reduce_max(self) -> f32;
 }
 
-/// ln 2 in two parts, the first with few enough bits that n · LN2_HI is
-/// exact for the n that [`FloatLanes::exp`] meets.
-const LN2_HI: f32 = 0.693_145_75;
-const LN2_LO: f32 = 1.428_606_8e-6;
-/// e^f's Taylor coefficients from degree 6 down to 0, for Horner's rule.
-const EXP_TAYLOR: [f32; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
-/// Below this [`FloatLanes::exp`] gives 0. From here up e^x and 2^n are
-/// normal floats (e^-87 is 1.4 times the least); a subnormal result would
-/// make every product that reads it take a microcode assist on Intel CPUs,
-/// a hundred cycles or more each (so would every score more than 87 below
-/// its row's largest), while next to a softmax's largest term, 1, it
-/// weighs nothing.
-const EXP_FLOOR: f32 = -87.0;
-
-/// The steps of [`FloatLanes::exp`] before 2^n: n, and e^f.
+/// The steps of [`FloatLanes::exp`] before 2^n, on x clamped to the floor
+/// (so that 2^n and the result are normal floats): x·log2(e) + ROUNDER
+/// (n in its low mantissa bits), n, and e^f by [`EXP_POLY`].
 ///
 /// # Safety
 /// V's instruction set.
 #[inline(always)]
-unsafe fn exp_reduced<V: FloatLanes>(x: V, round: impl Fn(V) -> V) -> (V, V) {
+unsafe fn exp_reduced<V: FloatLanes>(x: V) -> (V, V, V) {
     // SAFETY: the caller's contract.
     unsafe {
         let x = x.max(V::splat(EXP_FLOOR));
-        let n = round(x.mul(V::splat(std::f32::consts::LOG2_E)));
+        let shifted = x.mul_add(V::splat(std::f32::consts::LOG2_E), V::splat(ROUNDER));
+        let n = shifted.sub(V::splat(ROUNDER));
         // f = x - n·ln 2, as two FMAs: n.mul_add(-ln 2, x).
         let f = n.mul_add(V::splat(-LN2_HI), x);
         let f = n.mul_add(V::splat(-LN2_LO), f);
-        let mut p = V::splat(EXP_TAYLOR[0]);
-        for c in &EXP_TAYLOR[1..] {
+        let mut p = V::splat(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
             p = p.mul_add(f, V::splat(*c));
         }
-        (n, p)
+        (shifted, n, p)
     }
 }
 
@@ -277,8 +267,7 @@ impl FloatLanes for Avx512 {
     #[inline(always)]
     unsafe fn exp(self) -> Self {
         unsafe {
-            let round = |v: Self| Self(_mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v.0));
-            let (n, p) = exp_reduced(self, round);
+            let (_, n, p) = exp_reduced(self);
             let normal = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(self.0, _mm512_set1_ps(EXP_FLOOR));
             Self(_mm512_maskz_scalef_ps(normal, p.0, n.0))
         }
@@ -363,9 +352,10 @@ impl FloatLanes for Avx2 {
     #[inline(always)]
     unsafe fn exp(self) -> Self {
         unsafe {
-            let round = |v: Self| Self(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v.0));
-            let (n, p) = exp_reduced(self, round);
-            let biased = _mm256_add_epi32(_mm256_cvtps_epi32(n.0), _mm256_set1_epi32(127));
+            let (shifted, _, p) = exp_reduced(self);
+            // n + 127 in the exponent bits: 2^n (what sits above the low
+            // mantissa bits of the rounder's sum is shifted out).
+            let biased = _mm256_add_epi32(_mm256_castps_si256(shifted.0), _mm256_set1_epi32(127));
             let e = _mm256_mul_ps(p.0, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased)));
             Self(_mm256_and_ps(e, _mm256_cmp_ps::<_CMP_GE_OQ>(self.0, _mm256_set1_ps(EXP_FLOOR))))
         }

@@ -552,8 +552,20 @@ impl Vit {
         Ok(resolved as usize)
     }
 
-    /// Runs the encoder on normalized pixels (B, 3, H, W).
+    /// Runs the encoder on normalized pixels (B, 3, H, W), on a thread of
+    /// rayon's pool: on the calling thread if it is one (a batch's worker),
+    /// else on one of the global pool's.
     pub fn forward(&self, pixels: &Tensor, capture: &Capture) -> Result<EncoderOutput> {
+        // From outside the pool, every product and pass between the layers
+        // would be handed to the pool's threads while the caller waits, and
+        // each would wake them again. From one of its threads, the thread that
+        // runs the layers takes its share of each pass, and the others find
+        // the next one as they finish.
+        rayon::scope(|_| self.forward_in_pool(pixels, capture))
+    }
+
+    /// [`Vit::forward`]'s work, on the thread that calls it.
+    fn forward_in_pool(&self, pixels: &Tensor, capture: &Capture) -> Result<EncoderOutput> {
         for layer in capture.layers() {
             self.resolve_layer(layer as i64)?;
         }
