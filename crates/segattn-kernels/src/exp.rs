@@ -27,6 +27,12 @@ pub(crate) const EXP_POLY: [f32; 6] =
 /// weighs nothing.
 pub(crate) const EXP_FLOOR: f32 = -87.0;
 
+/// Abramowitz & Stegun 7.1.26: erfc(a) = t·(a1 + t·(a2 + … + t·a5))·e^-a²
+/// for a >= 0, t = 1 / (1 + p·a), to 1.5e-7: p, and a5 down to a1 for
+/// Horner's rule.
+pub(crate) const ERFC_P: f32 = 0.327_591_1;
+pub(crate) const ERFC_POLY: [f32; 5] = [1.061_405_4, -1.453_152, 1.421_413_8, -0.284_496_74, 0.254_829_6];
+
 /// `e^x` for x <= 0 (to 3e-7 relative down to x = -87), and 0 below:
 /// never a subnormal ([`EXP_FLOOR`]). x = n·ln 2 + f, e^f by [`EXP_POLY`],
 /// times 2^n built in the exponent bits. In plain arithmetic that the

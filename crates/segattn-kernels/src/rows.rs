@@ -9,19 +9,19 @@ use rayon::prelude::*;
 
 use crate::ShapeError;
 use crate::buffers::Unwritten;
-use crate::exp::{LANES, fast_exp, softmax_numerators_portable};
+use crate::exp::{ERFC_P, ERFC_POLY, LANES, fast_exp, softmax_numerators_portable};
 
 widest_vectors! {
     pub(crate) fn softmax_numerators(scores: &mut [f32], tokens: usize, inv_sums: &mut [f32]) = softmax_numerators_portable
 }
 
-/// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7, plus
-/// `fast_exp`'s), branch-free so that it vectorizes.
+/// erf(x) by Abramowitz & Stegun 7.1.26 ([`ERFC_POLY`]: absolute error
+/// < 1.5e-7, plus `fast_exp`'s), branch-free so that it vectorizes.
 #[inline(always)]
 fn fast_erf(x: f32) -> f32 {
     let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+    let t = 1.0 / (1.0 + ERFC_P * a);
+    let poly = t * ERFC_POLY[1..].iter().fold(ERFC_POLY[0], |p, &c| p * t + c);
     (1.0 - poly * fast_exp(-a * a)).copysign(x)
 }
 
@@ -32,22 +32,39 @@ fn fast_tanh(x: f32) -> f32 {
     ((1.0 - e) / (1.0 + e)).copysign(x)
 }
 
+/// GELU(x): the exact (erf) form, or the tanh approximation.
+#[inline(always)]
+pub(crate) fn gelu(x: f32, exact: bool) -> f32 {
+    if exact {
+        0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2))
+    } else {
+        0.5 * x * (1.0 + fast_tanh(0.797_884_6 * (x + 0.044_715 * x * x * x)))
+    }
+}
+
 #[inline(always)]
 fn bias_gelu_portable(values: &mut [f32], bias: &[f32], exact: bool) {
     for row in values.chunks_mut(bias.len()) {
         for (v, b) in row.iter_mut().zip(bias) {
-            let x = *v + b;
-            *v = if exact {
-                0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2))
-            } else {
-                0.5 * x * (1.0 + fast_tanh(0.797_884_6 * (x + 0.044_715 * x * x * x)))
-            };
+            *v = gelu(*v + b, exact);
         }
     }
 }
 
 widest_vectors! {
-    fn bias_gelu_rows(values: &mut [f32], bias: &[f32], exact: bool) = bias_gelu_portable
+    fn bias_gelu_widest(values: &mut [f32], bias: &[f32], exact: bool) = bias_gelu_portable
+}
+
+/// The erf form, which every DINO checkpoint uses, in the tiles' vector
+/// instructions where the CPU has them: in FMAs, and with no sign put back,
+/// where the plain loop (which cannot use FMAs on every CPU it is compiled
+/// for) multiplies and adds apart.
+fn bias_gelu_rows(values: &mut [f32], bias: &[f32], exact: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if let (true, Some(isa)) = (exact, crate::simd::widest()) {
+        return crate::simd::bias_gelu_erf(isa, values, bias);
+    }
+    bias_gelu_widest(values, bias, exact)
 }
 
 /// Rows per parallel task: enough to amortize the task, few enough to share.

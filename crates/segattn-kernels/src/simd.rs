@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::exp::{EXP_FLOOR, EXP_POLY, LN2_HI, LN2_LO, ROUNDER};
+use crate::exp::{ERFC_P, ERFC_POLY, EXP_FLOOR, EXP_POLY, LN2_HI, LN2_LO, ROUNDER};
 
 /// A vector instruction set that this CPU has and [`crate::set_limit`] allows.
 /// Only [`widest`] and [`usable`] make one, after detection, so holding an
@@ -98,7 +98,9 @@ pub(crate) trait FloatLanes: Vector {
     unsafe fn mul(self, b: Self) -> Self;
     unsafe fn add(self, b: Self) -> Self;
     unsafe fn sub(self, b: Self) -> Self;
+    unsafe fn div(self, b: Self) -> Self;
     unsafe fn max(self, b: Self) -> Self;
+    unsafe fn abs(self) -> Self;
     /// e^x per lane for x <= 0, to 3e-7 relative down to x = -87, and 0
     /// below (-∞ and NaN included): never a subnormal, see [`EXP_FLOOR`].
     /// x = n·ln 2 + f with |f| <= ln 2 / 2, n rounded by [`ROUNDER`], e^f
@@ -205,6 +207,74 @@ pub(crate) unsafe fn exp_sum<V: FloatLanes>(row: &mut [f32], max: f32) -> f32 {
     }
 }
 
+/// GELU(x + bias) in the erf form over the rows of `values` (…,
+/// bias.len()), in place, in `isa`'s vectors.
+pub(crate) fn bias_gelu_erf(isa: Isa, values: &mut [f32], bias: &[f32]) {
+    // Inlined into `enter`, so compiled for V's instruction set.
+    #[inline(always)]
+    fn rows<V: FloatLanes>(values: &mut [f32], bias: &[f32]) {
+        let width = bias.len();
+        let full = width - width % V::LANES;
+        for row in values.chunks_exact_mut(width) {
+            let at = row.as_mut_ptr();
+            // SAFETY: (all pointer reads and writes) V's instruction set, as
+            // `bias_gelu_erf`'s `Isa` says; every full vector is below
+            // `full`, and the last partial one reads and writes only its
+            // `width - full` lanes of the row and of the bias.
+            unsafe {
+                for i in (0..full).step_by(V::LANES) {
+                    gelu(V::load(at.add(i)).add(V::load(bias.as_ptr().add(i)))).store(at.add(i));
+                }
+                let tail = width - full;
+                let x = V::load_first(at.add(full), tail, 0.0).add(V::load_first(bias.as_ptr().add(full), tail, 0.0));
+                gelu(x).store_first(at.add(full), tail);
+            }
+        }
+    }
+    match isa.width() {
+        // SAFETY: an `Isa` is made only for an instruction set the CPU has.
+        Width::Avx2 => unsafe {
+            Avx2::enter(
+                #[inline(always)]
+                || rows::<Avx2>(values, bias),
+            )
+        },
+        // SAFETY: as above.
+        Width::Avx512 => unsafe {
+            Avx512::enter(
+                #[inline(always)]
+                || rows::<Avx512>(values, bias),
+            )
+        },
+    }
+}
+
+/// GELU(x) = x·Φ(x) = x·(1 + erf(x/√2))/2, as max(x, 0) - |x|·erfc(|x|/√2)/2
+/// (the same for either sign of x, so no sign is put back), erfc by
+/// [`ERFC_POLY`] in FMAs: the one division, the exponential and a dozen
+/// FMAs a vector.
+///
+/// # Safety
+/// V's instruction set.
+#[inline(always)]
+unsafe fn gelu<V: FloatLanes>(x: V) -> V {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let magnitude = x.abs();
+        let a = magnitude.mul(V::splat(std::f32::consts::FRAC_1_SQRT_2));
+        let t = V::splat(1.0).div(a.mul_add(V::splat(ERFC_P), V::splat(1.0)));
+        let mut poly = V::splat(ERFC_POLY[0]);
+        for c in &ERFC_POLY[1..] {
+            poly = poly.mul_add(t, V::splat(*c));
+        }
+        // -a² = -x²/2; below the exponential's floor (|x| > 13) e^-a² is 0
+        // and GELU(x) is max(x, 0).
+        let gaussian = x.mul(x).mul(V::splat(-0.5)).exp();
+        let half_erfc = poly.mul(t).mul(gaussian).mul(V::splat(-0.5));
+        magnitude.mul_add(half_erfc, x.max(V::zero()))
+    }
+}
+
 #[derive(Clone, Copy)]
 pub(crate) struct Avx512(__m512);
 
@@ -260,8 +330,16 @@ impl FloatLanes for Avx512 {
         unsafe { Self(_mm512_sub_ps(self.0, b.0)) }
     }
     #[inline(always)]
+    unsafe fn div(self, b: Self) -> Self {
+        unsafe { Self(_mm512_div_ps(self.0, b.0)) }
+    }
+    #[inline(always)]
     unsafe fn max(self, b: Self) -> Self {
         unsafe { Self(_mm512_max_ps(self.0, b.0)) }
+    }
+    #[inline(always)]
+    unsafe fn abs(self) -> Self {
+        unsafe { Self(_mm512_abs_ps(self.0)) }
     }
     /// 2^n by `vscalefps`, masked to 0 below the floor.
     #[inline(always)]
@@ -345,8 +423,16 @@ impl FloatLanes for Avx2 {
         unsafe { Self(_mm256_sub_ps(self.0, b.0)) }
     }
     #[inline(always)]
+    unsafe fn div(self, b: Self) -> Self {
+        unsafe { Self(_mm256_div_ps(self.0, b.0)) }
+    }
+    #[inline(always)]
     unsafe fn max(self, b: Self) -> Self {
         unsafe { Self(_mm256_max_ps(self.0, b.0)) }
+    }
+    #[inline(always)]
+    unsafe fn abs(self) -> Self {
+        unsafe { Self(_mm256_and_ps(self.0, _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX)))) }
     }
     /// 2^n built in the exponent bits, and 0 below the floor.
     #[inline(always)]
@@ -599,6 +685,23 @@ mod tests {
                     assert!((ours - expected).abs() < 1e-6, "{isa}, {len}: {ours} vs {expected}");
                 }
             });
+        }
+    }
+
+    #[test]
+    fn vector_gelu_is_the_plain_loops_gelu() {
+        // Every 0.01 over [-15, 15), past where e^-x²/2 reaches its floor,
+        // in rows of 3001 values (a partial last vector), with a bias.
+        let xs: Vec<f32> = (0..3001).map(|i| i as f32 * 0.01 - 15.0).collect();
+        let bias: Vec<f32> = (0..3001).map(|i| (i % 7) as f32 * 0.01 - 0.03).collect();
+        for isa in usable() {
+            let mut ours = [xs.clone(), xs.iter().map(|x| -x).collect()].concat();
+            bias_gelu_erf(isa, &mut ours, &bias);
+            for (i, &g) in ours.iter().enumerate() {
+                let x = if i < xs.len() { xs[i] } else { -xs[i - xs.len()] } + bias[i % bias.len()];
+                let expected = crate::rows::gelu(x, true);
+                assert!((g - expected).abs() <= 1e-6 * x.abs().max(1.0), "{isa}: GELU({x}) = {g}, not {expected}");
+            }
         }
     }
 
