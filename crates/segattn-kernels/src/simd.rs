@@ -214,6 +214,9 @@ pub(crate) fn bias_gelu_erf(isa: Isa, values: &mut [f32], bias: &[f32]) {
     #[inline(always)]
     fn rows<V: FloatLanes>(values: &mut [f32], bias: &[f32]) {
         let width = bias.len();
+        if width == 0 {
+            return;
+        }
         let full = width - width % V::LANES;
         for row in values.chunks_exact_mut(width) {
             let at = row.as_mut_ptr();
@@ -251,8 +254,7 @@ pub(crate) fn bias_gelu_erf(isa: Isa, values: &mut [f32], bias: &[f32]) {
 
 /// GELU(x) = x·Φ(x) = x·(1 + erf(x/√2))/2, as max(x, 0) - |x|·erfc(|x|/√2)/2
 /// (the same for either sign of x, so no sign is put back), erfc by
-/// [`ERFC_POLY`] in FMAs: the one division, the exponential and a dozen
-/// FMAs a vector.
+/// [`ERFC_POLY`] in FMAs: one division and one exponential a vector.
 ///
 /// # Safety
 /// V's instruction set.
@@ -270,8 +272,8 @@ unsafe fn gelu<V: FloatLanes>(x: V) -> V {
         // -a² = -x²/2; below the exponential's floor (|x| > 13) e^-a² is 0
         // and GELU(x) is max(x, 0).
         let gaussian = x.mul(x).mul(V::splat(-0.5)).exp();
-        let half_erfc = poly.mul(t).mul(gaussian).mul(V::splat(-0.5));
-        magnitude.mul_add(half_erfc, x.max(V::zero()))
+        let minus_half_erfc = poly.mul(t).mul(gaussian).mul(V::splat(-0.5));
+        magnitude.mul_add(minus_half_erfc, x.max(V::zero()))
     }
 }
 
