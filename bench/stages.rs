@@ -79,7 +79,8 @@ fn main() {
     let weight = |outputs, inputs| PackedWeight::new(precision, &values(outputs * inputs), outputs, inputs).unwrap();
     let (qkv_weight, proj, fc1, fc2) =
         (weight(3 * HIDDEN, HIDDEN), weight(HIDDEN, HIDDEN), weight(4 * HIDDEN, HIDDEN), weight(HIDDEN, 4 * HIDDEN));
-    let (norm_weight, bias, fc1_bias) = (values(HIDDEN), values(HIDDEN), values(4 * HIDDEN));
+    let (norm_weight, bias, qkv_bias, fc1_bias) =
+        (values(HIDDEN), values(HIDDEN), values(3 * HIDDEN), values(4 * HIDDEN));
     let norm = Norm { weight: &norm_weight, bias: &bias, eps: 1e-6 };
     println!(
         "\n{:>6}  {:<28}{:>10}{:>8}{:>10}{:>8}",
@@ -106,9 +107,9 @@ fn main() {
         let share = |stage: Stage| stage_times.get(stage).as_secs_f64() / stage_times.total().as_secs_f64();
         let mut rows: Vec<(&str, f64, f64)> = vec![
             (
-                "qkv projection",
+                "qkv projection + bias",
                 product_flops(3 * HIDDEN, HIDDEN),
-                time(runs, || drop(kernels::matmul(&x, &qkv_weight))),
+                time(runs, || drop(kernels::linear(&x, &qkv_weight, &qkv_bias))),
             ),
             ("attention", 2.0 * attention_product_flops, attention_ms),
         ];

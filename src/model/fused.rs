@@ -65,10 +65,11 @@ pub fn bias_gelu(values: &mut [f32], bias: &[f32], exact: bool) {
     kernels::bias_gelu(values, bias, exact);
 }
 
-/// Adds `bias` to every row of `values`, in place.
-pub fn add_bias(values: &mut [f32], bias: &[f32]) {
+/// `x · Wᵀ + bias` for `x` (…, inputs), as [`matmul`] makes it, the bias
+/// where the product's sums start.
+pub fn linear(x: &Tensor, weight: &PackedWeight, bias: &[f32]) -> Result<Vec<f32>> {
     limit_kernels();
-    kernels::add_bias(values, bias);
+    cpu_slice(x, |x| Ok(kernels::linear(x, weight, bias)?))
 }
 
 /// LayerNorm over the last dimension.

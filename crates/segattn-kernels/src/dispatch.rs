@@ -19,9 +19,10 @@ use crate::stages::Laps;
 #[cfg(target_arch = "x86_64")]
 use crate::{tile_attention, tile_matmul};
 
-/// `out` (rows x outputs) = x (rows x inputs) · W, W in the table's panels,
-/// blocked so that runs of the last argument's rows of x stay in cache.
-type Product = unsafe fn(&[f32], usize, &[f32], usize, &mut [MaybeUninit<f32>], usize);
+/// `out` (rows x outputs) = x (rows x inputs) · W (+ a bias, one value per
+/// output), W in the table's panels, blocked so that runs of the last
+/// argument's rows of x stay in cache.
+type Product = unsafe fn(&[f32], usize, &[f32], usize, Option<&[f32]>, &mut [MaybeUninit<f32>], usize);
 /// Kᵀ and V of each head, from qkv rows: (qkv, tokens, heads, head_dim).
 type PackHeads = fn(&[f32], usize, usize, usize) -> HeadMajor;
 /// One block of query rows through the attention, each stage's time lapped
@@ -200,21 +201,25 @@ impl Kernels {
         }
     }
 
-    /// `out` = x · W, for `panels` laid out for this table
+    /// `out` = x · W (+ `bias`), for `panels` laid out for this table
     /// ([`Kernels::panel_width`], [`Kernels::inputs_per_slot`]), blocked for
     /// `caches`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn product(
         &self,
         x: &[f32],
         inputs: usize,
         panels: &[f32],
         outputs: usize,
+        bias: Option<&[f32]>,
         out: &mut [MaybeUninit<f32>],
         caches: &Caches,
     ) {
         let slots = outputs.div_ceil(self.panel_width(outputs)) * self.panel_width(outputs);
         assert!(
-            x.len() == out.len() / outputs * inputs && panels.len() == slots * inputs.div_ceil(self.inputs_per_slot()),
+            x.len() == out.len() / outputs * inputs
+                && panels.len() == slots * inputs.div_ceil(self.inputs_per_slot())
+                && bias.is_none_or(|bias| bias.len() == outputs),
             "{}: operands of another shape",
             self.matmul_name
         );
@@ -224,7 +229,7 @@ impl Kernels {
         let x_rows_in_cache = (caches.l2 / 2 / row_bytes).max(1);
         // SAFETY: this table was handed out only for an instruction set the
         // CPU has (see the module's doc), and the shapes are checked above.
-        unsafe { (self.product)(x, inputs, panels, outputs, out, x_rows_in_cache) }
+        unsafe { (self.product)(x, inputs, panels, outputs, bias, out, x_rows_in_cache) }
     }
 
     /// Kᵀ and V of each head of `qkv`, as [`Kernels::attend_block`] reads them.

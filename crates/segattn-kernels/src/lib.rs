@@ -1,10 +1,10 @@
 //! CPU kernels for vision-transformer inference, on slices of `f32`:
 //!
 //! - [`matmul`]: `x · Wᵀ`, with W packed once ([`PackedWeight`]) in the
-//!   panels its kernel reads;
+//!   panels its kernel reads, and [`linear`], `x · Wᵀ + bias`;
 //! - [`attention`]: multi-head softmax(Q Kᵀ · scale) V, fused, never
 //!   building the attention matrix, with the class token's row on request;
-//! - the passes between them ([`bias_gelu`], [`add_bias`], [`layer_norm`],
+//! - the passes between them ([`bias_gelu`], [`layer_norm`],
 //!   [`residual_layer_norm`]), one pass each.
 //!
 //! On x86-64 CPUs with AVX-512, or AVX2 + FMA, the products run on register
@@ -71,9 +71,9 @@ use std::sync::OnceLock;
 pub use attention::{Attended, attention, timed_attention};
 pub use caches::{Caches, caches};
 pub use layout::Precision;
-pub use matmul::{PackedWeight, matmul};
+pub use matmul::{PackedWeight, linear, matmul};
 pub use peak::{Peak, measure_peak};
-pub use rows::{Norm, add_bias, bias_gelu, layer_norm, residual_layer_norm};
+pub use rows::{Norm, bias_gelu, layer_norm, residual_layer_norm};
 pub use stages::{Stage, StageTimes};
 
 /// A shape the kernels cannot work on, in words.

@@ -171,22 +171,34 @@ impl PackedWeight {
 /// `x · Wᵀ` for `x`, rows of `inputs` values. The product goes into a fresh
 /// buffer that the kernel writes once, never zeroed first.
 pub fn matmul(x: &[f32], weight: &PackedWeight) -> Result<Vec<f32>, ShapeError> {
-    matmul_blocked(x, weight, &caches())
+    matmul_blocked(x, weight, None, &caches())
 }
 
-/// [`matmul`], blocked for `caches`.
-fn matmul_blocked(x: &[f32], weight: &PackedWeight, caches: &Caches) -> Result<Vec<f32>, ShapeError> {
+/// `x · Wᵀ + bias`, a linear layer, with `bias` (one value per output)
+/// added as the product is made, not in a pass over it after.
+pub fn linear(x: &[f32], weight: &PackedWeight, bias: &[f32]) -> Result<Vec<f32>, ShapeError> {
+    matmul_blocked(x, weight, Some(bias), &caches())
+}
+
+/// [`matmul`] or [`linear`], blocked for `caches`.
+fn matmul_blocked(
+    x: &[f32],
+    weight: &PackedWeight,
+    bias: Option<&[f32]>,
+    caches: &Caches,
+) -> Result<Vec<f32>, ShapeError> {
     let PackedWeight { inputs, outputs, .. } = *weight;
-    {
-        if inputs == 0 || !x.len().is_multiple_of(inputs) {
-            return Err(ShapeError::new(format!("matmul: {} values are not rows of {inputs}", x.len())));
-        }
-        let rows = x.len() / inputs;
-        let mut product = Unwritten::new(rows * outputs);
-        weight.kernels.product(x, inputs, weight.panels(), outputs, product.slots(), caches);
-        // SAFETY: every kernel writes every value of the product when inputs > 0.
-        Ok(unsafe { product.assume_written() })
+    if inputs == 0 || !x.len().is_multiple_of(inputs) {
+        return Err(ShapeError::new(format!("matmul: {} values are not rows of {inputs}", x.len())));
     }
+    if let Some(len) = bias.map(<[f32]>::len).filter(|&len| len != outputs) {
+        return Err(ShapeError::new(format!("linear: a bias of {len} values for {outputs} outputs")));
+    }
+    let rows = x.len() / inputs;
+    let mut product = Unwritten::new(rows * outputs);
+    weight.kernels.product(x, inputs, weight.panels(), outputs, bias, product.slots(), caches);
+    // SAFETY: every kernel writes every value of the product when inputs > 0.
+    Ok(unsafe { product.assume_written() })
 }
 
 /// `out` (depth rows of `width`) = the transpose of `rows` (width rows of
@@ -252,14 +264,20 @@ mod tests {
                         };
                         let packed = PackedWeight::for_kernels(read, outputs, inputs, kernels);
                         assert_eq!(packed.panels().as_ptr() as usize % 64, 0, "{kernels:?}: panels off a line");
+                        // With a bias too: where the sums start.
+                        let bias = crate::noise(outputs, 11);
                         for caches in crate::caches::for_tests() {
-                            let ours = matmul_blocked(&x, &packed, &caches).unwrap();
-                            assert_eq!(ours.len(), expected.len());
-                            for (a, e) in ours.iter().zip(&expected) {
-                                assert!(
-                                    (f64::from(*a) - e).abs() < 1e-4,
-                                    "{kernels:?}, {caches:?}, {rows}x{inputs} by {outputs}: {a} vs {e}"
-                                );
+                            for bias in [None, Some(&bias[..])] {
+                                let ours = matmul_blocked(&x, &packed, bias, &caches).unwrap();
+                                assert_eq!(ours.len(), expected.len());
+                                for (i, (a, e)) in ours.iter().zip(&expected).enumerate() {
+                                    let e = e + bias.map_or(0.0, |bias| f64::from(bias[i % outputs]));
+                                    assert!(
+                                        (f64::from(*a) - e).abs() < 1e-4,
+                                        "{kernels:?}, {caches:?}, {rows}x{inputs} by {outputs}, {}: {a} vs {e}",
+                                        if bias.is_some() { "bias" } else { "no bias" },
+                                    );
+                                }
                             }
                         }
                     }
@@ -319,6 +337,8 @@ mod tests {
         assert!(PackedWeight::new(Precision::F32, &[0.0; 5], 2, 3).is_err());
         let weight = PackedWeight::new(Precision::F32, &[1.0; 6], 2, 3).unwrap();
         assert!(matmul(&[1.0; 4], &weight).is_err());
+        assert!(linear(&[1.0; 3], &weight, &[1.0; 3]).is_err());
+        assert_eq!(linear(&[1.0; 3], &weight, &[0.5, -1.0]).unwrap(), [3.5, 2.0]);
         assert_eq!(matmul(&[1.0; 3], &weight).unwrap(), [3.0, 3.0]);
     }
 }

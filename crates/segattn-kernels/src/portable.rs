@@ -12,12 +12,20 @@ use crate::layout::{HeadMajor, QueryBlock};
 use crate::rows::softmax_numerators;
 use crate::stages::{Laps, Stage};
 
-/// `out = x · B` for B (inputs, outputs) row-major. Each task, two per
+/// `out = x · B (+ bias)` for B (inputs, outputs) row-major. Each task, two per
 /// thread, is a single-threaded GEMM over a slice of the output columns. The
 /// gemm crate's own threading packs B on the calling thread while the workers
 /// wait, then synchronizes them per panel, which costs most on small inputs.
 /// The gemm crate blocks x for the caches itself.
-pub(crate) fn product(x: &[f32], inputs: usize, b: &[f32], outputs: usize, out: &mut [MaybeUninit<f32>], _: usize) {
+pub(crate) fn product(
+    x: &[f32],
+    inputs: usize,
+    b: &[f32],
+    outputs: usize,
+    bias: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
+    _: usize,
+) {
     let rows = x.len() / inputs;
     let columns = outputs.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(16);
     let dst = SharedOut(out.as_mut_ptr().cast());
@@ -26,15 +34,24 @@ pub(crate) fn product(x: &[f32], inputs: usize, b: &[f32], outputs: usize, out: 
         // SAFETY: dst is (rows x outputs) row-major `out`, of which this task
         // writes columns first..first+width; lhs (rows x inputs) row-major is
         // `x`; rhs (inputs x width) is columns first..first+width of B.
+        let width = columns.min(outputs - first);
         unsafe {
             overwrite_product(
-                (rows, columns.min(outputs - first), inputs),
+                (rows, width, inputs),
                 dst.at(first),
                 outputs,
                 Strided::row_major(x.as_ptr(), inputs),
                 Strided::row_major(b.as_ptr().add(first), outputs),
                 1.0,
             );
+        }
+        if let Some(bias) = bias {
+            for row in 0..rows {
+                // SAFETY: the task's columns of the row, written just above
+                // and by no other task.
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.at(row * outputs + first), width) };
+                row.iter_mut().zip(&bias[first..]).for_each(|(v, b)| *v += b);
+            }
         }
     });
 }

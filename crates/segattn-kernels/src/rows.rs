@@ -1,5 +1,5 @@
 //! The passes between the matrix products, each one pass over the tokens:
-//! softmax numerators, bias + GELU, bias, LayerNorm, and a block's residual
+//! softmax numerators, bias + GELU, LayerNorm, and a block's residual
 //! update with the LayerNorm after it. Plain loops over lanes of partial
 //! results, compiled for the widest vectors the CPU has.
 
@@ -74,15 +74,6 @@ const ROWS_PER_TASK: usize = 32;
 /// parallel: the exact (erf) form, or the tanh approximation.
 pub fn bias_gelu(values: &mut [f32], bias: &[f32], exact: bool) {
     values.par_chunks_mut(bias.len().max(1) * ROWS_PER_TASK).for_each(|rows| bias_gelu_rows(rows, bias, exact));
-}
-
-/// Adds `bias` to every row of `values` (…, bias.len()), in place, in parallel.
-pub fn add_bias(values: &mut [f32], bias: &[f32]) {
-    values.par_chunks_mut(bias.len().max(1) * ROWS_PER_TASK).for_each(|rows| {
-        for row in rows.chunks_mut(bias.len()) {
-            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-        }
-    });
 }
 
 /// A LayerNorm's parameters: `(x - mean) / sqrt(var + eps) · weight + bias`

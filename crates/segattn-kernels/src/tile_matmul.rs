@@ -9,14 +9,15 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::buffers::{SharedOut, Unwritten};
+use crate::buffers::{LineAligned, SharedOut, Unwritten};
 use crate::simd::{self, Bf16Pairs, Vector};
 
 /// Rows of x per tile.
 pub(crate) const TILE_ROWS: usize = 6;
 
-/// `out` (rows x outputs) = `x` (rows x inputs) · W, with W in panels of
-/// (inputs, V::LANES), zero past the last output, and P panels per tile.
+/// `out` (rows x outputs) = `x` (rows x inputs) · W (+ `bias`), with W in
+/// panels of (inputs, V::LANES), zero past the last output, and P panels
+/// per tile. A bias is where the tiles' sums start, so it costs no pass.
 ///
 /// # Safety
 /// The CPU must have V's instruction set; `panels` must hold
@@ -26,13 +27,22 @@ pub(crate) unsafe fn product<V: Vector, const P: usize>(
     inputs: usize,
     panels: &[f32],
     outputs: usize,
+    bias: Option<&[f32]>,
     out: &mut [MaybeUninit<f32>],
     x_rows_in_cache: usize,
 ) {
     let rows = out.len() / outputs;
     assert!(x.len() == rows * inputs && panels.len() == outputs.div_ceil(V::LANES) * inputs * V::LANES);
+    assert!(bias.is_none_or(|bias| bias.len() == outputs));
     let group = P * V::LANES;
     let groups = outputs.div_ceil(group);
+    // Zero past the last output, as the panels are, so that every tile
+    // loads whole vectors of it.
+    let bias = bias.map(|bias| {
+        let mut padded = LineAligned::zeroed(groups * group);
+        padded[..outputs].copy_from_slice(bias);
+        padded
+    });
     // Each task is a group of columns over a run of rows, so that the
     // group's panels stay in cache from tile to tile. A thread's tasks are
     // one range of them, a run of rows' groups one after another, so the
@@ -50,6 +60,7 @@ pub(crate) unsafe fn product<V: Vector, const P: usize>(
             out: dst.at(first_row * outputs + index * group),
             outputs,
             columns: (outputs - index * group).min(group),
+            bias: bias.as_ref().map(|bias| bias[index * group..].as_ptr()),
         };
         // SAFETY: V's instruction set by the caller's contract; the block's
         // rows and columns are inside x, panels and out, and no other task's.
@@ -73,6 +84,7 @@ pub(crate) unsafe fn bf16_product(
     inputs: usize,
     panels: &[f32],
     outputs: usize,
+    bias: Option<&[f32]>,
     out: &mut [MaybeUninit<f32>],
     x_rows_in_cache: usize,
 ) {
@@ -84,6 +96,7 @@ pub(crate) unsafe fn bf16_product(
             inputs.div_ceil(2),
             panels,
             outputs,
+            bias,
             out,
             x_rows_in_cache,
         )
@@ -115,6 +128,8 @@ struct Block {
     out: *mut f32,
     outputs: usize,
     columns: usize,
+    /// The block's P panels' lanes of the bias, zero past the last output.
+    bias: Option<*const f32>,
 }
 
 impl Block {
@@ -167,8 +182,12 @@ impl Block {
         unsafe {
             let x = self.x.add(first * self.inputs);
             let panels = self.panels.add(panel * self.inputs * V::LANES);
-            let zero = [[V::zero(); P]; R];
-            let acc = tile_product::<V, R, P>(zero, (x, self.inputs), (panels, self.inputs), self.inputs);
+            let start: [V; P] = match self.bias {
+                // A bias as a product's sums, as every tile's accumulator holds them.
+                Some(bias) => std::array::from_fn(|p| V::load(bias.add((panel + p) * V::LANES))),
+                None => [V::zero(); P],
+            };
+            let acc = tile_product::<V, R, P>([start; R], (x, self.inputs), (panels, self.inputs), self.inputs);
             for p in 0..P {
                 let column = (panel + p) * V::LANES;
                 for (r, acc) in acc.iter().enumerate() {

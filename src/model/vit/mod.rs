@@ -38,8 +38,7 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut product = self.forward_without_bias(x)?;
-        fused::add_bias(&mut product, &self.bias);
+        let product = fused::linear(&x.contiguous()?, &self.weight, &self.bias)?;
         self.output(product, x)
     }
 
