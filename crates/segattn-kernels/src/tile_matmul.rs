@@ -33,11 +33,11 @@ pub(crate) unsafe fn product<V: Vector, const P: usize>(
 ) {
     let rows = out.len() / outputs;
     assert!(x.len() == rows * inputs && panels.len() == outputs.div_ceil(V::LANES) * inputs * V::LANES);
-    assert!(bias.is_none_or(|bias| bias.len() == outputs));
     let group = P * V::LANES;
     let groups = outputs.div_ceil(group);
     // Zero past the last output, as the panels are, so that every tile
-    // loads whole vectors of it.
+    // loads whole vectors of it (a bias of another length fails the copy;
+    // the table's `product` has checked it).
     let bias = bias.map(|bias| {
         let mut padded = LineAligned::zeroed(groups * group);
         padded[..outputs].copy_from_slice(bias);
