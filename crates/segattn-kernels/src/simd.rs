@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::exp::{ERFC_P, ERFC_POLY, EXP_FLOOR, EXP_POLY, LN2_HI, LN2_LO, ROUNDER};
+use crate::exp::{ERFC_P, ERFC_POLY, EXP_FLOOR, EXP_POLY, EXP2_FLOOR, EXP2_POLY, LN2_HI, LN2_LO, ROUNDER};
 
 /// A vector instruction set that this CPU has and [`crate::set_limit`] allows.
 /// Only [`widest`] and [`usable`] make one, after detection, so holding an
@@ -106,6 +106,9 @@ pub(crate) trait FloatLanes: Vector {
     /// x = n·ln 2 + f with |f| <= ln 2 / 2, n rounded by [`ROUNDER`], e^f
     /// by [`EXP_POLY`] in FMAs, times 2^n.
     unsafe fn exp(self) -> Self;
+    /// 2^max(x, [`EXP2_FLOOR`]) per lane for x <= 0, as
+    /// [`crate::exp::fast_exp2`] computes it.
+    unsafe fn exp2(self) -> Self;
     /// The first `lanes` values from `from`, reading no further; `fill`
     /// in the rest.
     unsafe fn load_first(from: *const f32, lanes: usize, fill: f32) -> Self;
@@ -131,6 +134,28 @@ unsafe fn exp_reduced<V: FloatLanes>(x: V) -> (V, V, V) {
         let f = n.mul_add(V::splat(-LN2_LO), f);
         let mut p = V::splat(EXP_POLY[0]);
         for c in &EXP_POLY[1..] {
+            p = p.mul_add(f, V::splat(*c));
+        }
+        (shifted, n, p)
+    }
+}
+
+/// The steps of [`FloatLanes::exp2`] before 2^n, on x clamped to the
+/// floor: x + ROUNDER (n in its low mantissa bits), n, and 2^f by
+/// [`EXP2_POLY`].
+///
+/// # Safety
+/// V's instruction set.
+#[inline(always)]
+unsafe fn exp2_reduced<V: FloatLanes>(x: V) -> (V, V, V) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let x = x.max(V::splat(EXP2_FLOOR));
+        let shifted = x.add(V::splat(ROUNDER));
+        let n = shifted.sub(V::splat(ROUNDER));
+        let f = x.sub(n);
+        let mut p = V::splat(EXP2_POLY[0]);
+        for c in &EXP2_POLY[1..] {
             p = p.mul_add(f, V::splat(*c));
         }
         (shifted, n, p)
@@ -168,16 +193,18 @@ pub(crate) unsafe fn row_max<V: FloatLanes>(row: &[f32]) -> f32 {
     }
 }
 
-/// A softmax's numerators e^(s - max) in place of the scores s of `row`,
-/// and returns their sum. Dividing the (rows x head_dim) output by the sum
-/// after P·V is head_dim/tokens of the work of dividing every probability.
-/// Four vectors a step keep four sums apart; a last partial vector is read
-/// and written lane by lane, its other lanes -∞, whose e^x adds nothing.
+/// A softmax's numerators 2^(s - max) in place of the scores s of `row`,
+/// scores in base 2 (log2 e times the natural ones), and returns their sum.
+/// Dividing the (rows x head_dim) output by the sum after P·V is
+/// head_dim/tokens of the work of dividing every probability. Four vectors
+/// a step keep four sums apart; a last partial vector is read and written
+/// lane by lane, its other lanes -∞, whose 2^x (the floor's, 2^-125) is
+/// lost in a sum that holds the largest score's 1.
 ///
 /// # Safety
 /// V's instruction set.
 #[inline(always)]
-pub(crate) unsafe fn exp_sum<V: FloatLanes>(row: &mut [f32], max: f32) -> f32 {
+pub(crate) unsafe fn exp2_sum<V: FloatLanes>(row: &mut [f32], max: f32) -> f32 {
     let (len, at) = (row.len(), row.as_mut_ptr());
     let full = len - len % V::LANES;
     let step = 4 * V::LANES;
@@ -189,18 +216,18 @@ pub(crate) unsafe fn exp_sum<V: FloatLanes>(row: &mut [f32], max: f32) -> f32 {
         let mut i = 0;
         while i + step <= full {
             for (j, sum) in sum.iter_mut().enumerate() {
-                let e = V::load(at.add(i + j * V::LANES)).sub(max).exp();
+                let e = V::load(at.add(i + j * V::LANES)).sub(max).exp2();
                 e.store(at.add(i + j * V::LANES));
                 *sum = sum.add(e);
             }
             i += step;
         }
         for i in (i..full).step_by(V::LANES) {
-            let e = V::load(at.add(i)).sub(max).exp();
+            let e = V::load(at.add(i)).sub(max).exp2();
             e.store(at.add(i));
             sum[0] = sum[0].add(e);
         }
-        let e = V::load_first(at.add(full), len - full, f32::NEG_INFINITY).sub(max).exp();
+        let e = V::load_first(at.add(full), len - full, f32::NEG_INFINITY).sub(max).exp2();
         e.store_first(at.add(full), len - full);
         sum[1] = sum[1].add(e);
         sum[0].add(sum[1]).add(sum[2].add(sum[3])).reduce_add()
@@ -352,6 +379,14 @@ impl FloatLanes for Avx512 {
             Self(_mm512_maskz_scalef_ps(normal, p.0, n.0))
         }
     }
+    /// 2^n by `vscalefps`.
+    #[inline(always)]
+    unsafe fn exp2(self) -> Self {
+        unsafe {
+            let (_, n, p) = exp2_reduced(self);
+            Self(_mm512_scalef_ps(p.0, n.0))
+        }
+    }
     #[inline(always)]
     unsafe fn load_first(from: *const f32, lanes: usize, fill: f32) -> Self {
         let mask: __mmask16 = if lanes >= 16 { !0 } else { (1 << lanes) - 1 };
@@ -446,6 +481,16 @@ impl FloatLanes for Avx2 {
             let biased = _mm256_add_epi32(_mm256_castps_si256(shifted.0), _mm256_set1_epi32(127));
             let e = _mm256_mul_ps(p.0, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased)));
             Self(_mm256_and_ps(e, _mm256_cmp_ps::<_CMP_GE_OQ>(self.0, _mm256_set1_ps(EXP_FLOOR))))
+        }
+    }
+    /// n added to 2^f's exponent bits: no multiplication, as
+    /// [`crate::exp::fast_exp2`] does.
+    #[inline(always)]
+    unsafe fn exp2(self) -> Self {
+        unsafe {
+            let (shifted, _, p) = exp2_reduced(self);
+            let n_bits = _mm256_slli_epi32::<23>(_mm256_castps_si256(shifted.0));
+            Self(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p.0), n_bits)))
         }
     }
     #[inline(always)]
@@ -626,38 +671,50 @@ pub(crate) unsafe fn bf16_pairs(values: &[f32], into: &mut [std::mem::MaybeUnini
 mod tests {
     use super::*;
 
-    /// Runs `check` for each vector type this CPU has.
-    fn on_every_float_vector(check: impl Fn(&dyn Fn(&[f32]) -> Vec<f32>, &dyn Fn(&mut [f32]) -> f32, &str)) {
-        fn exps<V: FloatLanes>(x: &[f32]) -> Vec<f32> {
+    /// Runs `check` for each vector type this CPU has, with its e^x, its
+    /// 2^x and its softmax of a row in base 2.
+    fn on_every_float_vector(check: impl Fn(&FloatVectorFns, &str)) {
+        fn lanewise<V: FloatLanes>(x: &[f32], f: fn(V) -> V) -> Vec<f32> {
             x.chunks(V::LANES)
                 .flat_map(|x| {
                     let mut lanes = vec![0f32; V::LANES];
                     // SAFETY: the caller checked the instruction set; the
                     // chunk's lanes are read, and all of `lanes` written.
-                    unsafe { V::enter(|| V::load_first(x.as_ptr(), x.len(), 0.0).exp().store(lanes.as_mut_ptr())) };
+                    unsafe { V::enter(|| f(V::load_first(x.as_ptr(), x.len(), 0.0)).store(lanes.as_mut_ptr())) };
                     lanes.truncate(x.len());
                     lanes
                 })
                 .collect()
         }
+        fn exps<V: FloatLanes>(x: &[f32]) -> Vec<f32> {
+            // SAFETY: `lanewise` runs it inside V's instruction set.
+            lanewise::<V>(x, |v| unsafe { v.exp() })
+        }
+        fn exp2s<V: FloatLanes>(x: &[f32]) -> Vec<f32> {
+            // SAFETY: `lanewise` runs it inside V's instruction set.
+            lanewise::<V>(x, |v| unsafe { v.exp2() })
+        }
         fn softmax<V: FloatLanes>(row: &mut [f32]) -> f32 {
             // SAFETY: the caller checked the instruction set.
-            unsafe { V::enter(|| 1.0 / exp_sum::<V>(row, row_max::<V>(row))) }
+            unsafe { V::enter(|| 1.0 / exp2_sum::<V>(row, row_max::<V>(row))) }
         }
         for isa in usable() {
             match isa.width() {
-                Width::Avx2 => check(&exps::<Avx2>, &softmax::<Avx2>, "AVX2"),
-                Width::Avx512 => check(&exps::<Avx512>, &softmax::<Avx512>, "AVX-512"),
+                Width::Avx2 => check(&(exps::<Avx2>, exp2s::<Avx2>, softmax::<Avx2>), "AVX2"),
+                Width::Avx512 => check(&(exps::<Avx512>, exp2s::<Avx512>, softmax::<Avx512>), "AVX-512"),
             }
         }
     }
+
+    /// e^x and 2^x of values, and a row's softmax (returning 1 / its sum).
+    type FloatVectorFns = (fn(&[f32]) -> Vec<f32>, fn(&[f32]) -> Vec<f32>, fn(&mut [f32]) -> f32);
 
     #[test]
     fn exp_is_close_to_exp() {
         // Every 0.05 down to -88, and every 0.001 about the floor.
         let xs = (0..1760).map(|i| -(i as f32) * 0.05).chain((0..3000).map(|i| -86.0 - i as f32 * 0.001));
         let xs: Vec<f32> = xs.chain([-100.0, -1000.0, f32::NEG_INFINITY, f32::NAN]).collect();
-        on_every_float_vector(|exps, _, isa| {
+        on_every_float_vector(|(exps, ..), isa| {
             for (&x, fast) in xs.iter().zip(exps(&xs)) {
                 if x >= EXP_FLOOR {
                     let exact = (x as f64).exp() as f32;
@@ -671,18 +728,32 @@ mod tests {
     }
 
     #[test]
+    fn exp2_is_close_to_exp2_of_x_or_the_floor() {
+        // Every 0.01 down to past the floor, and below it.
+        let xs = (0..12_700).map(|i| -(i as f32) * 0.01);
+        let xs: Vec<f32> = xs.chain([-126.0, -1000.0, f32::NEG_INFINITY]).collect();
+        on_every_float_vector(|(_, exp2s, _), isa| {
+            for (&x, fast) in xs.iter().zip(exp2s(&xs)) {
+                let exact = f64::from(x.max(EXP2_FLOOR)).exp2();
+                assert!((f64::from(fast) - exact).abs() <= 2e-7 * exact, "{isa}: {x}: {fast} vs {exact}");
+                assert!(fast.is_normal(), "{isa}: {x}: {fast} is not a normal float");
+            }
+        });
+    }
+
+    #[test]
     fn numerators_from_the_row_max_over_their_sum_are_the_softmax() {
         // No full vector, a partial last one of every length, and rows past
         // the four-vector step.
         for len in (1..40).chain([64, 65, 127, 197, 1201]) {
             let scores: Vec<f32> = (0..len).map(|i| ((i * 7919) % 97) as f32 * 0.3 - 10.0).collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = scores.iter().map(|&s| f64::from(s - max).exp()).sum();
-            on_every_float_vector(|_, softmax, isa| {
+            let sum: f64 = scores.iter().map(|&s| f64::from(s - max).exp2()).sum();
+            on_every_float_vector(|(.., softmax), isa| {
                 let mut row = scores.clone();
                 let inv_sum = softmax(&mut row);
                 for (&numerator, &s) in row.iter().zip(&scores) {
-                    let expected = f64::from(s - max).exp() / sum;
+                    let expected = f64::from(s - max).exp2() / sum;
                     let ours = f64::from(numerator * inv_sum);
                     assert!((ours - expected).abs() < 1e-6, "{isa}, {len}: {ours} vs {expected}");
                 }

@@ -16,7 +16,7 @@
 
 use crate::buffers::LineAligned;
 use crate::caches::Caches;
-use crate::exp::fast_exp;
+use crate::exp::fast_exp2;
 use crate::layout::{HeadMajor, QueryBlock};
 use crate::simd::{self, Avx512, Bf16Pairs, FloatLanes, Vector};
 use crate::stages::{Laps, Stage};
@@ -174,9 +174,10 @@ impl Walk {
 }
 
 /// A query row's softmax so far, over the steps of keys it has seen: the
-/// largest score, and the sum of e^(s - that largest). When a step raises
+/// largest score, and the sum of 2^(s - that largest), scores in base 2
+/// (times log2 e), as [`simd::exp2_sum`] takes them. When a step raises
 /// the largest, the sums so far (and the row's P·V so far) are scaled by
-/// e^(old - new).
+/// 2^(old - new).
 #[derive(Clone, Copy, Debug)]
 struct RunningSoftmax {
     max: f32,
@@ -188,7 +189,7 @@ struct RunningSoftmax {
 impl RunningSoftmax {
     const START: Self = Self { max: f32::NEG_INFINITY, sum: 0.0, rescale: 0.0 };
 
-    /// Turns a step's `scores` into numerators e^(s - max) over the largest
+    /// Turns a step's `scores` into numerators 2^(s - max) over the largest
     /// score so far.
     ///
     /// # Safety
@@ -198,9 +199,9 @@ impl RunningSoftmax {
         // SAFETY: the caller's contract.
         unsafe {
             let max = self.max.max(simd::row_max::<V>(scores));
-            // 0 at the first step (e^-∞), and never a subnormal.
-            self.rescale = fast_exp(self.max - max);
-            self.sum = self.sum * self.rescale + simd::exp_sum::<V>(scores, max);
+            // At the first step (from -∞) it scales sums of 0.
+            self.rescale = fast_exp2(self.max - max);
+            self.sum = self.sum * self.rescale + simd::exp2_sum::<V>(scores, max);
             self.max = max;
         }
     }
@@ -267,7 +268,7 @@ unsafe fn attend_steps<M: TileMath, const P: usize>(block: QueryBlock, caches: &
                     step: (step_start, step_len),
                     out: out[start * d + head * HEAD_DIM..].as_mut_ptr().cast::<f32>(),
                     out_stride: d,
-                    scale,
+                    scale: scale * std::f32::consts::LOG2_E,
                 };
                 // SAFETY: the group's rows are block rows, inside `qkv` and
                 // `out` by the caller's contract; the step's keys and values
@@ -295,7 +296,7 @@ unsafe fn attend_steps<M: TileMath, const P: usize>(block: QueryBlock, caches: &
             let RunningSoftmax { max, sum, .. } = softmax[0];
             let head_row = first_row[head * tokens..].chunks_mut(step_tokens);
             for (numerators, step_max) in head_row.zip(first_row_maxima.drain(..)) {
-                let factor = fast_exp(step_max - max) / sum;
+                let factor = fast_exp2(step_max - max) / sum;
                 numerators.iter_mut().for_each(|p| *p *= factor);
             }
         }
@@ -328,11 +329,13 @@ struct Group {
     step: (usize, usize),
     out: *mut f32,
     out_stride: usize,
+    /// The attention's scale times log2 e: scores in base 2, whose softmax
+    /// numerators are 2^(s - max) ([`RunningSoftmax`]).
     scale: f32,
 }
 
 impl Group {
-    /// scores[r][t] = scale · q[r] · k[t] for the group's rows and the
+    /// scores[r][t] = scale · q[r] · k[t] (base 2) for the group's rows and the
     /// step's keys, rows `stride` apart, P key panels at a time (then one),
     /// each read by all of the group's tiles.
     ///
