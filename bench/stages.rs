@@ -86,64 +86,68 @@ fn main() {
         "\n{:>6}  {:<28}{:>10}{:>8}{:>10}{:>8}",
         "tokens", "stage of one layer", "ms", "share", "GFLOP/s", "% peak"
     );
-    for tokens in [197, 785, 1201, 4801] {
-        let runs = match tokens {
-            0..1000 => 50,
-            1000..2000 => 10,
-            _ => 3,
-        };
-        let x = values(tokens * HIDDEN);
-        let mlp_hidden = values(tokens * 4 * HIDDEN);
-        let qkv = kernels::matmul(&x, &qkv_weight).unwrap();
-        // A multiply-add counts two operations; the passes between the
-        // products are memory-bound and are given none.
-        let product_flops = |outputs: usize, inputs: usize| 2.0 * (tokens * inputs * outputs) as f64;
-        let attention_product_flops = product_flops(tokens, HIDDEN);
-        let attention_ms =
-            time(runs, || drop(kernels::attention(&qkv, (1, tokens), HEADS, 0.125, true, precision).unwrap()));
-        // The stages' shares of the attention's thread time, from a run that
-        // laps a stopwatch, give its wall time out to them.
-        let (_, stage_times) = kernels::timed_attention(&qkv, (1, tokens), HEADS, 0.125, precision).unwrap();
-        let share = |stage: Stage| stage_times.get(stage).as_secs_f64() / stage_times.total().as_secs_f64();
-        let mut rows: Vec<(&str, f64, f64)> = vec![
-            (
-                "qkv projection + bias",
-                product_flops(3 * HIDDEN, HIDDEN),
-                time(runs, || drop(kernels::linear(&x, &qkv_weight, &qkv_bias))),
-            ),
-            ("attention", 2.0 * attention_product_flops, attention_ms),
-        ];
-        for (stage, name, flops) in [
-            (Stage::Pack, "  pack K, V", 0.0),
-            (Stage::Scores, "  Q Kᵀ", attention_product_flops),
-            (Stage::Softmax, "  softmax", 0.0),
-            (Stage::Mix, "  P V", attention_product_flops),
-        ] {
-            rows.push((name, flops, attention_ms * share(stage)));
-        }
-        rows.extend([
-            ("output projection", product_flops(HIDDEN, HIDDEN), time(runs, || drop(kernels::matmul(&x, &proj)))),
-            ("fc1", product_flops(4 * HIDDEN, HIDDEN), time(runs, || drop(kernels::matmul(&x, &fc1)))),
-            ("bias + GELU", 0.0, {
-                let mut mlp_hidden = mlp_hidden.clone();
-                time(runs, || kernels::bias_gelu(&mut mlp_hidden, &fc1_bias, true))
-            }),
-            ("fc2", product_flops(HIDDEN, 4 * HIDDEN), time(runs, || drop(kernels::matmul(&mlp_hidden, &fc2)))),
-            ("residual + LayerNorm, twice", 0.0, {
-                let mut update = x.clone();
-                2.0 * time(runs, || drop(kernels::residual_layer_norm(&x, &mut update, &bias, None, norm).unwrap()))
-            }),
-        ]);
-        let layer_ms: f64 = rows.iter().filter(|(name, ..)| !name.starts_with(' ')).map(|(_, _, ms)| ms).sum();
-        for (name, flops, ms) in rows {
-            let (mut rate, mut of_peak) = (String::new(), String::new());
-            if flops > 0.0 {
-                let gflops = flops / ms / 1e6;
-                rate = format!("{gflops:.1}");
-                of_peak = peak_gflops.map(|peak| format!("{:.0}", 100.0 * gflops / peak)).unwrap_or_default();
+    // On a thread of the pool, as the encoder runs its layers: each product
+    // and pass then shares its work out from inside the pool.
+    rayon::scope(|_| {
+        for tokens in [197, 785, 1201, 4801] {
+            let runs = match tokens {
+                0..1000 => 50,
+                1000..2000 => 10,
+                _ => 3,
+            };
+            let x = values(tokens * HIDDEN);
+            let mlp_hidden = values(tokens * 4 * HIDDEN);
+            let qkv = kernels::matmul(&x, &qkv_weight).unwrap();
+            // A multiply-add counts two operations; the passes between the
+            // products are memory-bound and are given none.
+            let product_flops = |outputs: usize, inputs: usize| 2.0 * (tokens * inputs * outputs) as f64;
+            let attention_product_flops = product_flops(tokens, HIDDEN);
+            let attention_ms =
+                time(runs, || drop(kernels::attention(&qkv, (1, tokens), HEADS, 0.125, true, precision).unwrap()));
+            // The stages' shares of the attention's thread time, from a run that
+            // laps a stopwatch, give its wall time out to them.
+            let (_, stage_times) = kernels::timed_attention(&qkv, (1, tokens), HEADS, 0.125, precision).unwrap();
+            let share = |stage: Stage| stage_times.get(stage).as_secs_f64() / stage_times.total().as_secs_f64();
+            let mut rows: Vec<(&str, f64, f64)> = vec![
+                (
+                    "qkv projection + bias",
+                    product_flops(3 * HIDDEN, HIDDEN),
+                    time(runs, || drop(kernels::linear(&x, &qkv_weight, &qkv_bias))),
+                ),
+                ("attention", 2.0 * attention_product_flops, attention_ms),
+            ];
+            for (stage, name, flops) in [
+                (Stage::Pack, "  pack K, V", 0.0),
+                (Stage::Scores, "  Q Kᵀ", attention_product_flops),
+                (Stage::Softmax, "  softmax", 0.0),
+                (Stage::Mix, "  P V", attention_product_flops),
+            ] {
+                rows.push((name, flops, attention_ms * share(stage)));
             }
-            println!("{tokens:>6}  {name:<28}{ms:>10.3}{:>7.1}%{rate:>10}{of_peak:>8}", 100.0 * ms / layer_ms);
+            rows.extend([
+                ("output projection", product_flops(HIDDEN, HIDDEN), time(runs, || drop(kernels::matmul(&x, &proj)))),
+                ("fc1", product_flops(4 * HIDDEN, HIDDEN), time(runs, || drop(kernels::matmul(&x, &fc1)))),
+                ("bias + GELU", 0.0, {
+                    let mut mlp_hidden = mlp_hidden.clone();
+                    time(runs, || kernels::bias_gelu(&mut mlp_hidden, &fc1_bias, true))
+                }),
+                ("fc2", product_flops(HIDDEN, 4 * HIDDEN), time(runs, || drop(kernels::matmul(&mlp_hidden, &fc2)))),
+                ("residual + LayerNorm, twice", 0.0, {
+                    let mut update = x.clone();
+                    2.0 * time(runs, || drop(kernels::residual_layer_norm(&x, &mut update, &bias, None, norm).unwrap()))
+                }),
+            ]);
+            let layer_ms: f64 = rows.iter().filter(|(name, ..)| !name.starts_with(' ')).map(|(_, _, ms)| ms).sum();
+            for (name, flops, ms) in rows {
+                let (mut rate, mut of_peak) = (String::new(), String::new());
+                if flops > 0.0 {
+                    let gflops = flops / ms / 1e6;
+                    rate = format!("{gflops:.1}");
+                    of_peak = peak_gflops.map(|peak| format!("{:.0}", 100.0 * gflops / peak)).unwrap_or_default();
+                }
+                println!("{tokens:>6}  {name:<28}{ms:>10.3}{:>7.1}%{rate:>10}{of_peak:>8}", 100.0 * ms / layer_ms);
+            }
+            println!("{tokens:>6}  {:<28}{layer_ms:>10.3}", "layer");
         }
-        println!("{tokens:>6}  {:<28}{layer_ms:>10.3}", "layer");
-    }
+    });
 }

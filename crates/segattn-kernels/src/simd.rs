@@ -198,7 +198,7 @@ pub(crate) unsafe fn row_max<V: FloatLanes>(row: &[f32]) -> f32 {
 /// Dividing the (rows x head_dim) output by the sum after P·V is
 /// head_dim/tokens of the work of dividing every probability. Four vectors
 /// a step keep four sums apart; a last partial vector is read and written
-/// lane by lane, its other lanes -∞, whose 2^x (the floor's, 2^-125) is
+/// lane by lane, its other lanes -∞, whose 2^x (the floor's, 2^-64) is
 /// lost in a sum that holds the largest score's 1.
 ///
 /// # Safety
@@ -730,7 +730,7 @@ mod tests {
     #[test]
     fn exp2_is_close_to_exp2_of_x_or_the_floor() {
         // Every 0.01 down to past the floor, and below it.
-        let xs = (0..12_700).map(|i| -(i as f32) * 0.01);
+        let xs = (0..7000).map(|i| -(i as f32) * 0.01);
         let xs: Vec<f32> = xs.chain([-126.0, -1000.0, f32::NEG_INFINITY]).collect();
         on_every_float_vector(|(_, exp2s, _), isa| {
             for (&x, fast) in xs.iter().zip(exp2s(&xs)) {
