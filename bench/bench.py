@@ -11,6 +11,10 @@ Prints, as ratios segattn / torch (below 1 means segattn is faster or smaller):
     mask, PNG): the segattn CLI against an equivalent torch + Pillow script;
   - peak memory (max RSS) of every process, and segattn's model load time;
   - where --precision bf16 runs (AVX512-BF16 that outruns f32), segattn's encoder with it too.
+`bench/run ab BASE` times segattn's encoder against itself instead: BASE (a git
+revision, built in a worktree, or an encoder benchmark binary) and this tree,
+alternating for --rounds rounds, on --threads threads (1 resolves a few percent
+on a shared VM, where two threads' times swing by a fifth from minute to minute).
 Models are random-weight, real-size, saved once by transformers as
 safetensors so that both sides load the same file.
 """
@@ -142,14 +146,70 @@ def cpu_model():
     return "unknown"
 
 
-def cargo_encoder_binary():
+def cargo_encoder_binary(tree=ROOT):
     out = subprocess.run(["cargo", "bench", "--bench", "encoder", "--no-run", "--message-format=json"],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
+                         cwd=tree, capture_output=True, text=True, check=True)
     for line in out.stdout.splitlines():
         message = json.loads(line)
         if message.get("reason") == "compiler-artifact" and message.get("executable") and message["target"]["name"] == "encoder":
             return message["executable"]
     sys.exit("could not build the encoder benchmark")
+
+
+ENCODER_SIZES = [("ViT-S/16", 224, 224, 197), ("ViT-S/16", 480, 640, 1201), ("ViT-S/8", 224, 224, 785),
+                 ("ViT-S/8", 480, 640, 4801), ("DINOv2-S/14", 224, 224, 257), ("DINOv2-S/14", 476, 644, 1565)]
+
+
+def hold_to_avx2():
+    """Both sides of a comparison held to AVX2 + FMA; every process below inherits it, each reads its own."""
+    os.environ.update({"SEGATTN_KERNELS": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+                       "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+
+
+def base_encoder(base):
+    """BASE's encoder benchmark: the binary named, or the revision's, built in a worktree beside this one."""
+    if os.path.isfile(base) and os.access(base, os.X_OK):
+        return base
+    rev = subprocess.run(["git", "rev-parse", "--verify", base + "^{commit}"], cwd=ROOT, capture_output=True,
+                         text=True)
+    if rev.returncode != 0:
+        sys.exit(f"ab: {base}: neither an executable nor a git revision")
+    tree = os.path.join(WORK, "ab-" + rev.stdout.strip()[:12])
+    kept = tree + ".encoder"
+    if not os.path.exists(kept):
+        if not os.path.isdir(tree):
+            subprocess.run(["git", "worktree", "add", "--detach", tree, rev.stdout.strip()], cwd=ROOT, check=True,
+                           capture_output=True)
+        # This tree's target folder: the dependencies are built already.
+        os.environ["CARGO_TARGET_DIR"] = os.path.join(ROOT, "target")
+        shutil.copy(cargo_encoder_binary(tree), kept)
+        del os.environ["CARGO_TARGET_DIR"]
+    return kept
+
+
+def against_base(args):
+    if args.isa == "avx2":
+        hold_to_avx2()
+    os.environ["RAYON_NUM_THREADS"] = str(args.threads)
+    os.makedirs(WORK, exist_ok=True)
+    make_models()
+    base, new = base_encoder(args.base), cargo_encoder_binary()
+    wanted = None if args.sizes == "all" else {int(t) for t in args.sizes.split(",")}
+    print(f"CPU: {cpu_model()}; {args.threads} threads; kernels: {args.isa}; base {args.base}\n"
+          f"encoder: medians of {args.runs} runs after a warm-up, median over {args.rounds} alternating rounds\n")
+    print(f"{'encoder forward':<28}{'tokens':>7}{'base ms':>10}{'new ms':>10}{'new/base':>10}  rounds (base/new)")
+    for model, height, width, tokens in ENCODER_SIZES:
+        if wanted is not None and tokens not in wanted:
+            continue
+        command = [os.path.join(WORK, MODELS[model][0]), str(height), str(width), str(args.runs), "none", "f32"]
+        times = {base: [], new: []}
+        for i in range(args.rounds):
+            for binary in (base, new) if i % 2 == 0 else (new, base):
+                out = subprocess.run([binary, *command], capture_output=True, text=True, check=True).stdout
+                times[binary].append(json.loads(out)["median_ms"])
+        b, n = statistics.median(times[base]), statistics.median(times[new])
+        rounds = " ".join(f"{x:.0f}/{y:.0f}" for x, y in zip(times[base], times[new]))
+        print(f"{f'{model} {height}x{width}':<28}{tokens:>7}{b:>10.1f}{n:>10.1f}{n / b:>10.3f}  {rounds}")
 
 
 def main():
@@ -163,6 +223,10 @@ def main():
     sub = parser.add_subparsers(dest="command")
     enc = sub.add_parser("torch-encoder")
     fol = sub.add_parser("torch-folder")
+    ab = sub.add_parser("ab", help="this tree's encoder against BASE's, alternating")
+    ab.add_argument("base", help="a git revision, or an encoder benchmark binary")
+    ab.add_argument("--threads", type=int, default=THREADS)
+    ab.add_argument("--sizes", default="all", help="comma-separated tokens to run (197,1201,785,4801,257,1565)")
     for p in (enc, fol):
         p.add_argument("--weights", required=True)
         p.add_argument("--threads", type=int, default=THREADS)
@@ -177,11 +241,11 @@ def main():
         return torch_encoder(args)
     if args.command == "torch-folder":
         return torch_folder(args)
+    if args.command == "ab":
+        return against_base(args)
 
     if args.isa == "avx2":
-        # Inherited by every process below; each side reads only its own.
-        os.environ.update({"SEGATTN_KERNELS": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
-                           "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+        hold_to_avx2()
     os.makedirs(WORK, exist_ok=True)
     make_models()
     photos = make_photos()
@@ -246,8 +310,7 @@ def main():
     bf16_header = f"{'bf16 ms':>9}{'ratio':>7}" if has_bf16 else ""
     print(f"{'encoder forward':<28}{'tokens':>7}{'segattn ms':>12}{'torch ms':>10}{'ratio':>7}"
           f"{'segattn MB':>12}{'torch MB':>10}{'ratio':>7}{'load ms':>9}{bf16_header}")
-    for model, (height, width) in [("ViT-S/16", (224, 224)), ("ViT-S/16", (480, 640)), ("ViT-S/8", (224, 224)),
-                                   ("ViT-S/8", (480, 640)), ("DINOv2-S/14", (224, 224)), ("DINOv2-S/14", (476, 644))]:
+    for model, height, width, _ in ENCODER_SIZES:
         ours, our_rss, theirs, their_rss = compare(model, height, width, bf16=has_bf16)
         label = f"{model} {height}x{width}"
         bf16_columns = f"{ours['bf16_ms']:>9.1f}{ours['bf16_ms'] / theirs:>7.2f}" if has_bf16 else ""
