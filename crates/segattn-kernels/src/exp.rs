@@ -30,11 +30,17 @@ pub(crate) const EXP_FLOOR: f32 = -87.0;
 /// 2^f for |f| <= 1/2: [`EXP_POLY`] for e^(f·ln 2), each coefficient
 /// times its power of ln 2, which keeps the least relative error (scaling
 /// the variable does not change it); within 1.8e-7 of 2^f in f32.
-pub(crate) const EXP2_POLY: [f32; 6] =
-    [0.001_327_647_1, 0.009_675_542, 0.055_507_13, 0.240_221_19, 0.693_147, 1.000_000_1];
+pub(crate) const EXP2_POLY: [f32; 6] = {
+    let (mut poly, mut power, mut i) = ([0f32; 6], 1f64, EXP_POLY.len());
+    while i > 0 {
+        i -= 1;
+        poly[i] = (EXP_POLY[i] as f64 * power) as f32;
+        power *= std::f64::consts::LN_2;
+    }
+    poly
+};
 /// 2^x is taken at x no lower than this: the numerators of scores further
-/// below their row's largest are 2^-64 (times the polynomial's value
-/// there), not 0. Next to the largest score's 1 that weighs nothing in f32
+/// below their row's largest are 2^-64, not 0. Next to the largest score's 1 that weighs nothing in f32
 /// (whose unit in the last place there is 2^-23), even summed over 10^5
 /// keys; and P·V's products of it with any value above 2^-62 stay normal
 /// floats, where a floor nearer f32's least, with most of a peaked row's
