@@ -1,6 +1,7 @@
-//! The exponential, and the softmax numerators built on it, in plain
-//! arithmetic that the compiler vectorizes for whichever instruction set
-//! compiles it: the GELU's, the portable softmax and the AVX2 tiles' use it.
+//! The exponentials, e^x for the GELU and 2^x for the softmaxes (whose
+//! scores are kept in base 2), and the portable softmax's numerators, in
+//! plain arithmetic that the compiler vectorizes for whichever instruction
+//! set compiles it; their constants, which the vector kernels share.
 
 /// Adding 1.5·2²³ to a float of magnitude below 2²² rounds it to an
 /// integer n (the sum's unit in the last place is 1) and leaves n in the
@@ -92,8 +93,9 @@ pub(crate) fn fast_exp2(x: f32) -> f32 {
 /// Lanes of independent partial results, so reductions vectorize.
 pub(crate) const LANES: usize = 16;
 
-/// Softmax of each `tokens`-long row, short of its last step: leaves
-/// e^(s - max) in the row and writes 1/Σ to `inv_sums`. Dividing the
+/// Softmax of each `tokens`-long row of scores in base 2 (log2 e times the
+/// natural ones), short of its last step: leaves 2^(s - max) in the row,
+/// never below 2^-64 ([`EXP2_FLOOR`]), and writes 1/Σ to `inv_sums`. Dividing the
 /// (rows x head_dim) output by Σ after P·V is head_dim/tokens of the work
 /// of dividing every probability (1/19 for ViT-S/16 at 480x640).
 #[inline(always)]
@@ -111,13 +113,13 @@ pub(crate) fn softmax_numerators_portable(scores: &mut [f32], tokens: usize, inv
         let mut chunks = row.chunks_exact_mut(LANES);
         for chunk in &mut chunks {
             for (s, v) in sum.iter_mut().zip(chunk.iter_mut()) {
-                *v = fast_exp(*v - max);
+                *v = fast_exp2(*v - max);
                 *s += *v;
             }
         }
         let mut total: f32 = sum.iter().sum();
         for v in chunks.into_remainder() {
-            *v = fast_exp(*v - max);
+            *v = fast_exp2(*v - max);
             total += *v;
         }
         *inv_sum = 1.0 / total;
