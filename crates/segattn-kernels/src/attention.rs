@@ -97,6 +97,7 @@ pub(crate) fn attention_with(
     let three_d = data.len() / (batch * tokens);
     let d = three_d / 3;
     let head_dim = d / num_heads;
+    let scale = scale * std::f32::consts::LOG2_E;
     let mut cls_rows = vec![0f32; if keep_cls_row { batch * num_heads * tokens } else { 0 }];
     let mut times = StageTimes::default();
     let mixed = {

@@ -76,14 +76,14 @@ pub(crate) fn attend_block(block: QueryBlock, _: &Caches, laps: &mut Laps) -> Ve
         // (tokens, head_dim) layouts; the product writes all of `scores`.
         unsafe {
             // scores (rows x tokens) = scale · Q_block (rows x hd) · Kᵀ (hd x tokens),
-            // in base 2, as the softmax numerators take them.
+            // in base 2 (`QueryBlock::scale`).
             overwrite_product(
                 (rows, tokens, head_dim),
                 scores.as_mut_ptr(),
                 tokens,
                 Strided::row_major(q, 3 * d),
                 Strided::row_major(k_t, tokens),
-                scale * std::f32::consts::LOG2_E,
+                scale,
             );
             scores.set_len(rows * tokens);
         }

@@ -268,7 +268,7 @@ unsafe fn attend_steps<M: TileMath, const P: usize>(block: QueryBlock, caches: &
                     step: (step_start, step_len),
                     out: out[start * d + head * HEAD_DIM..].as_mut_ptr().cast::<f32>(),
                     out_stride: d,
-                    scale: scale * std::f32::consts::LOG2_E,
+                    scale,
                 };
                 // SAFETY: the group's rows are block rows, inside `qkv` and
                 // `out` by the caller's contract; the step's keys and values
@@ -329,8 +329,7 @@ struct Group {
     step: (usize, usize),
     out: *mut f32,
     out_stride: usize,
-    /// The attention's scale times log2 e: scores in base 2, whose softmax
-    /// numerators are 2^(s - max) ([`RunningSoftmax`]).
+    /// [`QueryBlock::scale`]: scores in base 2 ([`RunningSoftmax`]).
     scale: f32,
 }
 
