@@ -56,16 +56,10 @@ static GEMM: Kernels = Kernels {
     panel_lanes: None,
     product: portable::product,
     head_dim: None,
-    pack_heads: |qkv, tokens, heads, head_dim| HeadMajor::new(qkv, tokens, heads, head_dim, (tokens, head_dim)),
+    pack_heads: HeadMajor::row_major,
     attend_block: portable::attend_block,
     fma_steps: None,
 };
-
-/// Kᵀ and V in panels one V wide, as the f32 tiles read them.
-#[cfg(target_arch = "x86_64")]
-fn vector_panels<V: Vector>(qkv: &[f32], tokens: usize, heads: usize, head_dim: usize) -> HeadMajor {
-    HeadMajor::new(qkv, tokens, heads, head_dim, (V::LANES, V::LANES))
-}
 
 /// The f32 register tiles of `V`'s instruction set.
 #[cfg(target_arch = "x86_64")]
@@ -78,7 +72,7 @@ macro_rules! tiles {
             panel_lanes: Some(<$vector>::LANES),
             product: tile_matmul::product::<$vector, { <$vector>::TILE_PANELS }>,
             head_dim: Some(tile_attention::HEAD_DIM),
-            pack_heads: vector_panels::<$vector>,
+            pack_heads: HeadMajor::in_panels::<{ <$vector>::LANES }>,
             attend_block: tile_attention::attend_block::<$vector, { <$vector>::TILE_PANELS }>,
             fma_steps: Some(simd::fma_steps::<$vector>),
         }

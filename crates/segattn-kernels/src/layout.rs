@@ -23,7 +23,9 @@ pub enum Precision {
 /// out in panels of `width` columns, each (rows, width) row-major, one after
 /// the other: the layout every tiled product reads its right-hand side in
 /// (one vector a panel), and with one panel as wide as the matrix, plain
-/// row-major.
+/// row-major. The packings are written for speed; the tests hold them to
+/// this.
+#[cfg(test)]
 pub(crate) fn panel_slot(row: usize, column: usize, rows: usize, width: usize) -> usize {
     (column / width * rows + row) * width + column % width
 }
@@ -48,11 +50,11 @@ pub(crate) fn bf16_rounded(value: f32) -> f32 {
 }
 
 /// Keys and values copied out of the interleaved qkv rows once per layer, per
-/// head: Kᵀ (head_dim, tokens) and V (tokens, head_dim), each in
-/// [`panel_slot`]'s column panels, Kᵀ's zero past the last token. With one
-/// panel as wide as the matrix, they are the plain row-major operands the
-/// GEMM reads. Read in place, the keys form a column-major operand that the
-/// GEMM re-gathers element by element for every block.
+/// head: Kᵀ (head_dim, tokens) and V (tokens, head_dim), plain row-major as
+/// the GEMM reads them ([`HeadMajor::row_major`]) or in the column panels of
+/// `panel_slot` that the tiles read ([`HeadMajor::in_panels`]). Read in
+/// place, the keys form a column-major operand that the GEMM re-gathers
+/// element by element for every block.
 pub(crate) struct HeadMajor {
     pub(crate) keys_t: LineAligned,
     pub(crate) values: LineAligned,
@@ -64,48 +66,94 @@ pub(crate) struct HeadMajor {
 }
 
 impl HeadMajor {
-    /// `key_panel` columns (tokens) per panel of Kᵀ, `value_panel` columns
-    /// (dimensions, a divisor of head_dim) per panel of V.
-    pub(crate) fn new(
-        qkv: &[f32],
-        tokens: usize,
-        num_heads: usize,
-        head_dim: usize,
-        (key_panel, value_panel): (usize, usize),
-    ) -> Self {
+    /// Kᵀ and V of each head, plain row-major.
+    pub(crate) fn row_major(qkv: &[f32], tokens: usize, num_heads: usize, head_dim: usize) -> Self {
         let d = num_heads * head_dim;
-        let padded = tokens.next_multiple_of(key_panel);
-        let mut keys_t = LineAligned::unwritten(num_heads * padded * head_dim);
+        let mut keys_t = LineAligned::unwritten(num_heads * tokens * head_dim);
         let mut values = LineAligned::unwritten(num_heads * tokens * head_dim);
         let per_head_chunks =
-            keys_t.slots().par_chunks_mut(padded * head_dim).zip(values.slots().par_chunks_mut(tokens * head_dim));
+            keys_t.slots().par_chunks_mut(tokens * head_dim).zip(values.slots().par_chunks_mut(tokens * head_dim));
         per_head_chunks.enumerate().for_each(|(head, (keys_t, values))| {
-            // Token t's dimensions, key_panel apart in its panel: the
-            // division in `panel_slot` once per token, not per value.
-            let key_slots = |t: usize| {
-                let first = panel_slot(0, t, head_dim, key_panel);
-                (0..head_dim).map(move |c| first + c * key_panel)
-            };
             for (t, row) in qkv.chunks_exact(3 * d).enumerate() {
-                let key = &row[d + head * head_dim..d + (head + 1) * head_dim];
-                for (slot, &k) in key_slots(t).zip(key) {
-                    keys_t[slot].write(k);
+                for (c, &k) in row[d + head * head_dim..][..head_dim].iter().enumerate() {
+                    keys_t[c * tokens + t].write(k);
                 }
-                let value = &row[2 * d + head * head_dim..2 * d + (head + 1) * head_dim];
-                for (panel, part) in value.chunks(value_panel).enumerate() {
-                    let start = panel_slot(t, panel * value_panel, tokens, value_panel);
-                    values[start..start + value_panel].write_copy_of_slice(part);
-                }
-            }
-            for slot in (tokens..padded).flat_map(key_slots) {
-                keys_t[slot].write(0.0);
+                let value = &row[2 * d + head * head_dim..][..head_dim];
+                values[t * head_dim..][..head_dim].write_copy_of_slice(value);
             }
         });
-        // SAFETY: each head's loops wrote all padded · head_dim of its keys
-        // (each key's dimensions, zeros past the last) and all
-        // tokens · head_dim of its values.
+        // SAFETY: each head's loop wrote every token's column of its keys
+        // and row of its values.
         let (keys_t, values) = unsafe { (keys_t.assume_written(), values.assume_written()) };
         Self { keys_t, values, tokens, num_heads, head_dim, layout: "" }
+    }
+
+    /// Kᵀ and V of each head in panels of W columns: Kᵀ's of W tokens (zero
+    /// past the last), V's of W dimensions (a divisor of head_dim).
+    ///
+    /// Each task takes a run of whole key panels' tokens and writes them
+    /// into every head, a panel of tokens at a time: it reads each qkv row
+    /// once, front to back, where a task per head would read a few lines of
+    /// every row, a page apart (which no prefetcher follows), once per head.
+    pub(crate) fn in_panels<const W: usize>(qkv: &[f32], tokens: usize, num_heads: usize, head_dim: usize) -> Self {
+        assert!(head_dim.is_multiple_of(W), "heads of {head_dim} in panels of {W}");
+        let (d, padded, value_panels) = (num_heads * head_dim, tokens.next_multiple_of(W), head_dim / W);
+        let mut keys_t = LineAligned::unwritten(num_heads * padded * head_dim);
+        let mut values = LineAligned::unwritten(num_heads * tokens * head_dim);
+        // Some eight tasks a thread, to share out evenly.
+        let run = tokens.div_ceil(8 * rayon::current_num_threads()).next_multiple_of(W);
+        // Each task's part of every head's keys, and of every head's value panels.
+        type Parts<'a> = Vec<&'a mut [MaybeUninit<f32>]>;
+        let mut tasks: Vec<(Parts, Parts)> = (0..padded.div_ceil(run)).map(|_| (Vec::new(), Vec::new())).collect();
+        for head in keys_t.slots().chunks_mut(padded * head_dim) {
+            for ((keys, _), part) in tasks.iter_mut().zip(head.chunks_mut(run * head_dim)) {
+                keys.push(part);
+            }
+        }
+        for panel in values.slots().chunks_mut(tokens * W) {
+            for ((_, values), part) in tasks.iter_mut().zip(panel.chunks_mut(run * W)) {
+                values.push(part);
+            }
+        }
+        tasks.into_par_iter().enumerate().for_each(|(task, (mut keys, mut values))| {
+            let zeros = vec![0.0; head_dim];
+            let row = |t: usize, part: usize, head: usize| &qkv[t * 3 * d + part * d + head * head_dim..][..head_dim];
+            for first in (task * run..padded.min((task + 1) * run)).step_by(W) {
+                let at = (first - task * run) * head_dim..(first - task * run + W) * head_dim;
+                for (head, keys) in keys.iter_mut().enumerate() {
+                    let rows = std::array::from_fn(|lane| match first + lane {
+                        t if t < tokens => row(t, 1, head),
+                        _ => &zeros[..],
+                    });
+                    transpose_rows::<W>(rows, &mut keys[at.clone()]);
+                }
+            }
+            for t in task * run..tokens.min((task + 1) * run) {
+                let at = (t - task * run) * W;
+                for (i, values) in values.iter_mut().enumerate() {
+                    let (head, panel) = (i / value_panels, i % value_panels);
+                    values[at..at + W].write_copy_of_slice(&row(t, 2, head)[panel * W..][..W]);
+                }
+            }
+        });
+        // SAFETY: the tasks' runs cover every padded token; each wrote all
+        // head_dim rows of its tokens' key panels (zeros past the last
+        // token) and every token's W dimensions in each value panel.
+        let (keys_t, values) = unsafe { (keys_t.assume_written(), values.assume_written()) };
+        Self { keys_t, values, tokens, num_heads, head_dim, layout: "" }
+    }
+}
+
+/// `out` (depth rows of W) = the transpose of `rows` (W rows of depth
+/// values). W is a constant to the compiler, so the loop over a row of
+/// `out` unrolls without a branch per value.
+pub(crate) fn transpose_rows<const W: usize>(rows: [&[f32]; W], out: &mut [MaybeUninit<f32>]) {
+    // Rows cut to the depth: no bounds check per value.
+    let rows = rows.map(|row| &row[..out.len() / W]);
+    for (k, out) in out.chunks_exact_mut(W).enumerate() {
+        for (slot, row) in out.iter_mut().zip(&rows) {
+            slot.write(row[k]);
+        }
     }
 }
 
@@ -177,6 +225,45 @@ mod tests {
         assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
         assert_eq!(bf16_bits(1.0 + 1.0 / 256.0 + 1e-6), 0x3f81);
         assert_eq!(bf16_bits(-2.0), 0xc000);
+    }
+
+    #[test]
+    fn keys_and_values_are_where_their_panels_put_them() {
+        // Fewer tokens than a panel, a panel and one more, several tasks'
+        // runs with a partial last panel.
+        for tokens in [1, 7, 8, 9, 37, 100] {
+            for num_heads in [1, 3] {
+                let head_dim = 64;
+                let d = num_heads * head_dim;
+                let qkv = crate::noise(tokens * 3 * d, tokens as u64);
+                let packings: [(HeadMajor, usize, usize); 3] = [
+                    (HeadMajor::row_major(&qkv, tokens, num_heads, head_dim), tokens, head_dim),
+                    (HeadMajor::in_panels::<8>(&qkv, tokens, num_heads, head_dim), 8, 8),
+                    (HeadMajor::in_panels::<16>(&qkv, tokens, num_heads, head_dim), 16, 16),
+                ];
+                for (packed, key_panel, value_panel) in packings {
+                    let padded = tokens.next_multiple_of(key_panel);
+                    assert_eq!(packed.keys_t.len(), num_heads * padded * head_dim);
+                    assert_eq!(packed.values.len(), num_heads * tokens * head_dim);
+                    for head in 0..num_heads {
+                        let keys_t = &packed.keys_t[head * padded * head_dim..];
+                        let values = &packed.values[head * tokens * head_dim..];
+                        for t in 0..padded {
+                            for c in 0..head_dim {
+                                let key = if t < tokens { qkv[t * 3 * d + d + head * head_dim + c] } else { 0.0 };
+                                let at = panel_slot(c, t, head_dim, key_panel);
+                                assert_eq!(keys_t[at], key, "{tokens} tokens, panels of {key_panel}: key {t}, {c}");
+                                if t < tokens {
+                                    let value = qkv[t * 3 * d + 2 * d + head * head_dim + c];
+                                    let at = panel_slot(t, c, tokens, value_panel);
+                                    assert_eq!(values[at], value, "{tokens} tokens, panels of {value_panel}: {t}, {c}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::ShapeError;
 use crate::buffers::{LineAligned, Unwritten};
 use crate::caches::{Caches, caches};
 use crate::dispatch::Kernels;
-use crate::layout::{Precision, bf16_pair};
+use crate::layout::{Precision, bf16_pair, transpose_rows};
 
 /// A linear layer's W, (outputs, inputs) as stored, laid out once at load the
 /// way its product reads it: Wᵀ (inputs, outputs) in `panel_slot`'s column
@@ -206,12 +206,7 @@ fn matmul_blocked(
 /// so their loops unroll without a branch per value.
 fn transpose(rows: &[f32], depth: usize, width: usize, out: &mut [MaybeUninit<f32>]) {
     fn fixed<const W: usize>(rows: &[f32], depth: usize, out: &mut [MaybeUninit<f32>]) {
-        let rows: [&[f32]; W] = std::array::from_fn(|lane| &rows[lane * depth..][..depth]);
-        for (k, out) in out.chunks_exact_mut(W).enumerate() {
-            for (slot, row) in out.iter_mut().zip(&rows) {
-                slot.write(row[k]);
-            }
-        }
+        transpose_rows::<W>(std::array::from_fn(|lane| &rows[lane * depth..][..depth]), out);
     }
     match width {
         16 => fixed::<16>(rows, depth, out),

@@ -201,7 +201,7 @@ impl Block {
 /// The microkernel of every tiled product, the attention's two included:
 /// `acc` + Σ_k x[r][k] · B[k][panel p's V::LANES columns] for R rows of x,
 /// `x_stride` apart, and P panels of `depth` rows of B in
-/// [`super::panel_slot`]'s layout, `panel_rows` rows apart (a run of rows
+/// `panel_slot`'s layout, `panel_rows` rows apart (a run of rows
 /// of taller panels). R x P accumulators stay in registers.
 ///
 /// # Safety
