@@ -134,11 +134,11 @@ fn main() {
             }
             rows.extend([
                 ("output projection", product_flops(HIDDEN, HIDDEN), time(runs, || drop(kernels::matmul(&x, &proj)))),
-                ("fc1", product_flops(4 * HIDDEN, HIDDEN), time(runs, || drop(kernels::matmul(&x, &fc1)))),
-                ("bias + GELU", 0.0, {
-                    let mut mlp_hidden = mlp_hidden.clone();
-                    time(runs, || kernels::bias_gelu(&mut mlp_hidden, &fc1_bias, true))
-                }),
+                (
+                    "fc1 + bias + GELU",
+                    product_flops(4 * HIDDEN, HIDDEN),
+                    time(runs, || drop(kernels::linear_gelu(&x, &fc1, &fc1_bias))),
+                ),
                 ("fc2", product_flops(HIDDEN, 4 * HIDDEN), time(runs, || drop(kernels::matmul(&mlp_hidden, &fc2)))),
                 ("residual + LayerNorm, twice", 0.0, {
                     let mut update = x.clone();

@@ -72,6 +72,13 @@ pub fn linear(x: &Tensor, weight: &PackedWeight, bias: &[f32]) -> Result<Vec<f32
     cpu_slice(x, |x| Ok(kernels::linear(x, weight, bias)?))
 }
 
+/// GELU(`x · Wᵀ + bias`) in the erf form for `x` (…, inputs): [`linear`]
+/// with the GELU taken as the product stores its sums.
+pub fn linear_gelu(x: &Tensor, weight: &PackedWeight, bias: &[f32]) -> Result<Vec<f32>> {
+    limit_kernels();
+    cpu_slice(x, |x| Ok(kernels::linear_gelu(x, weight, bias)?))
+}
+
 /// LayerNorm over the last dimension.
 pub fn layer_norm(x: &Tensor, norm: Norm) -> Result<Tensor> {
     limit_kernels();
@@ -148,6 +155,18 @@ mod tests {
             for (a, r) in ours.iter().zip(&reference) {
                 assert!((a - r).abs() < 2e-5, "exact={exact}: {a} vs {r}");
             }
+        }
+        // As the first layer of an MLP: x (200 x 2) · Wᵀ (2 x 3) + bias.
+        let w = [0.5f32, -1.0, 2.0, 0.25, -0.75, 1.5];
+        let packed = PackedWeight::new(Precision::F32, &w, 3, 2).unwrap();
+        let ours = linear_gelu(&x, &packed, &[0.1, -0.2, 0.3]).unwrap();
+        let w = Tensor::from_vec(w.to_vec(), (3, 2), &candle_core::Device::Cpu).unwrap();
+        let b = Tensor::new(&[0.1f32, -0.2, 0.3], &candle_core::Device::Cpu).unwrap();
+        let reference = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap().gelu_erf().unwrap();
+        let reference: Vec<f32> = reference.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(ours.len(), reference.len());
+        for (a, r) in ours.iter().zip(&reference) {
+            assert!((a - r).abs() < 2e-5, "linear_gelu: {a} vs {r}");
         }
     }
 }

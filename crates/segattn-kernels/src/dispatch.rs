@@ -12,6 +12,7 @@ use std::mem::MaybeUninit;
 
 use crate::caches::Caches;
 use crate::layout::{HeadMajor, Precision, QueryBlock};
+use crate::matmul::Epilogue;
 use crate::portable;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::{self, Avx2, Avx512, Bf16Isa, Bf16Pairs, Isa, Vector, Width};
@@ -19,10 +20,10 @@ use crate::stages::Laps;
 #[cfg(target_arch = "x86_64")]
 use crate::{tile_attention, tile_matmul};
 
-/// `out` (rows x outputs) = x (rows x inputs) · W (+ a bias, one value per
-/// output), W in the table's panels, blocked so that runs of the last
-/// argument's rows of x stay in cache.
-type Product = unsafe fn(&[f32], usize, &[f32], usize, Option<&[f32]>, &mut [MaybeUninit<f32>], usize);
+/// `out` (rows x outputs) = x (rows x inputs) · W, then the epilogue, W in
+/// the table's panels, blocked so that runs of the last argument's rows of
+/// x stay in cache.
+type Product = unsafe fn(&[f32], usize, &[f32], usize, Epilogue, &mut [MaybeUninit<f32>], usize);
 /// Kᵀ and V of each head, from qkv rows: (qkv, tokens, heads, head_dim).
 type PackHeads = fn(&[f32], usize, usize, usize) -> HeadMajor;
 /// One block of query rows through the attention, each stage's time lapped
@@ -195,7 +196,7 @@ impl Kernels {
         }
     }
 
-    /// `out` = x · W (+ `bias`), for `panels` laid out for this table
+    /// `out` = x · W, then `epilogue`, for `panels` laid out for this table
     /// ([`Kernels::panel_width`], [`Kernels::inputs_per_slot`]), blocked for
     /// `caches`.
     #[allow(clippy::too_many_arguments)]
@@ -205,7 +206,7 @@ impl Kernels {
         inputs: usize,
         panels: &[f32],
         outputs: usize,
-        bias: Option<&[f32]>,
+        epilogue: Epilogue,
         out: &mut [MaybeUninit<f32>],
         caches: &Caches,
     ) {
@@ -213,7 +214,7 @@ impl Kernels {
         assert!(
             x.len() == out.len() / outputs * inputs
                 && panels.len() == slots * inputs.div_ceil(self.inputs_per_slot())
-                && bias.is_none_or(|bias| bias.len() == outputs),
+                && epilogue.bias().is_none_or(|bias| bias.len() == outputs),
             "{}: operands of another shape",
             self.matmul_name
         );
@@ -223,7 +224,7 @@ impl Kernels {
         let x_rows_in_cache = (caches.l2 / 2 / row_bytes).max(1);
         // SAFETY: this table was handed out only for an instruction set the
         // CPU has (see the module's doc), and the shapes are checked above.
-        unsafe { (self.product)(x, inputs, panels, outputs, bias, out, x_rows_in_cache) }
+        unsafe { (self.product)(x, inputs, panels, outputs, epilogue, out, x_rows_in_cache) }
     }
 
     /// Kᵀ and V of each head of `qkv`, as [`Kernels::attend_block`] reads them.

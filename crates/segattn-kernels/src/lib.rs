@@ -71,7 +71,7 @@ use std::sync::OnceLock;
 pub use attention::{Attended, attention, timed_attention};
 pub use caches::{Caches, caches};
 pub use layout::Precision;
-pub use matmul::{PackedWeight, linear, matmul};
+pub use matmul::{PackedWeight, linear, linear_gelu, matmul};
 pub use peak::{Peak, measure_peak};
 pub use rows::{Norm, bias_gelu, layer_norm, residual_layer_norm};
 pub use stages::{Stage, StageTimes};

@@ -168,35 +168,61 @@ impl PackedWeight {
     }
 }
 
+/// What a product does to its sums as it makes them: adds a bias (one
+/// value per output), then takes the GELU (the erf form), or not. Done
+/// there, neither costs a pass over the product.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Epilogue<'a> {
+    Nothing,
+    Bias(&'a [f32]),
+    BiasGelu(&'a [f32]),
+}
+
+impl<'a> Epilogue<'a> {
+    pub(crate) fn bias(self) -> Option<&'a [f32]> {
+        match self {
+            Epilogue::Nothing => None,
+            Epilogue::Bias(bias) | Epilogue::BiasGelu(bias) => Some(bias),
+        }
+    }
+}
+
 /// `x · Wᵀ` for `x`, rows of `inputs` values. The product goes into a fresh
 /// buffer that the kernel writes once, never zeroed first.
 pub fn matmul(x: &[f32], weight: &PackedWeight) -> Result<Vec<f32>, ShapeError> {
-    matmul_blocked(x, weight, None, &caches())
+    matmul_blocked(x, weight, Epilogue::Nothing, &caches())
 }
 
 /// `x · Wᵀ + bias`, a linear layer, with `bias` (one value per output)
 /// added as the product is made, not in a pass over it after.
 pub fn linear(x: &[f32], weight: &PackedWeight, bias: &[f32]) -> Result<Vec<f32>, ShapeError> {
-    matmul_blocked(x, weight, Some(bias), &caches())
+    matmul_blocked(x, weight, Epilogue::Bias(bias), &caches())
 }
 
-/// [`matmul`] or [`linear`], blocked for `caches`.
+/// GELU(x · Wᵀ + bias) in the erf form, the first layer of a transformer's
+/// MLP: [`linear`] with the GELU taken as the product stores its sums (on
+/// the gemm crate's kernels, in a pass after).
+pub fn linear_gelu(x: &[f32], weight: &PackedWeight, bias: &[f32]) -> Result<Vec<f32>, ShapeError> {
+    matmul_blocked(x, weight, Epilogue::BiasGelu(bias), &caches())
+}
+
+/// [`matmul`], [`linear`] or [`linear_gelu`], blocked for `caches`.
 fn matmul_blocked(
     x: &[f32],
     weight: &PackedWeight,
-    bias: Option<&[f32]>,
+    epilogue: Epilogue,
     caches: &Caches,
 ) -> Result<Vec<f32>, ShapeError> {
     let PackedWeight { inputs, outputs, .. } = *weight;
     if inputs == 0 || !x.len().is_multiple_of(inputs) {
         return Err(ShapeError::new(format!("matmul: {} values are not rows of {inputs}", x.len())));
     }
-    if let Some(len) = bias.map(<[f32]>::len).filter(|&len| len != outputs) {
+    if let Some(len) = epilogue.bias().map(<[f32]>::len).filter(|&len| len != outputs) {
         return Err(ShapeError::new(format!("linear: a bias of {len} values for {outputs} outputs")));
     }
     let rows = x.len() / inputs;
     let mut product = Unwritten::new(rows * outputs);
-    weight.kernels.product(x, inputs, weight.panels(), outputs, bias, product.slots(), caches);
+    weight.kernels.product(x, inputs, weight.panels(), outputs, epilogue, product.slots(), caches);
     // SAFETY: every kernel writes every value of the product when inputs > 0.
     Ok(unsafe { product.assume_written() })
 }
@@ -259,18 +285,22 @@ mod tests {
                         };
                         let packed = PackedWeight::for_kernels(read, outputs, inputs, kernels);
                         assert_eq!(packed.panels().as_ptr() as usize % 64, 0, "{kernels:?}: panels off a line");
-                        // With a bias too: where the sums start.
+                        // With a bias too (where the sums start), and a GELU
+                        // of the biased sums (as the tiles store them).
                         let bias = crate::noise(outputs, 11);
                         for caches in crate::caches::for_tests() {
-                            for bias in [None, Some(&bias[..])] {
-                                let ours = matmul_blocked(&x, &packed, bias, &caches).unwrap();
+                            for epilogue in [Epilogue::Nothing, Epilogue::Bias(&bias), Epilogue::BiasGelu(&bias)] {
+                                let ours = matmul_blocked(&x, &packed, epilogue, &caches).unwrap();
                                 assert_eq!(ours.len(), expected.len());
                                 for (i, (a, e)) in ours.iter().zip(&expected).enumerate() {
-                                    let e = e + bias.map_or(0.0, |bias| f64::from(bias[i % outputs]));
+                                    let e = e + epilogue.bias().map_or(0.0, |bias| f64::from(bias[i % outputs]));
+                                    let e = match epilogue {
+                                        Epilogue::BiasGelu(_) => f64::from(crate::rows::gelu(e as f32, true)),
+                                        _ => e,
+                                    };
                                     assert!(
                                         (f64::from(*a) - e).abs() < 1e-4,
-                                        "{kernels:?}, {caches:?}, {rows}x{inputs} by {outputs}, {}: {a} vs {e}",
-                                        if bias.is_some() { "bias" } else { "no bias" },
+                                        "{kernels:?}, {caches:?}, {rows}x{inputs} by {outputs}, {epilogue:?}: {a} vs {e}",
                                     );
                                 }
                             }
@@ -334,6 +364,7 @@ mod tests {
         assert!(matmul(&[1.0; 4], &weight).is_err());
         assert!(linear(&[1.0; 3], &weight, &[1.0; 3]).is_err());
         assert_eq!(linear(&[1.0; 3], &weight, &[0.5, -1.0]).unwrap(), [3.5, 2.0]);
+        assert!(linear_gelu(&[1.0; 3], &weight, &[1.0; 3]).is_err());
         assert_eq!(matmul(&[1.0; 3], &weight).unwrap(), [3.0, 3.0]);
     }
 }

@@ -9,10 +9,12 @@ use rayon::prelude::*;
 use crate::buffers::{SharedOut, Strided, overwrite_product};
 use crate::caches::Caches;
 use crate::layout::{HeadMajor, QueryBlock};
-use crate::rows::softmax_numerators;
+use crate::matmul::Epilogue;
+use crate::rows::{bias_gelu_rows, softmax_numerators};
 use crate::stages::{Laps, Stage};
 
-/// `out = x · B (+ bias)` for B (inputs, outputs) row-major. Each task, two per
+/// `out = x · B`, then the epilogue, for B (inputs, outputs) row-major: the
+/// bias and GELU in a pass over each task's part. Each task, two per
 /// thread, is a single-threaded GEMM over a slice of the output columns. The
 /// gemm crate's own threading packs B on the calling thread while the workers
 /// wait, then synchronizes them per panel, which costs most on small inputs.
@@ -22,7 +24,7 @@ pub(crate) fn product(
     inputs: usize,
     b: &[f32],
     outputs: usize,
-    bias: Option<&[f32]>,
+    epilogue: Epilogue,
     out: &mut [MaybeUninit<f32>],
     _: usize,
 ) {
@@ -45,12 +47,16 @@ pub(crate) fn product(
                 1.0,
             );
         }
-        if let Some(bias) = bias {
-            for row in 0..rows {
-                // SAFETY: the task's columns of the row, written just above
-                // and by no other task.
-                let row = unsafe { std::slice::from_raw_parts_mut(dst.at(row * outputs + first), width) };
-                row.iter_mut().zip(&bias[first..]).for_each(|(v, b)| *v += b);
+        let Some(bias) = epilogue.bias() else { return };
+        let (bias, gelu) = (&bias[first..first + width], matches!(epilogue, Epilogue::BiasGelu(_)));
+        for row in 0..rows {
+            // SAFETY: the task's columns of the row, written just above
+            // and by no other task.
+            let row = unsafe { std::slice::from_raw_parts_mut(dst.at(row * outputs + first), width) };
+            if gelu {
+                bias_gelu_rows(row, bias, true);
+            } else {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
             }
         }
     });

@@ -59,7 +59,7 @@ widest_vectors! {
 /// instructions where the CPU has them: in FMAs, and with no sign put back,
 /// where the plain loop (which cannot use FMAs on every CPU it is compiled
 /// for) multiplies and adds apart.
-fn bias_gelu_rows(values: &mut [f32], bias: &[f32], exact: bool) {
+pub(crate) fn bias_gelu_rows(values: &mut [f32], bias: &[f32], exact: bool) {
     #[cfg(target_arch = "x86_64")]
     if let (true, Some(isa)) = (exact, crate::simd::widest()) {
         return crate::simd::bias_gelu_erf(isa, values, bias);

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::exp::{ERFC_P, ERFC_POLY, EXP_FLOOR, EXP_POLY, EXP2_FLOOR, EXP2_POLY, LN2_HI, LN2_LO, ROUNDER};
+use crate::exp::{ERFC_P, ERFC_POLY, EXP2_FLOOR, EXP2_POLY, ROUNDER};
 
 /// A vector instruction set that this CPU has and [`crate::set_limit`] allows.
 /// Only [`widest`] and [`usable`] make one, after detection, so holding an
@@ -87,6 +87,9 @@ pub(crate) trait Vector: Copy {
     /// vectors of floats; for [`Bf16Pairs`], acc plus the dot product of
     /// each lane's pair.
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self;
+    /// GELU (the erf form) of a product's sums, lane by lane, as a tile
+    /// stores them: [`gelu`].
+    unsafe fn gelu_of_sums(self) -> Self;
 }
 
 /// A vector whose lanes are f32s, for the steps that read them as numbers:
@@ -101,11 +104,6 @@ pub(crate) trait FloatLanes: Vector {
     unsafe fn div(self, b: Self) -> Self;
     unsafe fn max(self, b: Self) -> Self;
     unsafe fn abs(self) -> Self;
-    /// e^x per lane for x <= 0, to 3e-7 relative down to x = -87, and 0
-    /// below (-∞ and NaN included): never a subnormal, see [`EXP_FLOOR`].
-    /// x = n·ln 2 + f with |f| <= ln 2 / 2, n rounded by [`ROUNDER`], e^f
-    /// by [`EXP_POLY`] in FMAs, times 2^n.
-    unsafe fn exp(self) -> Self;
     /// 2^max(x, [`EXP2_FLOOR`]) per lane for x <= 0, as
     /// [`crate::exp::fast_exp2`] computes it.
     unsafe fn exp2(self) -> Self;
@@ -114,30 +112,6 @@ pub(crate) trait FloatLanes: Vector {
     unsafe fn load_first(from: *const f32, lanes: usize, fill: f32) -> Self;
     unsafe fn reduce_add(self) -> f32;
     unsafe fn reduce_max(self) -> f32;
-}
-
-/// The steps of [`FloatLanes::exp`] before 2^n, on x clamped to the floor
-/// (so that 2^n and the result are normal floats): x·log2(e) + ROUNDER
-/// (n in its low mantissa bits), n, and e^f by [`EXP_POLY`].
-///
-/// # Safety
-/// V's instruction set.
-#[inline(always)]
-unsafe fn exp_reduced<V: FloatLanes>(x: V) -> (V, V, V) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        let x = x.max(V::splat(EXP_FLOOR));
-        let shifted = x.mul_add(V::splat(std::f32::consts::LOG2_E), V::splat(ROUNDER));
-        let n = shifted.sub(V::splat(ROUNDER));
-        // f = x - n·ln 2, as two FMAs: n.mul_add(-ln 2, x).
-        let f = n.mul_add(V::splat(-LN2_HI), x);
-        let f = n.mul_add(V::splat(-LN2_LO), f);
-        let mut p = V::splat(EXP_POLY[0]);
-        for c in &EXP_POLY[1..] {
-            p = p.mul_add(f, V::splat(*c));
-        }
-        (shifted, n, p)
-    }
 }
 
 /// The steps of [`FloatLanes::exp2`] before 2^n, on x clamped to the
@@ -281,25 +255,35 @@ pub(crate) fn bias_gelu_erf(isa: Isa, values: &mut [f32], bias: &[f32]) {
 
 /// GELU(x) = x·Φ(x) = x·(1 + erf(x/√2))/2, as max(x, 0) - |x|·erfc(|x|/√2)/2
 /// (the same for either sign of x, so no sign is put back), erfc by
-/// [`ERFC_POLY`] in FMAs: one division and one exponential a vector.
+/// [`ERFC_POLY`] in FMAs: one division and one exponential a vector. The
+/// constants are folded: 1/√2 into p, -1/2 into the polynomial, and
+/// e^(-x²/2) taken as 2^(-x²·log2(e)/2), which needs no reduction by ln 2.
 ///
 /// # Safety
 /// V's instruction set.
 #[inline(always)]
-unsafe fn gelu<V: FloatLanes>(x: V) -> V {
+pub(crate) unsafe fn gelu<V: FloatLanes>(x: V) -> V {
+    const P: f32 = ERFC_P * std::f32::consts::FRAC_1_SQRT_2;
+    const MINUS_HALF_POLY: [f32; 5] = {
+        let (mut poly, mut i) = ([0f32; 5], 0);
+        while i < 5 {
+            poly[i] = -0.5 * ERFC_POLY[i];
+            i += 1;
+        }
+        poly
+    };
     // SAFETY: the caller's contract.
     unsafe {
         let magnitude = x.abs();
-        let a = magnitude.mul(V::splat(std::f32::consts::FRAC_1_SQRT_2));
-        let t = V::splat(1.0).div(a.mul_add(V::splat(ERFC_P), V::splat(1.0)));
-        let mut poly = V::splat(ERFC_POLY[0]);
-        for c in &ERFC_POLY[1..] {
+        let t = V::splat(1.0).div(magnitude.mul_add(V::splat(P), V::splat(1.0)));
+        let mut poly = V::splat(MINUS_HALF_POLY[0]);
+        for c in &MINUS_HALF_POLY[1..] {
             poly = poly.mul_add(t, V::splat(*c));
         }
-        // -a² = -x²/2; below the exponential's floor (|x| > 13) e^-a² is 0
-        // and GELU(x) is max(x, 0).
-        let gaussian = x.mul(x).mul(V::splat(-0.5)).exp();
-        let minus_half_erfc = poly.mul(t).mul(gaussian).mul(V::splat(-0.5));
+        // Below the exponential's floor (|x| > 9.4) e^-x²/2 is taken as
+        // 2^-64, and GELU(x) is max(x, 0) to far below f32's resolution.
+        let gaussian = x.mul(x).mul(V::splat(-0.5 * std::f32::consts::LOG2_E)).exp2();
+        let minus_half_erfc = poly.mul(t).mul(gaussian);
         magnitude.mul_add(minus_half_erfc, x.max(V::zero()))
     }
 }
@@ -342,6 +326,10 @@ impl Vector for Avx512 {
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
         unsafe { Self(_mm512_fmadd_ps(self.0, b.0, acc.0)) }
     }
+    #[inline(always)]
+    unsafe fn gelu_of_sums(self) -> Self {
+        unsafe { gelu(self) }
+    }
 }
 
 // SAFETY (all methods): as above.
@@ -369,15 +357,6 @@ impl FloatLanes for Avx512 {
     #[inline(always)]
     unsafe fn abs(self) -> Self {
         unsafe { Self(_mm512_abs_ps(self.0)) }
-    }
-    /// 2^n by `vscalefps`, masked to 0 below the floor.
-    #[inline(always)]
-    unsafe fn exp(self) -> Self {
-        unsafe {
-            let (_, n, p) = exp_reduced(self);
-            let normal = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(self.0, _mm512_set1_ps(EXP_FLOOR));
-            Self(_mm512_maskz_scalef_ps(normal, p.0, n.0))
-        }
     }
     /// 2^n by `vscalefps`.
     #[inline(always)]
@@ -443,6 +422,10 @@ impl Vector for Avx2 {
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
         unsafe { Self(_mm256_fmadd_ps(self.0, b.0, acc.0)) }
     }
+    #[inline(always)]
+    unsafe fn gelu_of_sums(self) -> Self {
+        unsafe { gelu(self) }
+    }
 }
 
 // SAFETY (all methods): as above.
@@ -470,18 +453,6 @@ impl FloatLanes for Avx2 {
     #[inline(always)]
     unsafe fn abs(self) -> Self {
         unsafe { Self(_mm256_and_ps(self.0, _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX)))) }
-    }
-    /// 2^n built in the exponent bits, and 0 below the floor.
-    #[inline(always)]
-    unsafe fn exp(self) -> Self {
-        unsafe {
-            let (shifted, _, p) = exp_reduced(self);
-            // n + 127 in the exponent bits: 2^n (what sits above the low
-            // mantissa bits of the rounder's sum is shifted out).
-            let biased = _mm256_add_epi32(_mm256_castps_si256(shifted.0), _mm256_set1_epi32(127));
-            let e = _mm256_mul_ps(p.0, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased)));
-            Self(_mm256_and_ps(e, _mm256_cmp_ps::<_CMP_GE_OQ>(self.0, _mm256_set1_ps(EXP_FLOOR))))
-        }
     }
     /// n added to 2^f's exponent bits: no multiplication, as
     /// [`crate::exp::fast_exp2`] does.
@@ -619,6 +590,11 @@ impl Vector for Bf16Pairs {
             Self(Avx512(_mm512_dpbf16_ps(acc.0.0, pairs(self), pairs(b))))
         }
     }
+    /// The sums are f32s.
+    #[inline(always)]
+    unsafe fn gelu_of_sums(self) -> Self {
+        unsafe { Self(gelu(self.0)) }
+    }
 }
 
 impl Bf16Pairs {
@@ -671,8 +647,8 @@ pub(crate) unsafe fn bf16_pairs(values: &[f32], into: &mut [std::mem::MaybeUnini
 mod tests {
     use super::*;
 
-    /// Runs `check` for each vector type this CPU has, with its e^x, its
-    /// 2^x and its softmax of a row in base 2.
+    /// Runs `check` for each vector type this CPU has, with its 2^x and
+    /// its softmax of a row in base 2.
     fn on_every_float_vector(check: impl Fn(&FloatVectorFns, &str)) {
         fn lanewise<V: FloatLanes>(x: &[f32], f: fn(V) -> V) -> Vec<f32> {
             x.chunks(V::LANES)
@@ -686,10 +662,6 @@ mod tests {
                 })
                 .collect()
         }
-        fn exps<V: FloatLanes>(x: &[f32]) -> Vec<f32> {
-            // SAFETY: `lanewise` runs it inside V's instruction set.
-            lanewise::<V>(x, |v| unsafe { v.exp() })
-        }
         fn exp2s<V: FloatLanes>(x: &[f32]) -> Vec<f32> {
             // SAFETY: `lanewise` runs it inside V's instruction set.
             lanewise::<V>(x, |v| unsafe { v.exp2() })
@@ -700,39 +672,21 @@ mod tests {
         }
         for isa in usable() {
             match isa.width() {
-                Width::Avx2 => check(&(exps::<Avx2>, exp2s::<Avx2>, softmax::<Avx2>), "AVX2"),
-                Width::Avx512 => check(&(exps::<Avx512>, exp2s::<Avx512>, softmax::<Avx512>), "AVX-512"),
+                Width::Avx2 => check(&(exp2s::<Avx2>, softmax::<Avx2>), "AVX2"),
+                Width::Avx512 => check(&(exp2s::<Avx512>, softmax::<Avx512>), "AVX-512"),
             }
         }
     }
 
-    /// e^x and 2^x of values, and a row's softmax (returning 1 / its sum).
-    type FloatVectorFns = (fn(&[f32]) -> Vec<f32>, fn(&[f32]) -> Vec<f32>, fn(&mut [f32]) -> f32);
-
-    #[test]
-    fn exp_is_close_to_exp() {
-        // Every 0.05 down to -88, and every 0.001 about the floor.
-        let xs = (0..1760).map(|i| -(i as f32) * 0.05).chain((0..3000).map(|i| -86.0 - i as f32 * 0.001));
-        let xs: Vec<f32> = xs.chain([-100.0, -1000.0, f32::NEG_INFINITY, f32::NAN]).collect();
-        on_every_float_vector(|(exps, ..), isa| {
-            for (&x, fast) in xs.iter().zip(exps(&xs)) {
-                if x >= EXP_FLOOR {
-                    let exact = (x as f64).exp() as f32;
-                    assert!((fast - exact).abs() <= 3e-7 * exact, "{isa}: {x}: {fast} vs {exact}");
-                    assert!(fast.is_normal(), "{isa}: {x}: {fast} is not a normal float");
-                } else {
-                    assert_eq!(fast.to_bits(), 0, "{isa}: {x}: {fast}, not 0");
-                }
-            }
-        });
-    }
+    /// 2^x of values, and a row's softmax (returning 1 / its sum).
+    type FloatVectorFns = (fn(&[f32]) -> Vec<f32>, fn(&mut [f32]) -> f32);
 
     #[test]
     fn exp2_is_close_to_exp2_of_x_or_the_floor() {
         // Every 0.01 down to past the floor, and below it.
         let xs = (0..7000).map(|i| -(i as f32) * 0.01);
         let xs: Vec<f32> = xs.chain([-126.0, -1000.0, f32::NEG_INFINITY]).collect();
-        on_every_float_vector(|(_, exp2s, _), isa| {
+        on_every_float_vector(|(exp2s, _), isa| {
             for (&x, fast) in xs.iter().zip(exp2s(&xs)) {
                 let exact = f64::from(x.max(EXP2_FLOOR)).exp2();
                 assert!((f64::from(fast) - exact).abs() <= 2e-7 * exact, "{isa}: {x}: {fast} vs {exact}");

@@ -10,14 +10,16 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use crate::buffers::{LineAligned, SharedOut, Unwritten};
+use crate::matmul::Epilogue;
 use crate::simd::{self, Bf16Pairs, Vector};
 
 /// Rows of x per tile.
 pub(crate) const TILE_ROWS: usize = 6;
 
-/// `out` (rows x outputs) = `x` (rows x inputs) · W (+ `bias`), with W in
-/// panels of (inputs, V::LANES), zero past the last output, and P panels
-/// per tile. A bias is where the tiles' sums start, so it costs no pass.
+/// `out` (rows x outputs) = `x` (rows x inputs) · W, then the epilogue, with
+/// W in panels of (inputs, V::LANES), zero past the last output, and P
+/// panels per tile. A bias is where the tiles' sums start, and a GELU is
+/// taken in the registers as a tile stores them, so neither costs a pass.
 ///
 /// # Safety
 /// The CPU must have V's instruction set; `panels` must hold
@@ -27,18 +29,19 @@ pub(crate) unsafe fn product<V: Vector, const P: usize>(
     inputs: usize,
     panels: &[f32],
     outputs: usize,
-    bias: Option<&[f32]>,
+    epilogue: Epilogue,
     out: &mut [MaybeUninit<f32>],
     x_rows_in_cache: usize,
 ) {
     let rows = out.len() / outputs;
+    let gelu = matches!(epilogue, Epilogue::BiasGelu(_));
     assert!(x.len() == rows * inputs && panels.len() == outputs.div_ceil(V::LANES) * inputs * V::LANES);
     let group = P * V::LANES;
     let groups = outputs.div_ceil(group);
     // Zero past the last output, as the panels are, so that every tile
     // loads whole vectors of it (a bias of another length fails the copy;
     // the table's `product` has checked it).
-    let bias = bias.map(|bias| {
+    let bias = epilogue.bias().map(|bias| {
         let mut padded = LineAligned::zeroed(groups * group);
         padded[..outputs].copy_from_slice(bias);
         padded
@@ -61,6 +64,7 @@ pub(crate) unsafe fn product<V: Vector, const P: usize>(
             outputs,
             columns: (outputs - index * group).min(group),
             bias: bias.as_ref().map(|bias| bias[index * group..].as_ptr()),
+            gelu,
         };
         // SAFETY: V's instruction set by the caller's contract; the block's
         // rows and columns are inside x, panels and out, and no other task's.
@@ -84,7 +88,7 @@ pub(crate) unsafe fn bf16_product(
     inputs: usize,
     panels: &[f32],
     outputs: usize,
-    bias: Option<&[f32]>,
+    epilogue: Epilogue,
     out: &mut [MaybeUninit<f32>],
     x_rows_in_cache: usize,
 ) {
@@ -96,7 +100,7 @@ pub(crate) unsafe fn bf16_product(
             inputs.div_ceil(2),
             panels,
             outputs,
-            bias,
+            epilogue,
             out,
             x_rows_in_cache,
         )
@@ -130,6 +134,7 @@ struct Block {
     columns: usize,
     /// The block's P panels' lanes of the bias, zero past the last output.
     bias: Option<*const f32>,
+    gelu: bool,
 }
 
 impl Block {
@@ -191,7 +196,8 @@ impl Block {
             for p in 0..P {
                 let column = (panel + p) * V::LANES;
                 for (r, acc) in acc.iter().enumerate() {
-                    acc[p].store_first(self.out.add((first + r) * self.outputs + column), self.columns - column);
+                    let sums = if self.gelu { acc[p].gelu_of_sums() } else { acc[p] };
+                    sums.store_first(self.out.add((first + r) * self.outputs + column), self.columns - column);
                 }
             }
         }

@@ -47,6 +47,11 @@ impl Linear {
         fused::matmul(&x.contiguous()?, &self.weight)
     }
 
+    /// GELU(`x · Wᵀ + bias`) in the erf form, as a buffer.
+    fn forward_gelu(&self, x: &Tensor) -> Result<Vec<f32>> {
+        fused::linear_gelu(&x.contiguous()?, &self.weight, &self.bias)
+    }
+
     /// A product of `x` as a (B, tokens, outputs) tensor.
     fn output(&self, product: Vec<f32>, x: &Tensor) -> Result<Tensor> {
         let (batch, tokens, _) = x.dims3()?;
@@ -346,8 +351,14 @@ struct Mlp {
 impl Mlp {
     /// Without fc2's bias, which the residual pass adds.
     fn forward_without_bias(&self, x: &Tensor) -> Result<Vec<f32>> {
-        let mut hidden = self.fc1.forward_without_bias(x)?;
-        fused::bias_gelu(&mut hidden, &self.fc1.bias, self.activation == Activation::Gelu);
+        let hidden = match self.activation {
+            Activation::Gelu => self.fc1.forward_gelu(x)?,
+            Activation::GeluTanh => {
+                let mut hidden = self.fc1.forward_without_bias(x)?;
+                fused::bias_gelu(&mut hidden, &self.fc1.bias, false);
+                hidden
+            }
+        };
         self.fc2.forward_without_bias(&self.fc1.output(hidden, x)?)
     }
 }
