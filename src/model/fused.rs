@@ -6,6 +6,7 @@ use std::sync::Once;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Storage, Tensor};
+use rayon::prelude::*;
 use segattn_kernels as kernels;
 
 pub use kernels::{Norm, PackedWeight, Precision};
@@ -79,6 +80,38 @@ pub fn linear_gelu(x: &Tensor, weight: &PackedWeight, bias: &[f32]) -> Result<Ve
     cpu_slice(x, |x| Ok(kernels::linear_gelu(x, weight, bias)?))
 }
 
+/// The non-overlapping q x q patches of `x` (B, H, W, C), of any strides,
+/// as rows (B, (H/q)·(W/q), C·q·q) of each patch's values in (channel, row,
+/// column) order: a stride-q convolution's inputs, for one product. A row
+/// of patches a task, each run of q values along W copied as a slice where
+/// W is contiguous (planar pixels), where candle's strided copy walks an
+/// index per run.
+pub fn patches(x: &Tensor, q: usize) -> Result<Tensor> {
+    let (batch, height, width, channels) = x.dims4()?;
+    let (rows, cols) = (height / q, width / q);
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else { bail!("patches are gathered on the CPU only") };
+    let (values, start) = (cpu.as_slice::<f32>()?, layout.start_offset());
+    let &[sb, sh, sw, sc] = layout.stride() else { bail!("patches of a tensor of {} dimensions", layout.dims().len()) };
+    let row_len = channels * q * q;
+    let mut out = vec![0f32; batch * rows * cols * row_len];
+    out.par_chunks_mut(cols * row_len).enumerate().for_each(|(band, out)| {
+        let (b, i) = (band / rows, band % rows);
+        for (j, patch) in out.chunks_exact_mut(row_len).enumerate() {
+            for (run, out) in patch.chunks_exact_mut(q).enumerate() {
+                let (c, r) = (run / q, run % q);
+                let first = start + b * sb + (i * q + r) * sh + j * q * sw + c * sc;
+                if sw == 1 {
+                    out.copy_from_slice(&values[first..first + q]);
+                } else {
+                    out.iter_mut().enumerate().for_each(|(k, v)| *v = values[first + k * sw]);
+                }
+            }
+        }
+    });
+    Ok(Tensor::from_vec(out, (batch, rows * cols, row_len), x.device())?)
+}
+
 /// LayerNorm over the last dimension.
 pub fn layer_norm(x: &Tensor, norm: Norm) -> Result<Tensor> {
     limit_kernels();
@@ -139,6 +172,35 @@ fn cpu_slice<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patches_are_the_reshaped_permuted_tensor() {
+        let device = candle_core::Device::Cpu;
+        let (batch, channels, height, width, q) = (2, 3, 9, 13, 4);
+        let values: Vec<f32> = (0..batch * channels * height * width).map(|i| i as f32).collect();
+        let planar = Tensor::from_vec(values, (batch, channels, height, width), &device).unwrap();
+        // Trailing pixels cut off (a view with an offset and strides), then
+        // channels last: planar pixels as the patch embedding sees them, and
+        // the same values stored channels last, as a stem leaves them.
+        let (rows, cols) = (height / q, width / q);
+        let view =
+            planar.narrow(2, 1, rows * q).unwrap().narrow(3, 0, cols * q).unwrap().permute((0, 2, 3, 1)).unwrap();
+        for x in [view.clone(), view.contiguous().unwrap()] {
+            let expected = x
+                .reshape((batch, rows, q, cols, q, channels))
+                .unwrap()
+                .permute((0, 1, 3, 5, 2, 4))
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((batch, rows * cols, channels * q * q))
+                .unwrap();
+            let ours = patches(&x, q).unwrap();
+            assert_eq!(ours.dims(), expected.dims());
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(flat(&ours), flat(&expected), "strides {:?}", x.layout().stride());
+        }
+    }
 
     #[test]
     fn fused_gelu_matches_the_formulas() {

@@ -132,7 +132,7 @@ impl PatchEmbed {
     /// layer's output. Trailing pixels that do not fill a patch are dropped,
     /// as the convolution does.
     fn forward(&self, pixels: &Tensor, keep_stem: bool) -> Result<(Tensor, PatchGrid, Vec<Tensor>)> {
-        let (batch, channels, height, width) = pixels.dims4()?;
+        let (_, channels, height, width) = pixels.dims4()?;
         let p = self.patch_size;
         let grid = PatchGrid { rows: height / p, cols: width / p };
         if channels != 3 {
@@ -151,17 +151,14 @@ impl PatchEmbed {
             }
         }
         // Each patch's values in the projection weight's order: channel, row, column.
-        let (q, channels) = (self.projection_size, x.dim(3)?);
-        let patches = x
-            .reshape((batch, grid.rows, q, grid.cols, q, channels))?
-            .permute((0, 1, 3, 5, 2, 4))?
-            .contiguous()?
-            .reshape((batch, grid.len(), channels * q * q))?;
+        let patches = fused::patches(&x, self.projection_size)?;
         Ok((self.projection.forward(&patches)?, grid, stem))
     }
 }
 
 struct PositionEmbedding {
+    /// (1, 1 + G·G, D), as stored: the trained grid's embeddings.
+    table: Tensor,
     cls: Tensor,
     /// (D, G, G): channels first, ready for separable resampling.
     grid: Tensor,
@@ -175,18 +172,17 @@ impl PositionEmbedding {
         let table = weights.tensor(weights.layout.pos_embed, &[1, 1 + g * g, d])?;
         let cls = table.narrow(1, 0, 1)?;
         let grid = table.narrow(1, 1, g * g)?.reshape((g, g, d))?.permute((2, 0, 1))?.contiguous()?;
-        Ok(Self { cls, grid, config: config.clone() })
+        Ok(Self { table, cls, grid, config: config.clone() })
     }
 
     /// Position embeddings for the class token and a `grid` of patches: (1, 1 + rows·cols, D).
     fn forward(&self, grid: PatchGrid) -> Result<Tensor> {
         let g = self.config.pos_grid;
         // Every reference skips interpolation for the trained square grid.
-        let patches = if grid.rows == g && grid.cols == g {
-            self.grid.clone()
-        } else {
-            resample_grid(&self.grid, grid.rows, grid.cols, self.config.pos_interpolation)?
-        };
+        if grid.rows == g && grid.cols == g {
+            return Ok(self.table.clone());
+        }
+        let patches = resample_grid(&self.grid, grid.rows, grid.cols, self.config.pos_interpolation)?;
         let patches = patches.permute((1, 2, 0))?.reshape((1, grid.len(), self.config.hidden_size))?;
         Ok(Tensor::cat(&[&self.cls, &patches], 1)?)
     }
