@@ -221,6 +221,39 @@ mod tests {
     }
 
     #[test]
+    fn scores_far_below_zero_keep_their_softmax() {
+        // Every score about 115 below zero (in base 2), each key's 1.15 below
+        // the one before: a softmax taken from a largest score of 0 (the zero
+        // keys that pad a last panel, say) would floor every numerator alike.
+        for tokens in [5, 37, 97] {
+            let d = 64;
+            let mut data = crate::noise(tokens * 3 * d, tokens as u64);
+            for (t, row) in data.chunks_mut(3 * d).enumerate() {
+                row[..d].fill(1.0);
+                row[d..2 * d].fill(-(10.0 + 0.1 * t as f32));
+            }
+            for (kernels, caches) in
+                Kernels::all_here().into_iter().flat_map(|k| crate::caches::for_tests().map(|c| (k, c)))
+            {
+                // As in `attention_kernels_match_the_formula`.
+                let (round, slack): (fn(f32) -> f32, f32) = match kernels.precision {
+                    Precision::Bf16 => (crate::layout::bf16_rounded, 1.0 / 128.0),
+                    Precision::F32 => (|v| v, 0.0),
+                };
+                let expected = naive_attention(&data, tokens, 1, 0.125, round);
+                let (Attended { mixed, .. }, _) =
+                    attention_with(kernels, &caches, &data, (1, tokens), 1, 0.125, false, false);
+                for ((a, e), spread) in mixed.iter().zip(&expected.mixed).zip(&expected.spread) {
+                    assert!(
+                        (a - e).abs() < 1e-4 + slack * spread,
+                        "{kernels:?}, {caches:?}, {tokens} tokens: {a} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn shapes_that_do_not_fit_are_errors() {
         assert!(attention(&[0.0; 10], (1, 3), 1, 1.0, false, Precision::F32).is_err());
         assert!(attention(&[], (0, 3), 1, 1.0, false, Precision::F32).is_err());

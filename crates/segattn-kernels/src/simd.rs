@@ -136,37 +136,6 @@ unsafe fn exp2_reduced<V: FloatLanes>(x: V) -> (V, V, V) {
     }
 }
 
-/// The largest value of `row`, -∞ if it is empty. Four vectors a step keep
-/// four maxima apart; a last partial vector is read lane by lane, its other
-/// lanes -∞.
-///
-/// # Safety
-/// V's instruction set.
-#[inline(always)]
-pub(crate) unsafe fn row_max<V: FloatLanes>(row: &[f32]) -> f32 {
-    let (len, at) = (row.len(), row.as_ptr());
-    let full = len - len % V::LANES;
-    let step = 4 * V::LANES;
-    // SAFETY: V's instruction set by the caller's contract; every full
-    // vector is below `full`, and the last partial one reads only its
-    // `len - full` lanes.
-    unsafe {
-        let mut max = [V::splat(f32::NEG_INFINITY); 4];
-        let mut i = 0;
-        while i + step <= full {
-            for (j, max) in max.iter_mut().enumerate() {
-                *max = max.max(V::load(at.add(i + j * V::LANES)));
-            }
-            i += step;
-        }
-        for i in (i..full).step_by(V::LANES) {
-            max[0] = max[0].max(V::load(at.add(i)));
-        }
-        max[1] = max[1].max(V::load_first(at.add(full), len - full, f32::NEG_INFINITY));
-        max[0].max(max[1]).max(max[2].max(max[3])).reduce_max()
-    }
-}
-
 /// A softmax's numerators 2^(s - max) in place of the scores s of `row`,
 /// scores in base 2 (log2 e times the natural ones), and returns their sum.
 /// Dividing the (rows x head_dim) output by the sum after P·V is
@@ -182,8 +151,9 @@ pub(crate) unsafe fn exp2_sum<V: FloatLanes>(row: &mut [f32], max: f32) -> f32 {
     let (len, at) = (row.len(), row.as_mut_ptr());
     let full = len - len % V::LANES;
     let step = 4 * V::LANES;
-    // SAFETY: as in `row_max`, and the last partial vector writes only its
-    // `len - full` lanes.
+    // SAFETY: V's instruction set by the caller's contract; every full
+    // vector is below `full`, and the last partial one reads and writes
+    // only its `len - full` lanes.
     unsafe {
         let max = V::splat(max);
         let mut sum = [V::zero(); 4];
@@ -667,8 +637,9 @@ mod tests {
             lanewise::<V>(x, |v| unsafe { v.exp2() })
         }
         fn softmax<V: FloatLanes>(row: &mut [f32]) -> f32 {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             // SAFETY: the caller checked the instruction set.
-            unsafe { V::enter(|| 1.0 / exp2_sum::<V>(row, row_max::<V>(row))) }
+            unsafe { V::enter(|| 1.0 / exp2_sum::<V>(row, max)) }
         }
         for isa in usable() {
             match isa.width() {

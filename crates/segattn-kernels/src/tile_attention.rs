@@ -189,16 +189,16 @@ struct RunningSoftmax {
 impl RunningSoftmax {
     const START: Self = Self { max: f32::NEG_INFINITY, sum: 0.0, rescale: 0.0 };
 
-    /// Turns a step's `scores` into numerators 2^(s - max) over the largest
-    /// score so far.
+    /// Turns a step's `scores`, whose largest is `step_max`, into
+    /// numerators 2^(s - max) over the largest score so far.
     ///
     /// # Safety
     /// V's instruction set.
     #[inline(always)]
-    unsafe fn step<V: FloatLanes>(&mut self, scores: &mut [f32]) {
+    unsafe fn step<V: FloatLanes>(&mut self, scores: &mut [f32], step_max: f32) {
         // SAFETY: the caller's contract.
         unsafe {
-            let max = self.max.max(simd::row_max::<V>(scores));
+            let max = self.max.max(step_max);
             // At the first step (from -∞) it scales sums of 0.
             self.rescale = fast_exp2(self.max - max);
             self.sum = self.sum * self.rescale + simd::exp2_sum::<V>(scores, max);
@@ -244,6 +244,8 @@ unsafe fn attend_steps<M: TileMath, const P: usize>(block: QueryBlock, caches: &
     let slots = tokens.div_ceil(M::PER_SLOT);
     let Walk { step_tokens, group_rows } = Walk::new::<M, P>(caches, tokens, rows);
     let mut scores = LineAligned::zeroed(group_rows * step_tokens);
+    // Each group row's largest score over the step so far, lane by lane.
+    let mut maxima = LineAligned::zeroed(group_rows * lanes);
     let mut softmax = vec![RunningSoftmax::START; rows];
     let mut buffers = Buffers::default();
     let mut first_row = Vec::with_capacity(if keep_first_row { num_heads * tokens } else { 0 });
@@ -274,12 +276,14 @@ unsafe fn attend_steps<M: TileMath, const P: usize>(block: QueryBlock, caches: &
                 // `out` by the caller's contract; the step's keys and values
                 // are inside the head's, as packed; `scores` holds the
                 // group's rows of the step's padded tokens.
-                unsafe { group.scores::<M, P>(&mut scores, step_tokens, &mut buffers) };
+                unsafe { group.scores::<M, P>((&mut scores, step_tokens), &mut maxima, &mut buffers) };
                 laps.lap(Stage::Scores);
                 let rows_softmax = &mut softmax[start..start + group.rows];
-                for (row, softmax) in scores.chunks_mut(step_tokens).zip(rows_softmax.iter_mut()) {
-                    // SAFETY: M's instruction set, by the caller's contract.
-                    unsafe { softmax.step::<M::Sum>(&mut row[..step_len]) };
+                let rows = scores.chunks_mut(step_tokens).zip(maxima.chunks(lanes)).zip(rows_softmax.iter_mut());
+                for ((row, maxima), softmax) in rows {
+                    // SAFETY: M's instruction set, by the caller's contract;
+                    // a row's maxima are a vector.
+                    unsafe { softmax.step::<M::Sum>(&mut row[..step_len], M::Sum::load(maxima.as_ptr()).reduce_max()) };
                 }
                 if keep_first_row && start == 0 {
                     first_row.extend_from_slice(&scores[..step_len]);
@@ -336,26 +340,35 @@ struct Group {
 impl Group {
     /// scores[r][t] = scale · q[r] · k[t] (base 2) for the group's rows and the
     /// step's keys, rows `stride` apart, P key panels at a time (then one),
-    /// each read by all of the group's tiles.
+    /// each read by all of the group's tiles; and in `maxima`, a vector a
+    /// row, each row's largest score over the step, lane by lane. Taken as
+    /// the tiles store the scores, the maxima need no pass over them.
     ///
     /// # Safety
     /// M's instruction set; the group's rows of `q`, the step's key panels,
-    /// and `scores` for the group's rows of `stride`, which covers the
-    /// step's panels.
+    /// `scores` for the group's rows of `stride`, which covers the step's
+    /// panels, and `maxima` for the group's rows.
     #[inline(always)]
-    unsafe fn scores<M: TileMath, const P: usize>(&self, scores: &mut [f32], stride: usize, buffers: &mut Buffers) {
+    unsafe fn scores<M: TileMath, const P: usize>(
+        &self,
+        (scores, stride): (&mut [f32], usize),
+        maxima: &mut [f32],
+        buffers: &mut Buffers,
+    ) {
         // SAFETY: the caller's contract.
         unsafe {
+            maxima[..self.rows * M::Sum::LANES].fill(f32::NEG_INFINITY);
             let queries = M::operands(self.q, self.q_stride, self.rows, HEAD_DIM, &mut buffers.queries);
             let mut panel = 0;
             while panel < self.panels {
                 let step = if panel + P <= self.panels { P } else { 1 };
                 each_tile!(self.rows, |first, R| {
-                    let scores = scores[first * stride..].as_mut_ptr();
+                    let scores = (scores[first * stride..].as_mut_ptr(), stride);
+                    let maxima = maxima[first * M::Sum::LANES..].as_mut_ptr();
                     if step == P {
-                        self.tile_scores::<M, R, P>(queries, first, panel, scores, stride)
+                        self.tile_scores::<M, R, P>(queries, first, panel, scores, maxima)
                     } else {
-                        self.tile_scores::<M, R, 1>(queries, first, panel, scores, stride)
+                        self.tile_scores::<M, R, 1>(queries, first, panel, scores, maxima)
                     }
                 });
                 panel += step;
@@ -365,20 +378,21 @@ impl Group {
 
     /// scores[r][keys of panels panel..panel+Q] for R query rows from
     /// `first`, of `queries` (where, and how far apart) as M's products
-    /// read them.
+    /// read them, and their largest into the rows' `maxima`.
     ///
     /// # Safety
     /// M's instruction set; R rows of queries from `first` readable; panels
     /// `panel..panel + Q` of the step's keys readable; `scores` writable
-    /// for R rows of `stride`, which covers those panels.
+    /// for R rows of its stride, which covers those panels; R vectors of
+    /// `maxima` readable and writable.
     #[inline(always)]
     unsafe fn tile_scores<M: TileMath, const R: usize, const Q: usize>(
         &self,
         (queries, stride): (*const f32, usize),
         first: usize,
         panel: usize,
-        scores: *mut f32,
-        scores_stride: usize,
+        (scores, scores_stride): (*mut f32, usize),
+        maxima: *mut f32,
     ) {
         let (lanes, depth) = (M::Operand::LANES, HEAD_DIM / M::PER_SLOT);
         // SAFETY: (all pointer reads and writes) the caller's contract.
@@ -389,9 +403,17 @@ impl Group {
                 tile_product::<M::Operand, R, Q>(zero, (queries.add(first * stride), stride), (keys, depth), depth);
             let scale = M::Sum::splat(self.scale);
             for (r, acc) in acc.iter().enumerate() {
+                let mut max = M::Sum::load(maxima.add(r * lanes));
                 for (p, &acc) in acc.iter().enumerate() {
-                    M::sums(acc).mul(scale).store(scores.add(r * scores_stride + (panel + p) * lanes));
+                    let at = scores.add(r * scores_stride + (panel + p) * lanes);
+                    let scores = M::sums(acc).mul(scale);
+                    scores.store(at);
+                    // Past the last key, a panel's lanes hold the zero keys'
+                    // scores: read back with -∞ there.
+                    let keys = self.step.1 - (panel + p) * lanes;
+                    max = max.max(if keys >= lanes { scores } else { M::Sum::load_first(at, keys, f32::NEG_INFINITY) });
                 }
+                max.store(maxima.add(r * lanes));
             }
         }
     }
