@@ -232,7 +232,7 @@ pub(crate) fn bias_gelu_erf(isa: Isa, values: &mut [f32], bias: &[f32]) {
 /// # Safety
 /// V's instruction set.
 #[inline(always)]
-pub(crate) unsafe fn gelu<V: FloatLanes>(x: V) -> V {
+unsafe fn gelu<V: FloatLanes>(x: V) -> V {
     const P: f32 = ERFC_P * std::f32::consts::FRAC_1_SQRT_2;
     const MINUS_HALF_POLY: [f32; 5] = {
         let (mut poly, mut i) = ([0f32; 5], 0);
