@@ -49,13 +49,12 @@ pub(crate) unsafe fn product<V: Vector, const P: usize>(
     // Each task is a group of columns over a run of rows, so that the
     // group's panels stay in cache from tile to tile. A thread's tasks are
     // one range of them, a run of rows' groups one after another, so the
-    // run's rows stay in cache from group to group when they fit:
-    // `x_rows_in_cache` rows, or fewer to make enough tasks to share out.
-    let splits = (4 * rayon::current_num_threads()).div_ceil(groups);
-    let chunk = rows.div_ceil(splits).min(x_rows_in_cache).next_multiple_of(TILE_ROWS);
+    // run's rows stay in cache from group to group.
+    let runs = RowRuns::new(rows, groups, x_rows_in_cache, rayon::current_num_threads());
     let dst = SharedOut(out.as_mut_ptr().cast());
-    (0..groups * rows.div_ceil(chunk)).into_par_iter().for_each(|task| {
-        let (index, first_row) = (task % groups, task / groups * chunk);
+    (0..groups * runs.count).into_par_iter().for_each(|task| {
+        let (index, run) = (task % groups, runs.rows(task / groups));
+        let first_row = run.start;
         let block = Block {
             x: x[first_row * inputs..].as_ptr(),
             inputs,
@@ -71,10 +70,41 @@ pub(crate) unsafe fn product<V: Vector, const P: usize>(
         unsafe {
             V::enter(
                 #[inline(always)]
-                || block.run::<V, P>(chunk.min(rows - first_row)),
+                || block.run::<V, P>(run.len()),
             )
         };
     });
+}
+
+/// The runs of rows [`product`] cuts x into: enough for a run's rows of x
+/// to stay in cache (`x_rows_in_cache`) and for four tasks (a run's group
+/// of columns) a thread, then, where a few more runs make the tasks a
+/// multiple of the threads, those, each starting on a tile. Runs that
+/// differ by a tile at most give each thread the same work: rayon deals out
+/// a range of tasks in equal halves, then quarters, and a quarter that is
+/// not stolen runs whole, so seven runs of 684 rows and an eighth of 13
+/// (4801 rows) kept one thread of two busy 14 % longer than the other.
+struct RowRuns {
+    rows: usize,
+    count: usize,
+}
+
+impl RowRuns {
+    fn new(rows: usize, groups: usize, x_rows_in_cache: usize, threads: usize) -> Self {
+        let tiles = rows.div_ceil(TILE_ROWS).max(1);
+        let fewest = (4 * threads).div_ceil(groups).max(rows.div_ceil(x_rows_in_cache)).min(tiles);
+        let count = (fewest..=tiles).find(|runs| (runs * groups).is_multiple_of(threads)).unwrap_or(fewest);
+        Self { rows, count }
+    }
+
+    /// Run `run`'s rows, of `0..count`.
+    fn rows(&self, run: usize) -> std::ops::Range<usize> {
+        let start = |run: usize| match run {
+            run if run == self.count => self.rows,
+            run => run * self.rows / self.count / TILE_ROWS * TILE_ROWS,
+        };
+        start(run)..start(run + 1)
+    }
 }
 
 /// [`product`] on bfloat16 pairs: x's rows converted to the pairs W's
@@ -260,6 +290,42 @@ unsafe fn tile_step<V: Vector, const R: usize, const P: usize>(
             let xb = V::splat(*x.add(r * x_stride + k));
             for (acc, &b) in acc.iter_mut().zip(&b) {
                 *acc = xb.mul_add(b, *acc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_of_rows_share_out_evenly_and_stay_in_cache() {
+        for rows in [1, 5, 6, 7, 13, 197, 785, 1201, 4801] {
+            for groups in [1, 6, 18, 24] {
+                for x_rows_in_cache in [1, 170, 682, 100_000] {
+                    for threads in [1, 2, 3, 4, 16] {
+                        let runs = RowRuns::new(rows, groups, x_rows_in_cache, threads);
+                        let case =
+                            format!("{rows} rows, {groups} groups, {x_rows_in_cache} in cache, {threads} threads");
+                        let all: Vec<_> = (0..runs.count).map(|run| runs.rows(run)).collect();
+                        assert_eq!((all[0].start, all[runs.count - 1].end), (0, rows), "{case}");
+                        for (run, next) in all.iter().zip(&all[1..]) {
+                            assert_eq!(run.end, next.start, "{case}");
+                        }
+                        for run in &all {
+                            assert_eq!(run.start % TILE_ROWS, 0, "{case}: {run:?}");
+                            let even = rows as f64 / runs.count as f64;
+                            assert!((run.len() as f64 - even).abs() <= TILE_ROWS as f64, "{case}: {run:?}");
+                            if x_rows_in_cache >= TILE_ROWS {
+                                assert!(run.len() <= x_rows_in_cache + TILE_ROWS, "{case}: {run:?}");
+                            }
+                        }
+                        if rows >= 197 && x_rows_in_cache >= 170 && threads <= 4 {
+                            assert_eq!(runs.count * groups % threads, 0, "{case}: {} runs", runs.count);
+                        }
+                    }
+                }
             }
         }
     }
