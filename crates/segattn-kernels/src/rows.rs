@@ -97,19 +97,27 @@ fn norm_row(x: &[f32], normed: &mut [MaybeUninit<f32>], norm: &Norm) {
     // Two passes over a row that is in L1: the mean, then the centred
     // variance, which stays exact where E[x²] - E[x]² would cancel.
     let width = x.len() as f32;
-    let mut sum = [0f32; LANES];
-    for chunk in x.chunks(LANES) {
-        sum.iter_mut().zip(chunk).for_each(|(s, v)| *s += v);
-    }
-    let mean = sum.iter().sum::<f32>() / width;
-    let mut squares = [0f32; LANES];
-    for chunk in x.chunks(LANES) {
-        squares.iter_mut().zip(chunk).for_each(|(s, v)| *s += (v - mean) * (v - mean));
-    }
-    let inv_std = 1.0 / (squares.iter().sum::<f32>() / width + norm.eps).sqrt();
+    let mean = lane_sum(x, |v| v) / width;
+    let inv_std = 1.0 / (lane_sum(x, |v| (v - mean) * (v - mean)) / width + norm.eps).sqrt();
     for (((n, v), w), b) in normed.iter_mut().zip(x).zip(norm.weight).zip(norm.bias) {
         n.write((v - mean) * inv_std * w + b);
     }
+}
+
+/// Σ f(v) over `values`, in [`LANES`] partial sums. Over whole chunks of
+/// them, the sums stay in vector registers; over chunks that may be short,
+/// they went through the stack at every step, a store and a load on each
+/// sum's chain, and the LayerNorm ran at a third of the speed.
+#[inline(always)]
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut sums = [0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        sums.iter_mut().zip(chunk).for_each(|(s, &v)| *s += f(v));
+    }
+    sums.iter_mut().zip(rest).for_each(|(s, &v)| *s += f(v));
+    sums.iter().sum()
 }
 
 #[inline(always)]
