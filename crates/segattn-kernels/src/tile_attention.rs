@@ -157,8 +157,8 @@ macro_rules! each_tile {
 struct Walk {
     /// Keys per step: a multiple of a step of P key panels.
     step_tokens: usize,
-    /// Query rows whose scores over a step are computed together, each step
-    /// of P key panels read from L1 by all of the group's tiles.
+    /// Query rows whose scores over a step are computed, turned into
+    /// numerators and mixed together.
     group_rows: usize,
 }
 
@@ -339,8 +339,10 @@ struct Group {
 
 impl Group {
     /// scores[r][t] = scale · q[r] · k[t] (base 2) for the group's rows and the
-    /// step's keys, rows `stride` apart, P key panels at a time (then one),
-    /// each read by all of the group's tiles; and in `maxima`, a vector a
+    /// step's keys, rows `stride` apart, a tile of rows at a time over the
+    /// step's key panels, P at a time (then one): a tile's queries stay in
+    /// L1 while the keys stream from L2, as the values do in [`Group::mix`],
+    /// and each row's scores are stored in order. In `maxima`, a vector a
     /// row, each row's largest score over the step, lane by lane. Taken as
     /// the tiles store the scores, the maxima need no pass over them.
     ///
@@ -359,20 +361,19 @@ impl Group {
         unsafe {
             maxima[..self.rows * M::Sum::LANES].fill(f32::NEG_INFINITY);
             let queries = M::operands(self.q, self.q_stride, self.rows, HEAD_DIM, &mut buffers.queries);
-            let mut panel = 0;
-            while panel < self.panels {
-                let step = if panel + P <= self.panels { P } else { 1 };
-                each_tile!(self.rows, |first, R| {
-                    let scores = (scores[first * stride..].as_mut_ptr(), stride);
-                    let maxima = maxima[first * M::Sum::LANES..].as_mut_ptr();
-                    if step == P {
-                        self.tile_scores::<M, R, P>(queries, first, panel, scores, maxima)
-                    } else {
-                        self.tile_scores::<M, R, 1>(queries, first, panel, scores, maxima)
-                    }
-                });
-                panel += step;
-            }
+            each_tile!(self.rows, |first, R| {
+                let scores = (scores[first * stride..].as_mut_ptr(), stride);
+                let maxima = maxima[first * M::Sum::LANES..].as_mut_ptr();
+                let mut panel = 0;
+                while panel + P <= self.panels {
+                    self.tile_scores::<M, R, P>(queries, first, panel, scores, maxima);
+                    panel += P;
+                }
+                while panel < self.panels {
+                    self.tile_scores::<M, R, 1>(queries, first, panel, scores, maxima);
+                    panel += 1;
+                }
+            });
         }
     }
 
