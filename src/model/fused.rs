@@ -9,7 +9,7 @@ use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
 use segattn_kernels as kernels;
 
-pub use kernels::{Norm, PackedWeight, Precision};
+pub use kernels::{KeepAwake, Norm, PackedWeight, Precision};
 
 /// Applies SEGATTN_KERNELS (`avx2`, or `portable` for the gemm crate's
 /// path) before any kernel runs, so that CI can test every path on one

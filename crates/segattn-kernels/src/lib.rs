@@ -49,6 +49,7 @@ macro_rules! widest_vectors {
 }
 
 mod attention;
+mod awake;
 mod buffers;
 mod caches;
 mod dispatch;
@@ -69,6 +70,7 @@ mod tile_matmul;
 use std::sync::OnceLock;
 
 pub use attention::{Attended, attention, timed_attention};
+pub use awake::KeepAwake;
 pub use caches::{Caches, caches};
 pub use layout::Precision;
 pub use matmul::{PackedWeight, linear, linear_gelu, matmul};

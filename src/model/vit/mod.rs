@@ -566,8 +566,11 @@ impl Vit {
         // would be handed to the pool's threads while the caller waits, and
         // each would wake them again. From one of its threads, the thread that
         // runs the layers takes its share of each pass, and the others find
-        // the next one as they finish.
-        rayon::scope(|_| self.forward_in_pool(pixels, capture))
+        // the next one as they finish, awake in the serial gaps between.
+        rayon::scope(|_| {
+            let _awake = fused::KeepAwake::start();
+            self.forward_in_pool(pixels, capture)
+        })
     }
 
     /// [`Vit::forward`]'s work, on the thread that calls it.
