@@ -98,6 +98,11 @@ pub(crate) trait Vector: Copy {
 /// # Safety
 /// As [`Vector`].
 pub(crate) trait FloatLanes: Vector {
+    /// Vectors the softmax pass ([`exp2_sum`]) takes a step, each with a
+    /// sum of its own: as many as the registers hold beside the
+    /// exponential's ten constants and temporaries, since a sum that
+    /// spills makes a round trip through the stack at every step.
+    const SOFTMAX_WAYS: usize;
     unsafe fn mul(self, b: Self) -> Self;
     unsafe fn add(self, b: Self) -> Self;
     unsafe fn sub(self, b: Self) -> Self;
@@ -139,8 +144,9 @@ unsafe fn exp2_reduced<V: FloatLanes>(x: V) -> (V, V, V) {
 /// A softmax's numerators 2^(s - max) in place of the scores s of `row`,
 /// scores in base 2 (log2 e times the natural ones), and returns their sum.
 /// Dividing the (rows x head_dim) output by the sum after P·V is
-/// head_dim/tokens of the work of dividing every probability. Four vectors
-/// a step keep four sums apart; a last partial vector is read and written
+/// head_dim/tokens of the work of dividing every probability. A step of
+/// [`FloatLanes::SOFTMAX_WAYS`] vectors keeps as many sums apart; a last
+/// partial vector is read and written
 /// lane by lane, its other lanes -∞, whose 2^x (the floor's, 2^-64) is
 /// lost in a sum that holds the largest score's 1.
 ///
@@ -150,16 +156,17 @@ unsafe fn exp2_reduced<V: FloatLanes>(x: V) -> (V, V, V) {
 pub(crate) unsafe fn exp2_sum<V: FloatLanes>(row: &mut [f32], max: f32) -> f32 {
     let (len, at) = (row.len(), row.as_mut_ptr());
     let full = len - len % V::LANES;
-    let step = 4 * V::LANES;
+    let step = V::SOFTMAX_WAYS * V::LANES;
     // SAFETY: V's instruction set by the caller's contract; every full
     // vector is below `full`, and the last partial one reads and writes
     // only its `len - full` lanes.
     unsafe {
         let max = V::splat(max);
+        const { assert!(V::SOFTMAX_WAYS <= 4) };
         let mut sum = [V::zero(); 4];
         let mut i = 0;
         while i + step <= full {
-            for (j, sum) in sum.iter_mut().enumerate() {
+            for (j, sum) in sum[..V::SOFTMAX_WAYS].iter_mut().enumerate() {
                 let e = V::load(at.add(i + j * V::LANES)).sub(max).exp2();
                 e.store(at.add(i + j * V::LANES));
                 *sum = sum.add(e);
@@ -309,6 +316,7 @@ impl Vector for Avx512 {
 
 // SAFETY (all methods): as above.
 impl FloatLanes for Avx512 {
+    const SOFTMAX_WAYS: usize = 4;
     #[inline(always)]
     unsafe fn mul(self, b: Self) -> Self {
         unsafe { Self(_mm512_mul_ps(self.0, b.0)) }
@@ -405,6 +413,8 @@ impl Vector for Avx2 {
 
 // SAFETY (all methods): as above.
 impl FloatLanes for Avx2 {
+    /// Four spilled one of their sums on 16 registers.
+    const SOFTMAX_WAYS: usize = 2;
     #[inline(always)]
     unsafe fn mul(self, b: Self) -> Self {
         unsafe { Self(_mm256_mul_ps(self.0, b.0)) }
