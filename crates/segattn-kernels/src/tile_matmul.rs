@@ -174,6 +174,7 @@ impl Block {
     #[inline(always)]
     unsafe fn run<V: Vector, const P: usize>(&self, rows: usize) {
         for first in (0..rows).step_by(TILE_ROWS) {
+            self.prefetch_out(first + TILE_ROWS..(first + 2 * TILE_ROWS).min(rows));
             // SAFETY: the caller's contract.
             unsafe {
                 match rows - first {
@@ -184,6 +185,22 @@ impl Block {
                     5 => self.tile::<V, 5, P>(first),
                     _ => self.tile::<V, TILE_ROWS, P>(first),
                 }
+            }
+        }
+    }
+
+    /// Asks for the lines of out's `rows` in the block's columns. The output
+    /// is new to the caches, and a tile whose stores go to lines still in
+    /// memory waits for them, which shows most where tiles are short (few
+    /// inputs); asked for while the tile before computes, they are in cache
+    /// by then.
+    #[inline(always)]
+    fn prefetch_out(&self, rows: std::ops::Range<usize>) {
+        const LINE: usize = 64 / size_of::<f32>();
+        for r in rows {
+            let row = self.out.wrapping_add(r * self.outputs);
+            for column in (0..self.columns).step_by(LINE).chain([self.columns - 1]) {
+                simd::prefetch(row.wrapping_add(column));
             }
         }
     }
