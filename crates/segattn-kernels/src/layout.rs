@@ -97,7 +97,7 @@ impl HeadMajor {
     /// every row, a page apart (which no prefetcher follows), once per head.
     pub(crate) fn in_panels<const W: usize>(qkv: &[f32], tokens: usize, num_heads: usize, head_dim: usize) -> Self {
         assert!(head_dim.is_multiple_of(W), "heads of {head_dim} in panels of {W}");
-        let (d, padded, value_panels) = (num_heads * head_dim, tokens.next_multiple_of(W), head_dim / W);
+        let (d, padded) = (num_heads * head_dim, tokens.next_multiple_of(W));
         let mut keys_t = LineAligned::unwritten(num_heads * padded * head_dim);
         let mut values = LineAligned::unwritten(num_heads * tokens * head_dim);
         // Some eight tasks a thread, to share out evenly.
@@ -130,9 +130,10 @@ impl HeadMajor {
             }
             for t in task * run..tokens.min((task + 1) * run) {
                 let at = (t - task * run) * W;
-                for (i, values) in values.iter_mut().enumerate() {
-                    let (head, panel) = (i / value_panels, i % value_panels);
-                    values[at..at + W].write_copy_of_slice(&row(t, 2, head)[panel * W..][..W]);
+                // The row's values, head after head: panel i is its W values from i·W.
+                let row_values = &qkv[t * 3 * d + 2 * d..][..d];
+                for (values, panel) in values.iter_mut().zip(row_values.chunks_exact(W)) {
+                    values[at..at + W].write_copy_of_slice(panel);
                 }
             }
         });
