@@ -32,6 +32,9 @@ impl Unwritten {
     }
 }
 
+/// Bytes in a cache line on the x86-64 CPUs the tiles run on.
+pub(crate) const LINE_BYTES: usize = 64;
+
 /// Floats from a cache line's start (64 bytes, an AVX-512 vector), for the
 /// panels the tiles load a vector at a time: a load that straddles two
 /// lines costs a second L1 access on Intel's cores, and glibc hands out
@@ -45,10 +48,9 @@ pub(crate) struct LineAligned {
 impl LineAligned {
     /// `len` slots from a line's start, to be written whole.
     pub(crate) fn unwritten(len: usize) -> UnwrittenLines {
-        const LINE: usize = 64;
-        let mut buffer = Unwritten::new(len + LINE / size_of::<f32>() - 1);
+        let mut buffer = Unwritten::new(len + LINE_BYTES / size_of::<f32>() - 1);
         let at = buffer.buffer.as_ptr() as usize;
-        let start = (at.next_multiple_of(LINE) - at) / size_of::<f32>();
+        let start = (at.next_multiple_of(LINE_BYTES) - at) / size_of::<f32>();
         buffer.len = start + len;
         UnwrittenLines { buffer, start }
     }

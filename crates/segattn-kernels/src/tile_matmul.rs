@@ -9,7 +9,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::buffers::{LineAligned, SharedOut, Unwritten};
+use crate::buffers::{LINE_BYTES, LineAligned, SharedOut, Unwritten};
 use crate::matmul::Epilogue;
 use crate::simd::{self, Bf16Pairs, Vector};
 
@@ -196,7 +196,7 @@ impl Block {
     /// by then.
     #[inline(always)]
     fn prefetch_out(&self, rows: std::ops::Range<usize>) {
-        const LINE: usize = 64 / size_of::<f32>();
+        const LINE: usize = LINE_BYTES / size_of::<f32>();
         for r in rows {
             let row = self.out.wrapping_add(r * self.outputs);
             for column in (0..self.columns).step_by(LINE).chain([self.columns - 1]) {
