@@ -51,7 +51,7 @@ pub fn attention(
     keep_cls_row: bool,
     precision: Precision,
 ) -> Result<Attended, ShapeError> {
-    let kernels = kernels_for(qkv, batch * tokens, num_heads, precision)?;
+    let kernels = kernels_for(qkv, batch * tokens, num_heads, scale, precision)?;
     Ok(attention_with(kernels, &caches(), qkv, (batch, tokens), num_heads, scale, keep_cls_row, false).0)
 }
 
@@ -64,19 +64,25 @@ pub fn timed_attention(
     scale: f32,
     precision: Precision,
 ) -> Result<(Attended, StageTimes), ShapeError> {
-    let kernels = kernels_for(qkv, batch * tokens, num_heads, precision)?;
+    let kernels = kernels_for(qkv, batch * tokens, num_heads, scale, precision)?;
     Ok(attention_with(kernels, &caches(), qkv, (batch, tokens), num_heads, scale, false, true))
 }
 
-/// The kernels for `qkv` as rows of `num_heads` heads' q, k and v.
+/// The kernels for `qkv` as rows of `num_heads` heads' q, k and v, scaled
+/// by `scale`, which must be positive: the tiles find each row's largest
+/// score from its largest product q·k.
 fn kernels_for(
     qkv: &[f32],
     rows: usize,
     num_heads: usize,
+    scale: f32,
     precision: Precision,
 ) -> Result<&'static Kernels, ShapeError> {
     if rows == 0 || num_heads == 0 || !qkv.len().is_multiple_of(rows * 3 * num_heads) {
         return Err(ShapeError::new(format!("attention: {} values for {rows} rows of {num_heads} heads", qkv.len())));
+    }
+    if !(scale > 0.0 && scale.is_finite()) {
+        return Err(ShapeError::new(format!("attention: a scale of {scale}, where a positive number is needed")));
     }
     let head_dim = qkv.len() / rows / 3 / num_heads;
     Ok(Kernels::best_attention(head_dim, precision))
@@ -257,5 +263,9 @@ mod tests {
     fn shapes_that_do_not_fit_are_errors() {
         assert!(attention(&[0.0; 10], (1, 3), 1, 1.0, false, Precision::F32).is_err());
         assert!(attention(&[], (0, 3), 1, 1.0, false, Precision::F32).is_err());
+        for scale in [0.0, -0.125, f32::NAN, f32::INFINITY] {
+            assert!(attention(&[0.0; 3], (1, 1), 1, scale, false, Precision::F32).is_err());
+        }
+        assert!(attention(&[0.0; 3], (1, 1), 1, 0.125, false, Precision::F32).is_ok());
     }
 }

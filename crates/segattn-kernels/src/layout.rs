@@ -207,7 +207,7 @@ pub(crate) struct QueryBlock<'a> {
     pub(crate) heads: &'a HeadMajor,
     pub(crate) out: &'a mut [MaybeUninit<f32>],
     pub(crate) first: usize,
-    /// The attention's scale times log2 e: every kernel keeps its scores
+    /// The attention's scale (positive) times log2 e: every kernel keeps its scores
     /// in base 2 and takes the softmax numerators as 2^(s - max).
     pub(crate) scale: f32,
     /// Return row 0's probabilities for every head.

@@ -78,7 +78,7 @@ pub use peak::{Peak, measure_peak};
 pub use rows::{Norm, bias_gelu, layer_norm, residual_layer_norm};
 pub use stages::{Stage, StageTimes};
 
-/// A shape the kernels cannot work on, in words.
+/// A shape (or a scale) the kernels cannot work on, in words.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShapeError(String);
 

@@ -141,8 +141,11 @@ unsafe fn exp2_reduced<V: FloatLanes>(x: V) -> (V, V, V) {
     }
 }
 
-/// A softmax's numerators 2^(s - max) in place of the scores s of `row`,
-/// scores in base 2 (log2 e times the natural ones), and returns their sum.
+/// A softmax's numerators 2^(s · scale - max) in place of the products s
+/// of `row`, `scale` taking them to scores in base 2 (log2 e times the
+/// natural ones), and returns their sum. Scaled here, in the FMA that
+/// subtracts the largest score, the products are stored as they come out
+/// of the tiles, with no multiply each.
 /// Dividing the (rows x head_dim) output by the sum after P·V is
 /// head_dim/tokens of the work of dividing every probability. A step of
 /// [`FloatLanes::SOFTMAX_WAYS`] vectors keeps as many sums apart; a last
@@ -153,7 +156,7 @@ unsafe fn exp2_reduced<V: FloatLanes>(x: V) -> (V, V, V) {
 /// # Safety
 /// V's instruction set.
 #[inline(always)]
-pub(crate) unsafe fn exp2_sum<V: FloatLanes>(row: &mut [f32], max: f32) -> f32 {
+pub(crate) unsafe fn exp2_sum<V: FloatLanes>(row: &mut [f32], scale: f32, max: f32) -> f32 {
     let (len, at) = (row.len(), row.as_mut_ptr());
     let full = len - len % V::LANES;
     let step = V::SOFTMAX_WAYS * V::LANES;
@@ -161,20 +164,20 @@ pub(crate) unsafe fn exp2_sum<V: FloatLanes>(row: &mut [f32], max: f32) -> f32 {
     // vector is below `full`, and the last partial one reads and writes
     // only its `len - full` lanes.
     unsafe {
-        let max = V::splat(max);
+        let (scale, minus_max) = (V::splat(scale), V::splat(-max));
         const { assert!(V::SOFTMAX_WAYS <= 4) };
         let mut sum = [V::zero(); 4];
         let mut i = 0;
         while i + step <= full {
             for (j, sum) in sum[..V::SOFTMAX_WAYS].iter_mut().enumerate() {
-                let e = V::load(at.add(i + j * V::LANES)).sub(max).exp2();
+                let e = V::load(at.add(i + j * V::LANES)).mul_add(scale, minus_max).exp2();
                 e.store(at.add(i + j * V::LANES));
                 *sum = sum.add(e);
             }
             i += step;
         }
         for i in (i..full).step_by(V::LANES) {
-            let e = V::load(at.add(i)).sub(max).exp2();
+            let e = V::load(at.add(i)).mul_add(scale, minus_max).exp2();
             e.store(at.add(i));
             sum[0] = sum[0].add(e);
         }
@@ -182,7 +185,7 @@ pub(crate) unsafe fn exp2_sum<V: FloatLanes>(row: &mut [f32], max: f32) -> f32 {
         // with no lane to move: a row of whole vectors (every step but a
         // row's last) skips them.
         if full < len {
-            let e = V::load_first(at.add(full), len - full, f32::NEG_INFINITY).sub(max).exp2();
+            let e = V::load_first(at.add(full), len - full, f32::NEG_INFINITY).mul_add(scale, minus_max).exp2();
             e.store_first(at.add(full), len - full);
             sum[1] = sum[1].add(e);
         }
@@ -663,7 +666,7 @@ mod tests {
         fn softmax<V: FloatLanes>(row: &mut [f32]) -> f32 {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             // SAFETY: the caller checked the instruction set.
-            unsafe { V::enter(|| 1.0 / exp2_sum::<V>(row, max)) }
+            unsafe { V::enter(|| 1.0 / exp2_sum::<V>(row, 1.0, max)) }
         }
         for isa in usable() {
             match isa.width() {

@@ -175,7 +175,8 @@ impl Walk {
 
 /// A query row's softmax so far, over the steps of keys it has seen: the
 /// largest score, and the sum of 2^(s - that largest), scores in base 2
-/// (times log2 e), as [`simd::exp2_sum`] takes them. When a step raises
+/// (the products q·k times [`QueryBlock::scale`]), as [`simd::exp2_sum`]
+/// takes them. When a step raises
 /// the largest, the sums so far (and the row's P·V so far) are scaled by
 /// 2^(old - new).
 #[derive(Clone, Copy, Debug)]
@@ -189,19 +190,22 @@ struct RunningSoftmax {
 impl RunningSoftmax {
     const START: Self = Self { max: f32::NEG_INFINITY, sum: 0.0, rescale: 0.0 };
 
-    /// Turns a step's `scores`, whose largest is `step_max`, into
-    /// numerators 2^(s - max) over the largest score so far.
+    /// Turns a step's products q·k, whose largest is `step_max`, into
+    /// numerators 2^(s - max) over the largest score s = q·k · `scale` so
+    /// far; `scale` is positive, so the largest product makes the largest
+    /// score. (Its exponent, taken in one FMA, may come out half an ulp of
+    /// the largest above 0, which 2^x takes as it takes 0.)
     ///
     /// # Safety
     /// V's instruction set.
     #[inline(always)]
-    unsafe fn step<V: FloatLanes>(&mut self, scores: &mut [f32], step_max: f32) {
+    unsafe fn step<V: FloatLanes>(&mut self, products: &mut [f32], scale: f32, step_max: f32) {
         // SAFETY: the caller's contract.
         unsafe {
-            let max = self.max.max(step_max);
+            let max = self.max.max(step_max * scale);
             // At the first step (from -∞) it scales sums of 0.
             self.rescale = fast_exp2(self.max - max);
-            self.sum = self.sum * self.rescale + simd::exp2_sum::<V>(scores, max);
+            self.sum = self.sum * self.rescale + simd::exp2_sum::<V>(products, scale, max);
             self.max = max;
         }
     }
@@ -270,7 +274,6 @@ unsafe fn attend_steps<M: TileMath, const P: usize>(block: QueryBlock, caches: &
                     step: (step_start, step_len),
                     out: out[start * d + head * HEAD_DIM..].as_mut_ptr().cast::<f32>(),
                     out_stride: d,
-                    scale,
                 };
                 // SAFETY: the group's rows are block rows, inside `qkv` and
                 // `out` by the caller's contract; the step's keys and values
@@ -283,7 +286,9 @@ unsafe fn attend_steps<M: TileMath, const P: usize>(block: QueryBlock, caches: &
                 for ((row, maxima), softmax) in rows {
                     // SAFETY: M's instruction set, by the caller's contract;
                     // a row's maxima are a vector.
-                    unsafe { softmax.step::<M::Sum>(&mut row[..step_len], M::Sum::load(maxima.as_ptr()).reduce_max()) };
+                    unsafe {
+                        softmax.step::<M::Sum>(&mut row[..step_len], scale, M::Sum::load(maxima.as_ptr()).reduce_max())
+                    };
                 }
                 if keep_first_row && start == 0 {
                     first_row.extend_from_slice(&scores[..step_len]);
@@ -333,12 +338,11 @@ struct Group {
     step: (usize, usize),
     out: *mut f32,
     out_stride: usize,
-    /// [`QueryBlock::scale`]: scores in base 2 ([`RunningSoftmax`]).
-    scale: f32,
 }
 
 impl Group {
-    /// scores[r][t] = scale · q[r] · k[t] (base 2) for the group's rows and the
+    /// scores[r][t] = q[r] · k[t], unscaled ([`RunningSoftmax::step`]
+    /// scales them), for the group's rows and the
     /// step's keys, rows `stride` apart, a tile of rows at a time over the
     /// step's key panels, P at a time (then one): a tile's queries stay in
     /// L1 while the keys stream from L2, as the values do in [`Group::mix`],
@@ -402,12 +406,11 @@ impl Group {
             let zero = [[M::Operand::zero(); Q]; R];
             let acc =
                 tile_product::<M::Operand, R, Q>(zero, (queries.add(first * stride), stride), (keys, depth), depth);
-            let scale = M::Sum::splat(self.scale);
             for (r, acc) in acc.iter().enumerate() {
                 let mut max = M::Sum::load(maxima.add(r * lanes));
                 for (p, &acc) in acc.iter().enumerate() {
                     let at = scores.add(r * scores_stride + (panel + p) * lanes);
-                    let scores = M::sums(acc).mul(scale);
+                    let scores = M::sums(acc);
                     scores.store(at);
                     // Past the last key, a panel's lanes hold the zero keys'
                     // scores: read back with -∞ there.
