@@ -118,8 +118,11 @@ pub(crate) fn attention_with(
                 times.charge(Stage::Pack, start.elapsed() * rayon::current_num_threads() as u32);
             }
             let rows = block_rows(tokens);
+            // Each block a job of its own, which an idle thread can take
+            // while it has not started (as `tile_matmul::product`'s tasks).
             let blocks: Vec<(Vec<f32>, StageTimes)> = out
                 .par_chunks_mut(rows * d)
+                .with_max_len(1)
                 .enumerate()
                 .map(|(block, out)| {
                     let keep_first_row = block == 0 && keep_cls_row;

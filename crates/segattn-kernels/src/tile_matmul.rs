@@ -49,10 +49,13 @@ pub(crate) unsafe fn product<V: Vector, const P: usize>(
     // Each task is a group of columns over a run of rows, so that the
     // group's panels stay in cache from tile to tile. A thread's tasks are
     // one range of them, a run of rows' groups one after another, so the
-    // run's rows stay in cache from group to group.
+    // run's rows stay in cache from group to group. Each task is a job of
+    // its own, which an idle thread can take: rayon would otherwise run the
+    // quarters of the range it deals out whole, and where the host slowed
+    // one core for a while the other sat idle for a tenth of the product.
     let runs = RowRuns::new(rows, groups, x_rows_in_cache, rayon::current_num_threads());
     let dst = SharedOut(out.as_mut_ptr().cast());
-    (0..groups * runs.count).into_par_iter().for_each(|task| {
+    (0..groups * runs.count).into_par_iter().with_max_len(1).for_each(|task| {
         let (index, run) = (task % groups, runs.rows(task / groups));
         let first_row = run.start;
         let block = Block {
@@ -80,10 +83,9 @@ pub(crate) unsafe fn product<V: Vector, const P: usize>(
 /// to stay in cache (`x_rows_in_cache`) and for four tasks (a run's group
 /// of columns) a thread, then, where a few more runs make the tasks a
 /// multiple of the threads, those, each starting on a tile. Runs that
-/// differ by a tile at most give each thread the same work: rayon deals out
-/// a range of tasks in equal halves, then quarters, and a quarter that is
-/// not stolen runs whole, so seven runs of 684 rows and an eighth of 13
-/// (4801 rows) kept one thread of two busy 14 % longer than the other.
+/// differ by a tile at most give each thread the same work from the start:
+/// rayon deals out a range of tasks in equal halves, and tasks then move
+/// between threads only where the cores' speeds differ.
 struct RowRuns {
     rows: usize,
     count: usize,
