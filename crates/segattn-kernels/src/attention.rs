@@ -11,7 +11,7 @@ use crate::ShapeError;
 use crate::buffers::Unwritten;
 use crate::caches::{Caches, caches};
 use crate::dispatch::Kernels;
-use crate::layout::{Precision, QueryBlock};
+use crate::layout::{HeadColumns, Precision, QueryBlock};
 use crate::stages::{Laps, Stage, StageTimes};
 
 /// Most query rows per block. On the GEMM path each block re-packs every key
@@ -118,26 +118,37 @@ pub(crate) fn attention_with(
                 times.charge(Stage::Pack, start.elapsed() * rayon::current_num_threads() as u32);
             }
             let rows = block_rows(tokens);
-            // Each block a job of its own, which an idle thread can take
-            // while it has not started (as `tile_matmul::product`'s tasks).
-            let blocks: Vec<(Vec<f32>, StageTimes)> = out
-                .par_chunks_mut(rows * d)
-                .with_max_len(1)
+            // A task per block and head, each a job of its own, which an idle
+            // thread can take while it has not started (as
+            // `tile_matmul::product`'s tasks): heads, rather than smaller
+            // blocks, make the tasks small enough to share out evenly.
+            let tasks: Vec<(usize, usize, HeadColumns)> = out
+                .chunks_mut(rows * d)
                 .enumerate()
-                .map(|(block, out)| {
+                .flat_map(|(block, out)| {
+                    let columns = HeadColumns::split(out, num_heads, head_dim);
+                    columns.into_iter().enumerate().map(move |(head, out)| (block, head, out))
+                })
+                .collect();
+            let results: Vec<(Vec<f32>, StageTimes)> = tasks
+                .into_par_iter()
+                .with_max_len(1)
+                .map(|(block, head, out)| {
                     let keep_first_row = block == 0 && keep_cls_row;
                     let mut laps = Laps::new(timed);
-                    let query_block =
-                        QueryBlock { qkv: data, heads: &heads, out, first: block * rows, scale, keep_first_row };
+                    let first = block * rows;
+                    let query_block = QueryBlock { qkv: data, heads: &heads, head, out, first, scale, keep_first_row };
                     (kernels.attend_block(query_block, caches, &mut laps), laps.times())
                 })
                 .collect();
-            for (_, block_times) in &blocks {
-                times.add(*block_times);
+            for (_, task_times) in &results {
+                times.add(*task_times);
             }
             if keep_cls_row {
-                let per_batch = num_heads * tokens;
-                cls_rows[b * per_batch..(b + 1) * per_batch].copy_from_slice(&blocks[0].0);
+                // Block 0's tasks come first, head after head.
+                for (head, (row, _)) in results[..num_heads].iter().enumerate() {
+                    cls_rows[(b * num_heads + head) * tokens..][..tokens].copy_from_slice(row);
+                }
             }
         }
         // SAFETY: every block wrote all of its rows, every head its columns.

@@ -26,9 +26,9 @@ use crate::{tile_attention, tile_matmul};
 type Product = unsafe fn(&[f32], usize, &[f32], usize, Epilogue, &mut [MaybeUninit<f32>], usize);
 /// Kᵀ and V of each head, from qkv rows: (qkv, tokens, heads, head_dim).
 type PackHeads = fn(&[f32], usize, usize, usize) -> HeadMajor;
-/// One block of query rows through the attention, each stage's time lapped
-/// on the stopwatch; row 0's probabilities when the block asks for them.
-/// Its blocks are sized from the caches.
+/// One head of a block of query rows through the attention, each stage's
+/// time lapped on the stopwatch; row 0's probabilities when the block asks
+/// for them. Its walk through the keys is sized from the caches.
 type AttendBlock = unsafe fn(QueryBlock, &Caches, &mut Laps) -> Vec<f32>;
 
 /// The kernels of one instruction set.
@@ -233,12 +233,15 @@ impl Kernels {
         HeadMajor { layout: self.attention_name, ..(self.pack_heads)(qkv, tokens, heads, head_dim) }
     }
 
-    /// One block of query rows; `block.heads` must come from this table's
-    /// [`Kernels::pack_heads`].
+    /// One head of a block of query rows; `block.heads` must come from this
+    /// table's [`Kernels::pack_heads`].
     pub(crate) fn attend_block(&self, block: QueryBlock, caches: &Caches, laps: &mut Laps) -> Vec<f32> {
         assert_eq!(block.heads.layout, self.attention_name, "heads packed for another kernel");
+        let (head, rows, heads) = (block.head, block.out.rows(), block.heads);
+        assert!(head < heads.num_heads && block.first + rows <= heads.tokens, "rows {}.. of head {head}", block.first);
         // SAFETY: the instruction set as in `product`; the heads were packed
-        // by this table (checked above), for a head size it takes.
+        // by this table (checked above), for a head size it takes, and the
+        // block's rows and head are among theirs.
         unsafe { (self.attend_block)(block, caches, laps) }
     }
 }

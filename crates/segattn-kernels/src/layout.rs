@@ -2,6 +2,7 @@
 //! reads its right-hand side in, bfloat16 pairs, and the keys and values of
 //! a layer's heads that the attention kernels share.
 
+use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
@@ -200,17 +201,65 @@ impl HeadMajor {
     }
 }
 
-/// Query rows `first..` of all heads, written to `out` (rows x hidden), for
-/// an attention kernel.
+/// One head's columns of a block of rows of the attention's output (rows
+/// of the heads' columns side by side), which the block's other heads share
+/// row by row: each head's part of a block can be a task of its own.
+pub(crate) struct HeadColumns<'a> {
+    at: *mut MaybeUninit<f32>,
+    rows: usize,
+    stride: usize,
+    width: usize,
+    _out: PhantomData<&'a mut [MaybeUninit<f32>]>,
+}
+
+// SAFETY: a view is the only one of its values (`HeadColumns::split`),
+// and holds the borrow of the buffer they are in.
+unsafe impl Send for HeadColumns<'_> {}
+
+impl<'a> HeadColumns<'a> {
+    /// `out`'s rows of `heads` heads of `width` columns, cut into each
+    /// head's columns, head after head.
+    pub(crate) fn split(out: &'a mut [MaybeUninit<f32>], heads: usize, width: usize) -> Vec<Self> {
+        let stride = heads * width;
+        assert!(stride > 0 && out.len().is_multiple_of(stride), "{} values in rows of {heads} x {width}", out.len());
+        let (rows, at) = (out.len() / stride, out.as_mut_ptr());
+        // The heads' columns are disjoint, and all inside `out`.
+        (0..heads)
+            .map(|head| Self { at: at.wrapping_add(head * width), rows, stride, width, _out: PhantomData })
+            .collect()
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Row r's columns.
+    pub(crate) fn row(&mut self, r: usize) -> &mut [MaybeUninit<f32>] {
+        assert!(r < self.rows, "row {r} of {}", self.rows);
+        // SAFETY: row r's columns are inside the buffer, and this view's
+        // alone (`split`); the borrow of `self` keeps them so.
+        unsafe { std::slice::from_raw_parts_mut(self.at.add(r * self.stride), self.width) }
+    }
+
+    /// Where row 0's columns start, and how far apart the rows are: for
+    /// kernels that write `rows()` rows of the columns through pointers.
+    pub(crate) fn as_mut_ptr(&mut self) -> (*mut f32, usize) {
+        (self.at.cast(), self.stride)
+    }
+}
+
+/// Query rows `first..` of one head, written to `out` (rows x head_dim),
+/// for an attention kernel.
 pub(crate) struct QueryBlock<'a> {
     pub(crate) qkv: &'a [f32],
     pub(crate) heads: &'a HeadMajor,
-    pub(crate) out: &'a mut [MaybeUninit<f32>],
+    pub(crate) head: usize,
+    pub(crate) out: HeadColumns<'a>,
     pub(crate) first: usize,
     /// The attention's scale (positive) times log2 e: every kernel keeps its scores
     /// in base 2 and takes the softmax numerators as 2^(s - max).
     pub(crate) scale: f32,
-    /// Return row 0's probabilities for every head.
+    /// Return row 0's probabilities.
     pub(crate) keep_first_row: bool,
 }
 
@@ -226,6 +275,24 @@ mod tests {
         assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
         assert_eq!(bf16_bits(1.0 + 1.0 / 256.0 + 1e-6), 0x3f81);
         assert_eq!(bf16_bits(-2.0), 0xc000);
+    }
+
+    #[test]
+    fn each_heads_columns_are_its_own_and_together_cover_the_rows() {
+        let (rows, heads, width) = (5, 3, 4);
+        let mut out = vec![MaybeUninit::new(-1.0f32); rows * heads * width];
+        for (head, mut columns) in HeadColumns::split(&mut out, heads, width).into_iter().enumerate() {
+            assert_eq!(columns.rows(), rows);
+            for r in 0..rows {
+                let row = columns.row(r);
+                assert_eq!(row.len(), width);
+                row.iter_mut().for_each(|v| *v = MaybeUninit::new((r * heads + head) as f32));
+            }
+        }
+        for (i, v) in out.iter().enumerate() {
+            // SAFETY: every value was initialized above.
+            assert_eq!(unsafe { v.assume_init() }, (i / width) as f32, "value {i}");
+        }
     }
 
     #[test]

@@ -62,63 +62,59 @@ pub(crate) fn product(
     });
 }
 
-/// The block with two GEMMs per head around a softmax pass.
+/// The block's head with two GEMMs around a softmax pass.
 pub(crate) fn attend_block(block: QueryBlock, _: &Caches, laps: &mut Laps) -> Vec<f32> {
-    let QueryBlock { qkv, heads, out, first, scale, keep_first_row } = block;
+    let QueryBlock { qkv, heads, head, mut out, first, scale, keep_first_row } = block;
     let HeadMajor { tokens, num_heads, head_dim, .. } = *heads;
     let d = num_heads * head_dim;
-    let rows = out.len() / d;
+    let rows = out.rows();
+    assert!(head < num_heads && first + rows <= tokens, "rows {first}.. of head {head} of {tokens} x {num_heads}");
     let mut scores = Vec::with_capacity(rows * tokens);
     let mut inv_sums = vec![0f32; rows];
     let mut mixed = Vec::with_capacity(rows * head_dim);
-    let mut first_row = Vec::with_capacity(if keep_first_row { num_heads * tokens } else { 0 });
-    for head in 0..num_heads {
-        let q = qkv[first * 3 * d + head * head_dim..].as_ptr();
-        let k_t = heads.keys_t[head * tokens * head_dim..].as_ptr();
-        let v = heads.values[head * tokens * head_dim..].as_ptr();
-        // SAFETY: every index touched is inside `qkv`, `heads` or `scores`:
-        // rows < tokens - first, columns < head_dim, keys < tokens, with the
-        // strides of the (token, 3, heads, head_dim), (head_dim, tokens) and
-        // (tokens, head_dim) layouts; the product writes all of `scores`.
-        unsafe {
-            // scores (rows x tokens) = scale · Q_block (rows x hd) · Kᵀ (hd x tokens),
-            // in base 2 (`QueryBlock::scale`).
-            overwrite_product(
-                (rows, tokens, head_dim),
-                scores.as_mut_ptr(),
-                tokens,
-                Strided::row_major(q, 3 * d),
-                Strided::row_major(k_t, tokens),
-                scale,
-            );
-            scores.set_len(rows * tokens);
-        }
-        laps.lap(Stage::Scores);
-        softmax_numerators(&mut scores, tokens, &mut inv_sums);
-        if keep_first_row {
-            first_row.extend(scores[..tokens].iter().map(|p| p * inv_sums[0]));
-        }
-        laps.lap(Stage::Softmax);
-        // SAFETY: as above, for the (rows x hd) output, which the product writes whole.
-        unsafe {
-            // mixed (rows x hd) = P (rows x tokens) · V (tokens x hd)
-            overwrite_product(
-                (rows, head_dim, tokens),
-                mixed.as_mut_ptr(),
-                head_dim,
-                Strided::row_major(scores.as_ptr(), tokens),
-                Strided::row_major(v, head_dim),
-                1.0,
-            );
-            mixed.set_len(rows * head_dim);
-        }
-        let columns = out.chunks_mut(d).map(|row| &mut row[head * head_dim..(head + 1) * head_dim]);
-        for ((out, mixed), inv_sum) in columns.zip(mixed.chunks(head_dim)).zip(&inv_sums) {
-            out.iter_mut().zip(mixed).for_each(|(o, m)| {
-                o.write(m * inv_sum);
-            });
-        }
-        laps.lap(Stage::Mix);
+    let q = qkv[first * 3 * d + head * head_dim..].as_ptr();
+    let k_t = heads.keys_t[head * tokens * head_dim..].as_ptr();
+    let v = heads.values[head * tokens * head_dim..].as_ptr();
+    // SAFETY: every index touched is inside `qkv`, `heads` or `scores`:
+    // rows < tokens - first, columns < head_dim, keys < tokens, with the
+    // strides of the (token, 3, heads, head_dim), (head_dim, tokens) and
+    // (tokens, head_dim) layouts; the product writes all of `scores`.
+    unsafe {
+        // scores (rows x tokens) = scale · Q_block (rows x hd) · Kᵀ (hd x tokens),
+        // in base 2 (`QueryBlock::scale`).
+        overwrite_product(
+            (rows, tokens, head_dim),
+            scores.as_mut_ptr(),
+            tokens,
+            Strided::row_major(q, 3 * d),
+            Strided::row_major(k_t, tokens),
+            scale,
+        );
+        scores.set_len(rows * tokens);
     }
+    laps.lap(Stage::Scores);
+    softmax_numerators(&mut scores, tokens, &mut inv_sums);
+    let first_row =
+        if keep_first_row { scores[..tokens].iter().map(|p| p * inv_sums[0]).collect() } else { Vec::new() };
+    laps.lap(Stage::Softmax);
+    // SAFETY: as above, for the (rows x hd) output, which the product writes whole.
+    unsafe {
+        // mixed (rows x hd) = P (rows x tokens) · V (tokens x hd)
+        overwrite_product(
+            (rows, head_dim, tokens),
+            mixed.as_mut_ptr(),
+            head_dim,
+            Strided::row_major(scores.as_ptr(), tokens),
+            Strided::row_major(v, head_dim),
+            1.0,
+        );
+        mixed.set_len(rows * head_dim);
+    }
+    for (r, (mixed, inv_sum)) in mixed.chunks(head_dim).zip(&inv_sums).enumerate() {
+        out.row(r).iter_mut().zip(mixed).for_each(|(o, m)| {
+            o.write(m * inv_sum);
+        });
+    }
+    laps.lap(Stage::Mix);
     first_row
 }

@@ -1,5 +1,5 @@
-//! One block of query rows through softmax(Q Kᵀ · scale) V with register
-//! tiles, for heads of 64 dimensions (every DINO and DINOv2 size).
+//! One head of a block of query rows through softmax(Q Kᵀ · scale) V with
+//! register tiles, for heads of 64 dimensions (every DINO and DINOv2 size).
 //!
 //! The GEMM path re-packs all of a head's keys and values for every block,
 //! and its scores (block rows x tokens) live in L2. Here Kᵀ and V are packed
@@ -211,13 +211,14 @@ impl RunningSoftmax {
     }
 }
 
-/// The block, a step of keys at a time and in each a group of query rows
-/// at a time ([`Walk`]), in tiles of six.
+/// The block's head, a step of keys at a time and in each a group of query
+/// rows at a time ([`Walk`]), in tiles of six.
 ///
 /// # Safety
 /// The CPU must have M's instruction set; `heads` packed from `qkv` in
 /// M's panels (lanes wide, M::PER_SLOT rows per slot), with heads of
-/// [`HEAD_DIM`] dimensions, and `first + out.len() / hidden <= heads.tokens`.
+/// [`HEAD_DIM`] dimensions, `head` one of them, and
+/// `first + out.rows() <= heads.tokens`.
 pub(crate) unsafe fn attend_block<M: TileMath, const P: usize>(
     block: QueryBlock,
     caches: &Caches,
@@ -239,11 +240,12 @@ pub(crate) unsafe fn attend_block<M: TileMath, const P: usize>(
 /// that only that contract keeps in bounds.
 #[inline(always)]
 unsafe fn attend_steps<M: TileMath, const P: usize>(block: QueryBlock, caches: &Caches, laps: &mut Laps) -> Vec<f32> {
-    let QueryBlock { qkv, heads, out, first, scale, keep_first_row } = block;
+    let QueryBlock { qkv, heads, head, mut out, first, scale, keep_first_row } = block;
     let HeadMajor { tokens, num_heads, .. } = *heads;
     let (lanes, depth) = (M::Operand::LANES, HEAD_DIM / M::PER_SLOT);
     let d = num_heads * HEAD_DIM;
-    let rows = out.len() / d;
+    let rows = out.rows();
+    let (out, out_stride) = out.as_mut_ptr();
     let padded = tokens.next_multiple_of(lanes);
     let slots = tokens.div_ceil(M::PER_SLOT);
     let Walk { step_tokens, group_rows } = Walk::new::<M, P>(caches, tokens, rows);
@@ -252,62 +254,58 @@ unsafe fn attend_steps<M: TileMath, const P: usize>(block: QueryBlock, caches: &
     let mut maxima = LineAligned::zeroed(group_rows * lanes);
     let mut softmax = vec![RunningSoftmax::START; rows];
     let mut buffers = Buffers::default();
-    let mut first_row = Vec::with_capacity(if keep_first_row { num_heads * tokens } else { 0 });
+    let mut first_row = Vec::with_capacity(if keep_first_row { tokens } else { 0 });
     // Row 0's largest score as each step's numerators were taken.
     let mut first_row_maxima = Vec::new();
-    for head in 0..num_heads {
-        let keys = heads.keys_t[head * padded * depth..].as_ptr();
-        let values = heads.values[head * slots * HEAD_DIM..].as_ptr();
-        softmax.fill(RunningSoftmax::START);
-        for step_start in (0..tokens).step_by(step_tokens) {
-            let step_len = step_tokens.min(tokens - step_start);
-            for start in (0..rows).step_by(group_rows) {
-                let group = Group {
-                    rows: group_rows.min(rows - start),
-                    q: qkv[(first + start) * 3 * d + head * HEAD_DIM..].as_ptr(),
-                    q_stride: 3 * d,
-                    // SAFETY: the step's panels are inside the head's keys.
-                    keys: unsafe { keys.add(step_start * depth) },
-                    panels: step_len.div_ceil(lanes),
-                    values,
-                    slots,
-                    step: (step_start, step_len),
-                    out: out[start * d + head * HEAD_DIM..].as_mut_ptr().cast::<f32>(),
-                    out_stride: d,
+    let keys = heads.keys_t[head * padded * depth..].as_ptr();
+    let values = heads.values[head * slots * HEAD_DIM..].as_ptr();
+    for step_start in (0..tokens).step_by(step_tokens) {
+        let step_len = step_tokens.min(tokens - step_start);
+        for start in (0..rows).step_by(group_rows) {
+            let group = Group {
+                rows: group_rows.min(rows - start),
+                q: qkv[(first + start) * 3 * d + head * HEAD_DIM..].as_ptr(),
+                q_stride: 3 * d,
+                // SAFETY: the step's panels are inside the head's keys.
+                keys: unsafe { keys.add(step_start * depth) },
+                panels: step_len.div_ceil(lanes),
+                values,
+                slots,
+                step: (step_start, step_len),
+                out: out.wrapping_add(start * out_stride),
+                out_stride,
+            };
+            // SAFETY: the group's rows are block rows, inside `qkv` and
+            // `out` by the caller's contract; the step's keys and values
+            // are inside the head's, as packed; `scores` holds the
+            // group's rows of the step's padded tokens.
+            unsafe { group.scores::<M, P>((&mut scores, step_tokens), &mut maxima, &mut buffers) };
+            laps.lap(Stage::Scores);
+            let rows_softmax = &mut softmax[start..start + group.rows];
+            let rows = scores.chunks_mut(step_tokens).zip(maxima.chunks(lanes)).zip(rows_softmax.iter_mut());
+            for ((row, maxima), softmax) in rows {
+                // SAFETY: M's instruction set, by the caller's contract;
+                // a row's maxima are a vector.
+                unsafe {
+                    softmax.step::<M::Sum>(&mut row[..step_len], scale, M::Sum::load(maxima.as_ptr()).reduce_max())
                 };
-                // SAFETY: the group's rows are block rows, inside `qkv` and
-                // `out` by the caller's contract; the step's keys and values
-                // are inside the head's, as packed; `scores` holds the
-                // group's rows of the step's padded tokens.
-                unsafe { group.scores::<M, P>((&mut scores, step_tokens), &mut maxima, &mut buffers) };
-                laps.lap(Stage::Scores);
-                let rows_softmax = &mut softmax[start..start + group.rows];
-                let rows = scores.chunks_mut(step_tokens).zip(maxima.chunks(lanes)).zip(rows_softmax.iter_mut());
-                for ((row, maxima), softmax) in rows {
-                    // SAFETY: M's instruction set, by the caller's contract;
-                    // a row's maxima are a vector.
-                    unsafe {
-                        softmax.step::<M::Sum>(&mut row[..step_len], scale, M::Sum::load(maxima.as_ptr()).reduce_max())
-                    };
-                }
-                if keep_first_row && start == 0 {
-                    first_row.extend_from_slice(&scores[..step_len]);
-                    first_row_maxima.push(rows_softmax[0].max);
-                }
-                laps.lap(Stage::Softmax);
-                // SAFETY: as for the scores.
-                unsafe { group.mix::<M, P>((&scores, step_tokens), rows_softmax, &mut buffers) };
-                laps.lap(Stage::Mix);
             }
+            if keep_first_row && start == 0 {
+                first_row.extend_from_slice(&scores[..step_len]);
+                first_row_maxima.push(rows_softmax[0].max);
+            }
+            laps.lap(Stage::Softmax);
+            // SAFETY: as for the scores.
+            unsafe { group.mix::<M, P>((&scores, step_tokens), rows_softmax, &mut buffers) };
+            laps.lap(Stage::Mix);
         }
-        if keep_first_row {
-            // Each step's numerators over the row's final largest score and sum.
-            let RunningSoftmax { max, sum, .. } = softmax[0];
-            let head_row = first_row[head * tokens..].chunks_mut(step_tokens);
-            for (numerators, step_max) in head_row.zip(first_row_maxima.drain(..)) {
-                let factor = fast_exp2(step_max - max) / sum;
-                numerators.iter_mut().for_each(|p| *p *= factor);
-            }
+    }
+    if keep_first_row {
+        // Each step's numerators over the row's final largest score and sum.
+        let RunningSoftmax { max, sum, .. } = softmax[0];
+        for (numerators, step_max) in first_row.chunks_mut(step_tokens).zip(first_row_maxima) {
+            let factor = fast_exp2(step_max - max) / sum;
+            numerators.iter_mut().for_each(|p| *p *= factor);
         }
     }
     first_row
