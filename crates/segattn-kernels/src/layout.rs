@@ -256,8 +256,8 @@ pub(crate) struct QueryBlock<'a> {
     pub(crate) head: usize,
     pub(crate) out: HeadColumns<'a>,
     pub(crate) first: usize,
-    /// The attention's scale (positive) times log2 e: every kernel keeps its scores
-    /// in base 2 and takes the softmax numerators as 2^(s - max).
+    /// The attention's scale (positive) times log2 e: every kernel keeps
+    /// its scores in base 2 and takes the softmax numerators as 2^(s - max).
     pub(crate) scale: f32,
     /// Return row 0's probabilities.
     pub(crate) keep_first_row: bool,
