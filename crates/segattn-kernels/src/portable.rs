@@ -63,12 +63,15 @@ pub(crate) fn product(
 }
 
 /// The block's head with two GEMMs around a softmax pass.
-pub(crate) fn attend_block(block: QueryBlock, _: &Caches, laps: &mut Laps) -> Vec<f32> {
+///
+/// # Safety
+/// The block's rows and head are among those `block.heads` holds:
+/// `first + out.rows() <= tokens` and `head < num_heads`.
+pub(crate) unsafe fn attend_block(block: QueryBlock, _: &Caches, laps: &mut Laps) -> Vec<f32> {
     let QueryBlock { qkv, heads, head, mut out, first, scale, keep_first_row } = block;
     let HeadMajor { tokens, num_heads, head_dim, .. } = *heads;
     let d = num_heads * head_dim;
     let rows = out.rows();
-    assert!(head < num_heads && first + rows <= tokens, "rows {first}.. of head {head} of {tokens} x {num_heads}");
     let mut scores = Vec::with_capacity(rows * tokens);
     let mut inv_sums = vec![0f32; rows];
     let mut mixed = Vec::with_capacity(rows * head_dim);
@@ -76,7 +79,8 @@ pub(crate) fn attend_block(block: QueryBlock, _: &Caches, laps: &mut Laps) -> Ve
     let k_t = heads.keys_t[head * tokens * head_dim..].as_ptr();
     let v = heads.values[head * tokens * head_dim..].as_ptr();
     // SAFETY: every index touched is inside `qkv`, `heads` or `scores`:
-    // rows < tokens - first, columns < head_dim, keys < tokens, with the
+    // rows <= tokens - first and head < num_heads (the caller's contract),
+    // columns < head_dim, keys < tokens, with the
     // strides of the (token, 3, heads, head_dim), (head_dim, tokens) and
     // (tokens, head_dim) layouts; the product writes all of `scores`.
     unsafe {

@@ -176,9 +176,8 @@ impl Walk {
 /// A query row's softmax so far, over the steps of keys it has seen: the
 /// largest score, and the sum of 2^(s - that largest), scores in base 2
 /// (the products q·k times [`QueryBlock::scale`]), as [`simd::exp2_sum`]
-/// takes them. When a step raises
-/// the largest, the sums so far (and the row's P·V so far) are scaled by
-/// 2^(old - new).
+/// takes them. When a step raises the largest, the sums so far (and the
+/// row's P·V so far) are scaled by 2^(old - new).
 #[derive(Clone, Copy, Debug)]
 struct RunningSoftmax {
     max: f32,
