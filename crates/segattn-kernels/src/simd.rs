@@ -109,9 +109,19 @@ pub(crate) trait FloatLanes: Vector {
     unsafe fn div(self, b: Self) -> Self;
     unsafe fn max(self, b: Self) -> Self;
     unsafe fn abs(self) -> Self;
+    /// p · 2^n per lane, for whole numbers n given as floats and as
+    /// `shifted`, n + [`ROUNDER`], whose low mantissa bits hold n: the
+    /// last step of [`exp2_each`].
+    unsafe fn times_exp2(p: Self, n: Self, shifted: Self) -> Self;
     /// 2^max(x, [`EXP2_FLOOR`]) per lane for x <= 0, as
     /// [`crate::exp::fast_exp2`] computes it.
-    unsafe fn exp2(self) -> Self;
+    #[inline(always)]
+    unsafe fn exp2(self) -> Self {
+        let mut x = [self];
+        // SAFETY: the caller's contract.
+        unsafe { exp2_each(&mut x) };
+        x[0]
+    }
     /// The first `lanes` values from `from`, reading no further; `fill`
     /// in the rest.
     unsafe fn load_first(from: *const f32, lanes: usize, fill: f32) -> Self;
@@ -119,25 +129,44 @@ pub(crate) trait FloatLanes: Vector {
     unsafe fn reduce_max(self) -> f32;
 }
 
-/// The steps of [`FloatLanes::exp2`] before 2^n, on x clamped to the
-/// floor: x + ROUNDER (n in its low mantissa bits), n, and 2^f by
-/// [`EXP2_POLY`].
+/// 2^max(x, [`EXP2_FLOOR`]) in place of each x <= 0 of `xs` (at most
+/// four), as [`crate::exp::fast_exp2`] computes it: x clamped to the
+/// floor, n rounded by [`ROUNDER`], 2^(x - n) by [`EXP2_POLY`], times 2^n.
+/// Each step is taken for all of `xs` before the next. One exponential is
+/// a chain of a dozen dependent steps; taken one after another, the chains
+/// filled the core's scheduler with steps waiting on the step before them,
+/// while interleaved they run side by side.
 ///
 /// # Safety
 /// V's instruction set.
 #[inline(always)]
-unsafe fn exp2_reduced<V: FloatLanes>(x: V) -> (V, V, V) {
+unsafe fn exp2_each<V: FloatLanes>(xs: &mut [V]) {
+    let ways = xs.len();
+    assert!(ways <= 4);
     // SAFETY: the caller's contract.
     unsafe {
-        let x = x.max(V::splat(EXP2_FLOOR));
-        let shifted = x.add(V::splat(ROUNDER));
-        let n = shifted.sub(V::splat(ROUNDER));
-        let f = x.sub(n);
-        let mut p = V::splat(EXP2_POLY[0]);
-        for c in &EXP2_POLY[1..] {
-            p = p.mul_add(f, V::splat(*c));
+        let (mut shifted, mut n, mut p) = ([V::zero(); 4], [V::zero(); 4], [V::splat(EXP2_POLY[0]); 4]);
+        for x in xs.iter_mut() {
+            *x = x.max(V::splat(EXP2_FLOOR));
         }
-        (shifted, n, p)
+        for (x, shifted) in xs.iter().zip(&mut shifted) {
+            *shifted = x.add(V::splat(ROUNDER));
+        }
+        for (shifted, n) in shifted.iter().zip(&mut n[..ways]) {
+            *n = shifted.sub(V::splat(ROUNDER));
+        }
+        // x - n, the fraction 2^f is taken of, in place of x.
+        for (x, n) in xs.iter_mut().zip(&n) {
+            *x = x.sub(*n);
+        }
+        for c in &EXP2_POLY[1..] {
+            for (p, f) in p.iter_mut().zip(xs.iter()) {
+                *p = p.mul_add(*f, V::splat(*c));
+            }
+        }
+        for (j, x) in xs.iter_mut().enumerate() {
+            *x = V::times_exp2(p[j], n[j], shifted[j]);
+        }
     }
 }
 
@@ -169,10 +198,15 @@ pub(crate) unsafe fn exp2_sum<V: FloatLanes>(row: &mut [f32], scale: f32, max: f
         let mut sum = [V::zero(); 4];
         let mut i = 0;
         while i + step <= full {
-            for (j, sum) in sum[..V::SOFTMAX_WAYS].iter_mut().enumerate() {
-                let e = V::load(at.add(i + j * V::LANES)).mul_add(scale, minus_max).exp2();
+            let mut e = [V::zero(); 4];
+            let e = &mut e[..V::SOFTMAX_WAYS];
+            for (j, e) in e.iter_mut().enumerate() {
+                *e = V::load(at.add(i + j * V::LANES)).mul_add(scale, minus_max);
+            }
+            exp2_each(e);
+            for (j, (e, sum)) in e.iter().zip(&mut sum).enumerate() {
                 e.store(at.add(i + j * V::LANES));
-                *sum = sum.add(e);
+                *sum = sum.add(*e);
             }
             i += step;
         }
@@ -355,11 +389,8 @@ impl FloatLanes for Avx512 {
     }
     /// 2^n by `vscalefps`.
     #[inline(always)]
-    unsafe fn exp2(self) -> Self {
-        unsafe {
-            let (_, n, p) = exp2_reduced(self);
-            Self(_mm512_scalef_ps(p.0, n.0))
-        }
+    unsafe fn times_exp2(p: Self, n: Self, _: Self) -> Self {
+        unsafe { Self(_mm512_scalef_ps(p.0, n.0)) }
     }
     #[inline(always)]
     unsafe fn load_first(from: *const f32, lanes: usize, fill: f32) -> Self {
@@ -454,9 +485,8 @@ impl FloatLanes for Avx2 {
     /// n added to 2^f's exponent bits: no multiplication, as
     /// [`crate::exp::fast_exp2`] does.
     #[inline(always)]
-    unsafe fn exp2(self) -> Self {
+    unsafe fn times_exp2(p: Self, _: Self, shifted: Self) -> Self {
         unsafe {
-            let (shifted, _, p) = exp2_reduced(self);
             let n_bits = _mm256_slli_epi32::<23>(_mm256_castps_si256(shifted.0));
             Self(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p.0), n_bits)))
         }
