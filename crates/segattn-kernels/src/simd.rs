@@ -177,7 +177,8 @@ unsafe fn exp2_each<V: FloatLanes>(xs: &mut [V]) {
 /// of the tiles, with no multiply each.
 /// Dividing the (rows x head_dim) output by the sum after P·V is
 /// head_dim/tokens of the work of dividing every probability. A step of
-/// [`FloatLanes::SOFTMAX_WAYS`] vectors keeps as many sums apart; a last
+/// [`FloatLanes::SOFTMAX_WAYS`] vectors keeps as many sums apart, their
+/// exponentials taken together ([`exp2_each`]); a last
 /// partial vector is read and written lane by lane, its other lanes -∞,
 /// whose 2^x (the floor's, 2^-64) is lost in a sum that holds the largest
 /// score's 1.
