@@ -149,19 +149,19 @@ unsafe fn exp2_each<V: FloatLanes>(xs: &mut [V]) {
         for x in xs.iter_mut() {
             *x = x.max(V::splat(EXP2_FLOOR));
         }
-        for (x, shifted) in xs.iter().zip(&mut shifted) {
-            *shifted = x.add(V::splat(ROUNDER));
+        for (j, x) in xs.iter().enumerate() {
+            shifted[j] = x.add(V::splat(ROUNDER));
         }
-        for (shifted, n) in shifted.iter().zip(&mut n[..ways]) {
-            *n = shifted.sub(V::splat(ROUNDER));
+        for j in 0..ways {
+            n[j] = shifted[j].sub(V::splat(ROUNDER));
         }
         // x - n, the fraction 2^f is taken of, in place of x.
-        for (x, n) in xs.iter_mut().zip(&n) {
-            *x = x.sub(*n);
+        for (j, x) in xs.iter_mut().enumerate() {
+            *x = x.sub(n[j]);
         }
         for c in &EXP2_POLY[1..] {
-            for (p, f) in p.iter_mut().zip(xs.iter()) {
-                *p = p.mul_add(*f, V::splat(*c));
+            for (j, f) in xs.iter().enumerate() {
+                p[j] = p[j].mul_add(*f, V::splat(*c));
             }
         }
         for (j, x) in xs.iter_mut().enumerate() {
