@@ -111,63 +111,31 @@ pub(crate) trait FloatLanes: Vector {
     unsafe fn abs(self) -> Self;
     /// p · 2^n per lane, for whole numbers n given as floats and as
     /// `shifted`, n + [`ROUNDER`], whose low mantissa bits hold n: the
-    /// last step of [`exp2_each`].
+    /// last step of [`FloatLanes::exp2`].
     unsafe fn times_exp2(p: Self, n: Self, shifted: Self) -> Self;
     /// 2^max(x, [`EXP2_FLOOR`]) per lane for x <= 0, as
-    /// [`crate::exp::fast_exp2`] computes it.
+    /// [`crate::exp::fast_exp2`] computes it: x clamped to the floor, n
+    /// rounded by [`ROUNDER`], 2^(x - n) by [`EXP2_POLY`], times 2^n.
     #[inline(always)]
     unsafe fn exp2(self) -> Self {
-        let mut x = [self];
         // SAFETY: the caller's contract.
-        unsafe { exp2_each(&mut x) };
-        x[0]
+        unsafe {
+            let x = self.max(Self::splat(EXP2_FLOOR));
+            let shifted = x.add(Self::splat(ROUNDER));
+            let n = shifted.sub(Self::splat(ROUNDER));
+            let f = x.sub(n);
+            let mut p = Self::splat(EXP2_POLY[0]);
+            for c in &EXP2_POLY[1..] {
+                p = p.mul_add(f, Self::splat(*c));
+            }
+            Self::times_exp2(p, n, shifted)
+        }
     }
     /// The first `lanes` values from `from`, reading no further; `fill`
     /// in the rest.
     unsafe fn load_first(from: *const f32, lanes: usize, fill: f32) -> Self;
     unsafe fn reduce_add(self) -> f32;
     unsafe fn reduce_max(self) -> f32;
-}
-
-/// 2^max(x, [`EXP2_FLOOR`]) in place of each x <= 0 of `xs` (at most
-/// four), as [`crate::exp::fast_exp2`] computes it: x clamped to the
-/// floor, n rounded by [`ROUNDER`], 2^(x - n) by [`EXP2_POLY`], times 2^n.
-/// Each step is taken for all of `xs` before the next. One exponential is
-/// a chain of a dozen dependent steps; taken one after another, the chains
-/// filled the core's scheduler with steps waiting on the step before them,
-/// while interleaved they run side by side.
-///
-/// # Safety
-/// V's instruction set.
-#[inline(always)]
-unsafe fn exp2_each<V: FloatLanes>(xs: &mut [V]) {
-    let ways = xs.len();
-    assert!(ways <= 4);
-    // SAFETY: the caller's contract.
-    unsafe {
-        let (mut shifted, mut n, mut p) = ([V::zero(); 4], [V::zero(); 4], [V::splat(EXP2_POLY[0]); 4]);
-        for x in xs.iter_mut() {
-            *x = x.max(V::splat(EXP2_FLOOR));
-        }
-        for (j, x) in xs.iter().enumerate() {
-            shifted[j] = x.add(V::splat(ROUNDER));
-        }
-        for j in 0..ways {
-            n[j] = shifted[j].sub(V::splat(ROUNDER));
-        }
-        // x - n, the fraction 2^f is taken of, in place of x.
-        for (j, x) in xs.iter_mut().enumerate() {
-            *x = x.sub(n[j]);
-        }
-        for c in &EXP2_POLY[1..] {
-            for (j, f) in xs.iter().enumerate() {
-                p[j] = p[j].mul_add(*f, V::splat(*c));
-            }
-        }
-        for (j, x) in xs.iter_mut().enumerate() {
-            *x = V::times_exp2(p[j], n[j], shifted[j]);
-        }
-    }
 }
 
 /// A softmax's numerators 2^(s · scale - max) in place of the products s
@@ -177,8 +145,7 @@ unsafe fn exp2_each<V: FloatLanes>(xs: &mut [V]) {
 /// of the tiles, with no multiply each.
 /// Dividing the (rows x head_dim) output by the sum after P·V is
 /// head_dim/tokens of the work of dividing every probability. A step of
-/// [`FloatLanes::SOFTMAX_WAYS`] vectors keeps as many sums apart, their
-/// exponentials taken together ([`exp2_each`]); a last
+/// [`FloatLanes::SOFTMAX_WAYS`] vectors keeps as many sums apart; a last
 /// partial vector is read and written lane by lane, its other lanes -∞,
 /// whose 2^x (the floor's, 2^-64) is lost in a sum that holds the largest
 /// score's 1.
@@ -199,15 +166,10 @@ pub(crate) unsafe fn exp2_sum<V: FloatLanes>(row: &mut [f32], scale: f32, max: f
         let mut sum = [V::zero(); 4];
         let mut i = 0;
         while i + step <= full {
-            let mut e = [V::zero(); 4];
-            let e = &mut e[..V::SOFTMAX_WAYS];
-            for (j, e) in e.iter_mut().enumerate() {
-                *e = V::load(at.add(i + j * V::LANES)).mul_add(scale, minus_max);
-            }
-            exp2_each(e);
-            for (j, (e, sum)) in e.iter().zip(&mut sum).enumerate() {
+            for (j, sum) in sum[..V::SOFTMAX_WAYS].iter_mut().enumerate() {
+                let e = V::load(at.add(i + j * V::LANES)).mul_add(scale, minus_max).exp2();
                 e.store(at.add(i + j * V::LANES));
-                *sum = sum.add(*e);
+                *sum = sum.add(e);
             }
             i += step;
         }
